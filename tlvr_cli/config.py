@@ -1,0 +1,312 @@
+"""Typed job configs: YAML presets mapped onto dataclasses, with dotted ``--set`` overrides.
+
+Every job (``grpo``, ``coldstart``, ``eval``, ...) has one dataclass whose fields carry a default
+and a one-line help text (``option(default, "help")``). A preset is a YAML file naming its job
+(``job: grpo``) and optionally a ``base:`` preset it extends. Unknown keys, wrong types and
+malformed YAML raise :class:`TlvrError` naming the key (or line) with a close-match suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import TlvrError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with a default and a help string (shown by ``presets show`` and ``--help``)."""
+    if isinstance(default, (list, dict, set)) or is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: _copy(value), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _copy(value: Any) -> Any:
+    if is_dataclass(value):
+        return dataclasses.replace(value)
+    return type(value)(value)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to load and how."""
+
+    path: str = option("Zhang199/TinyLLaVA-Video-R1", "Checkpoint directory, hub id (local HF cache only) or 'tiny' for the embedded tiny model.")
+    dtype: str = option("auto", "float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU).")
+    device: str = option("auto", "cuda | cpu | cuda:N | auto (cuda when available).")
+    attn_implementation: str = option("sdpa", "LLM attention kernel: sdpa | flash_attention_2 | eager.")
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding parameters; temperature 0 means greedy."""
+
+    temperature: float = option(1.0, "Sampling temperature; 0 decodes greedily.")
+    top_k: int = option(50, "Keep the k most likely tokens (0 disables); 50 is the transformers default the reference ran with.")
+    top_p: float = option(1.0, "Nucleus sampling mass (1.0 disables).")
+    max_new_tokens: int = option(512, "Most tokens generated per completion.")
+
+
+@dataclass
+class VideoConfig:
+    """How frames are taken from a video."""
+
+    num_frames: int = option(16, "Frames sampled per video (spec §2: 16 everywhere in the reference).")
+    backend: str = option("auto", "Decoder: auto (decord, PyAV fallback) | decord | pyav.")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_dirs() -> list[Path]:
+    """Where presets are looked up: $TLVR_PRESETS, the packaged copy, then the source checkout."""
+    dirs = []
+    if os.environ.get("TLVR_PRESETS"):
+        dirs.append(Path(os.environ["TLVR_PRESETS"]))
+    here = Path(__file__).resolve().parent
+    dirs += [here / "presets", here.parent / "presets"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_presets() -> dict[str, Path]:
+    """All preset names (file stems) mapped to their files; earlier directories win."""
+    found: dict[str, Path] = {}
+    for d in preset_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``nextqa``) or a path to a YAML file."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not p.is_file():
+            raise TlvrError(f"preset file not found: {p}")
+        return p
+    presets = list_presets()
+    if name_or_path in presets:
+        return presets[name_or_path]
+    raise TlvrError(f"unknown preset '{name_or_path}'{_suggest(name_or_path, presets)}; see `tlvr presets list`")
+
+
+def read_yaml(path: Path) -> dict:
+    """Parse a YAML mapping; errors name the file and line."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TlvrError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TlvrError(f"{path}: a preset must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The preset's mapping with its ``base:`` chain merged in (the preset's own keys win)."""
+    path = resolve_preset(name_or_path)
+    if str(path) in _seen:
+        raise TlvrError(f"{path}: 'base' chain loops back on itself")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base:
+        parent = load_preset_dict(str(base), _seen + (str(path),))
+        data = deep_merge(parent, data)
+    return data
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``["optim.lr=1e-6", "data.frames=8"]`` → nested dict with YAML-typed values."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise TlvrError(f"--set {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise TlvrError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TlvrError(f"--set {item!r}: '{part}' is set twice, as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls: type[T], preset: str | None = None, overrides: Sequence[str] = (), extra: dict | None = None) -> T:
+    """Build a job config: dataclass defaults ← preset (with its bases) ← ``extra`` ← ``--set`` overrides."""
+    data: dict = {}
+    source = "defaults"
+    if preset:
+        data = load_preset_dict(preset)
+        source = f"preset {preset}"
+    job = data.pop("job", None)
+    expected = getattr(cls, "JOB", None)
+    if job is not None and expected is not None and job != expected:
+        raise TlvrError(f"{source} is a '{job}' preset, not a '{expected}' one")
+    if extra:
+        data = deep_merge(data, extra)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    return from_dict(cls, data, source=source)
+
+
+def from_dict(cls: type[T], data: dict, *, source: str = "config", prefix: str = "") -> T:
+    """Validate ``data`` against dataclass ``cls`` (unknown keys and wrong types are errors)."""
+    if not isinstance(data, dict):
+        raise TlvrError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise TlvrError(f"{source}: unknown key '{prefix}{key}'{_suggest(key, names, prefix)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, source=source, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except TlvrError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise TlvrError(f"{source}: '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}{_suggest(str(value), [str(a) for a in args])}")
+        return value
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, str) and origin is not tuple:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TlvrError(f"{source}: '{key}' must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TlvrError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TlvrError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TlvrError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-6" as a string
+            except ValueError:
+                pass
+        raise TlvrError(f"{source}: '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TlvrError(f"{source}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _suggest(word: str, choices: Sequence[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of a config (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any, *, with_help: bool = False) -> str:
+    """The resolved config as YAML; ``with_help`` adds each field's help as a comment."""
+    job = getattr(type(cfg), "JOB", None)
+    if not with_help:
+        data = to_dict(cfg)
+        if job:
+            data = {"job": job, **data}
+        return yaml.safe_dump(data, sort_keys=False)
+    lines = [f"job: {job}"] if job else []
+    _yaml_lines(cfg, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_lines(cfg: Any, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        help_text = f.metadata.get("help", "")
+        if is_dataclass(value):
+            lines.append(f"{pad}{f.name}:" + (f"  # {help_text}" if help_text else ""))
+            _yaml_lines(value, indent + 1, lines)
+            continue
+        if isinstance(value, list):
+            value = [dataclasses.asdict(v) if is_dataclass(v) else v for v in value]
+        dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=10_000).strip()
+        dumped = dumped[1:-1] if dumped.startswith("{") else dumped
+        lines.append(f"{pad}{dumped}" + (f"  # {help_text}" if help_text else ""))
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Dotted key → help text for every field of a config class (nested included)."""
+    out = {}
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            out.update({f"{f.name}.{k}": v for k, v in field_help(tp).items()})
+        else:
+            out[f.name] = f.metadata.get("help", "")
+    return out
+
+
+def required(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]

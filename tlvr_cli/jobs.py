@@ -1,0 +1,219 @@
+"""The typed config of every job. Each field's default is the reference value (spec section cited)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .config import ModelConfig, SamplingConfig, VideoConfig, option
+
+R1_MODEL = "Zhang199/TinyLLaVA-Video-R1"
+COLDSTART_MODEL = "Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16"
+BASE_MODEL = "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512"
+
+# spec §3.3: the GRPO prompt suffix; evaluators append the instruction after a newline instead.
+REASON_INSTRUCTION = "Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+OPTION_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+GRPO_QUESTION_TEMPLATE = "{Question} " + REASON_INSTRUCTION
+
+
+@dataclass
+class OutputConfig:
+    """Where a training run writes and how often."""
+
+    run_dir: str = option("runs/run", "Run directory: resolved config, metrics JSONL, checkpoints, plots.")
+    log_every: int = option(1, "Log metrics every N optimizer steps.")
+    save_every: int = option(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
+    keep_last: int = option(2, "Keep the last K step checkpoints (the final one is always kept).")
+    tensorboard: bool = option(False, "Also write TensorBoard event files (needs the tensorboard package).")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = option(1e-5, "Peak learning rate.")
+    scheduler: Literal["constant", "cosine", "linear"] = option("constant", "Schedule after warmup.")
+    warmup_ratio: float = option(0.0, "Fraction of steps with linear warmup (ceil, as HF).")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to norms and biases).")
+    betas: list[float] = option([0.9, 0.999], "AdamW betas.")
+    eps: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables).")
+    epochs: int = option(1, "Passes over the data.")
+    max_steps: int = option(0, "Stop after this many optimizer steps (0: the full epochs).")
+    gradient_checkpointing: bool = option(True, "Recompute LLM activations in backward to save memory.")
+
+
+@dataclass
+class TuneConfig:
+    """Which parts are trained (spec §4: vision tower frozen, connector and LLM trained)."""
+
+    llm: bool = option(True, "Train the whole LLM (embeddings and tied lm_head included).")
+    connector: bool = option(True, "Train the group-resampler connector.")
+    vision_tower: bool = option(False, "Train the SigLIP tower (frozen in every reference stage).")
+
+
+@dataclass
+class DistConfig:
+    """Multi-process training (torchrun / accelerate launch)."""
+
+    strategy: Literal["auto", "fsdp", "ddp", "none"] = option("auto", "auto: FSDP2 when launched with several processes, else none.")
+    backend: str = option("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo.")
+
+
+@dataclass
+class ColdstartDataConfig:
+    root: str = option("", "Data root holding the annotations and videos ('' = $TLVR_DATA/train).")
+    annotations: str = option("nextqa-coldstart-16.json", "LLaVA-style JSON list, relative to root (spec §4).")
+    max_length: int = option(3072, "Truncate spliced sequences to this many tokens (with a warning).")
+    num_workers: int = option(2, "DataLoader worker processes decoding videos.")
+    skip_report: str = option("", "A `tlvr data check` report; its bad videos are skipped up front.")
+
+
+@dataclass
+class ColdstartConfig:
+    """Supervised cold start (spec §3.2, §4)."""
+
+    JOB = "coldstart"
+    model: ModelConfig = option(ModelConfig(path=BASE_MODEL, dtype="bfloat16"), "Start checkpoint.")
+    data: ColdstartDataConfig = option(ColdstartDataConfig(), "Training data.")
+    video: VideoConfig = option(VideoConfig(), "Frame sampling.")
+    optim: OptimConfig = option(OptimConfig(), "Optimizer (spec §4: AdamW 1e-5 constant, clip 1.0).")
+    tune: TuneConfig = option(TuneConfig(), "Trainable parts.")
+    batch_size: int = option(1, "Samples per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    seed: int = option(42, "Seed for data order, init and dropout (HF default 42).")
+    output: OutputConfig = option(OutputConfig(run_dir="runs/coldstart"), "Outputs.")
+    dist: DistConfig = option(DistConfig(), "Distributed settings.")
+
+
+@dataclass
+class RewardSpec:
+    """One reward function and its weight (used by reward_combination 'weighted')."""
+
+    function: str = option("tlvr_cli.train.rewards:accuracy_reward", "'module:function' returning one float per completion.")
+    weight: float = option(1.0, "Weight in the weighted sum.")
+
+
+@dataclass
+class GRPOAlgoConfig:
+    """The GRPO objective (spec §5.2); every reference quirk is a key with the reference default."""
+
+    num_generations: int = option(8, "Completions per prompt, G (hard-coded 8 in the reference).")
+    beta: float = option(0.01, "KL coefficient; 0 skips the reference model entirely.")
+    kl_estimator: Literal["k3", "k1", "k2"] = option("k3", "KL estimator (k3 = exp(d) - d - 1, as TRL 0.14).")
+    kl_clamp: float = option(100.0, "Clamp the per-token KL to [-c, c] (reference: 100; 0 disables).")
+    reward_combination: Literal["r1", "weighted"] = option("r1", "r1: acc + (2acc-1)*fmt; weighted: sum of weight*reward over `rewards`.")
+    zero_reward_value: float | None = option(-2.0, "Replace a combined reward of exactly 0 by this (null disables).")
+    rewards: list[RewardSpec] = option(
+        [RewardSpec("tlvr_cli.train.rewards:accuracy_reward", 1.0), RewardSpec("tlvr_cli.train.rewards:format_reward", 1.0)],
+        "Reward functions: r1 uses the first as accuracy and the second as format; weighted sums them all.",
+    )
+    scale_rewards: bool = option(True, "Divide advantages by the group's unbiased std (+ std_eps).")
+    std_eps: float = option(1e-4, "Added to the std before dividing.")
+    advantage_noise_std: float = option(0.02, "Std of the Gaussian noise added to each advantage (0 disables).")
+    loss_aggregation: Literal["sequence_mean", "token_mean", "dr_grpo"] = option(
+        "sequence_mean", "sequence_mean: token mean per sequence, then mean; token_mean: over all tokens; dr_grpo: sum / (G * max_new_tokens)."
+    )
+    num_iterations: int = option(1, "Optimizer passes per rollout batch (>1 enables the PPO clipped ratio).")
+    clip_eps: float = option(0.2, "PPO ratio clip range when num_iterations > 1.")
+
+
+@dataclass
+class GRPODataConfig:
+    root: str = option("", "Data root ('' = $TLVR_DATA/train).")
+    annotations: str = option("nextqa_0-30s.jsonl", "GRPO rows (problem, solution, video_filename), relative to root (spec §5.1).")
+    question_template: str = option(GRPO_QUESTION_TEMPLATE, "Prompt text; {Question} is the row's problem (spec §3.3).")
+    prompts_per_step: int = option(8, "Prompts per optimizer step, global (reference: 8 GPUs x 1).")
+    num_workers: int = option(2, "Worker processes decoding the next batch's videos.")
+    feature_cache: bool = option(False, "Cache the frozen tower's features per video (off = reference cost model).")
+    skip_report: str = option("", "A `tlvr data check` report; its bad videos are skipped up front.")
+
+
+@dataclass
+class GRPOPerfConfig:
+    """Memory/speed knobs that do not change the maths."""
+
+    micro_batch_size: int = option(16, "Sequences per forward/backward chunk of the loss.")
+    logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).")
+    engine_max_batch: int = option(64, "Rows the rollout engine decodes at once.")
+    cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO on NextQA (spec §5)."""
+
+    JOB = "grpo"
+    model: ModelConfig = option(ModelConfig(path=COLDSTART_MODEL, dtype="bfloat16"), "Policy start checkpoint.")
+    ref_model: str = option("", "Reference model checkpoint ('' = the policy's start checkpoint).")
+    data: GRPODataConfig = option(GRPODataConfig(), "Prompts and videos.")
+    video: VideoConfig = option(VideoConfig(), "Frame sampling.")
+    rollout: SamplingConfig = option(SamplingConfig(), "Rollout sampling (spec §5.2: T 1.0, top-k 50, top-p 1.0, 512 tokens).")
+    algo: GRPOAlgoConfig = option(GRPOAlgoConfig(), "Objective.")
+    optim: OptimConfig = option(OptimConfig(lr=1e-6, scheduler="cosine", warmup_ratio=0.03), "Optimizer (spec §5.4).")
+    tune: TuneConfig = option(TuneConfig(), "Trainable parts.")
+    perf: GRPOPerfConfig = option(GRPOPerfConfig(), "Speed and memory.")
+    seed: int = option(42, "Seed for data order, sampling and advantage noise.")
+    sample_every: int = option(10, "Write a sample of completions to samples.jsonl every N steps (0 disables).")
+    output: OutputConfig = option(OutputConfig(run_dir="runs/grpo"), "Outputs.")
+    dist: DistConfig = option(DistConfig(), "Distributed settings.")
+    prepare: bool = option(False, "Create missing inputs first (the demo: synthetic data and a cold-started tiny model).")
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation (spec §6)."""
+
+    JOB = "eval"
+    model: ModelConfig = option(ModelConfig(path=R1_MODEL), "Checkpoint to evaluate.")
+    benchmark: Literal["videomme", "mvbench", "mlvu", "mmvu", "synthetic"] = option("videomme", "Which benchmark.")
+    data_dir: str = option("", "Benchmark root ('' = $TLVR_DATA/<benchmark>).")
+    duration: Literal["short", "medium", "long", "all"] = option("short", "Video-MME split ('all': the three and the overall).")
+    mode: Literal["reason", "option"] = option("reason", "reason: <think>/<answer> instruction (R1); option: letter directly (spec §3.3).")
+    protocol: Literal["greedy", "paper"] = option("greedy", "greedy: deterministic, unparseable = wrong; paper: T 1.0 / top-k 50, random fallback, seeded.")
+    frame_protocol: Literal["paper", "uniform"] = option("paper", "paper: the reference's per-benchmark frame paths; uniform: path A everywhere (MVBench bounds honoured).")
+    video: VideoConfig = option(VideoConfig(), "Frame sampling.")
+    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=1024), "Sampling for the paper protocol (spec §6: T 1.0, top-k 50, 1024 tokens).")
+    max_new_tokens: int = option(1024, "Most new tokens per answer (both protocols).")
+    batch_size: int = option(8, "Items decoded together by the engine.")
+    limit: int = option(0, "Evaluate only the first N items (0: all).")
+    seed: int = option(0, "Seed for sampling and the random fallback.")
+    bootstrap: int = option(1000, "Bootstrap resamples for the 95% confidence intervals.")
+    output_dir: str = option("", "Where answers.jsonl and results.json go ('' = runs/eval/<benchmark>[-<duration>]).")
+
+
+@dataclass
+class InferConfig:
+    """One question about one video."""
+
+    JOB = "infer"
+    model: ModelConfig = option(ModelConfig(path=R1_MODEL), "Checkpoint.")
+    video: VideoConfig = option(VideoConfig(), "Frame sampling.")
+    sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "Decoding (default greedy).")
+    reason: bool = option(True, "Append the <think>/<answer> instruction (spec §3.3).")
+    seed: int = option(0, "Sampling seed.")
+
+
+@dataclass
+class SynthConfig:
+    """The embedded synthetic video-QA set (NextQA GRPO and cold-start formats)."""
+
+    JOB = "synth"
+    root: str = option("", "Output root ('' = $TLVR_DATA/synthetic).")
+    train: int = option(256, "Training questions (GRPO rows).")
+    eval: int = option(128, "Held-out eval questions.")
+    coldstart: int = option(64, "Cold-start records with written-out <think> reasoning.")
+    frames: int = option(16, "Frames per video.")
+    size: int = option(64, "Video width and height in pixels.")
+    fps: int = option(8, "Frames per second of the written videos.")
+    seed: int = option(0, "Seed: the same seed writes identical files.")
+
+
+JOBS = {
+    "coldstart": ColdstartConfig,
+    "grpo": GRPOConfig,
+    "eval": EvalConfig,
+    "infer": InferConfig,
+    "synth": SynthConfig,
+}
