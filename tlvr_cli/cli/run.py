@@ -1,0 +1,122 @@
+"""``tlvr coldstart``, ``tlvr grpo``, ``tlvr infer`` and ``tlvr plot``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..config import load_config
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+PRESET_HELP = "Preset name (see `tlvr presets list`) or path to a YAML file."
+SET_HELP = "Override a preset key: dotted.key=value (repeatable), e.g. --set optim.lr=1e-6."
+RESUME_HELP = "Resume from 'auto' (the latest checkpoint in the run directory) or a checkpoint directory."
+
+
+def coldstart(
+    preset: str = typer.Option("coldstart", "--preset", "-p", help=PRESET_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Output directory (overrides output.run_dir)."),
+) -> None:
+    """Supervised cold start (spec §4): the 16 reasoning samples, 1 epoch, lr 1e-5."""
+    from ..jobs import ColdstartConfig
+    from ..train.sft import run_coldstart
+
+    cfg = load_config(ColdstartConfig, preset, set_, extra={"output": {"run_dir": run_dir}} if run_dir else None)
+    final = run_coldstart(cfg, resume=resume)
+    console.print(f"[green]done[/]: model saved to {final}")
+
+
+def grpo(
+    preset: str = typer.Option("nextqa", "--preset", "-p", help=PRESET_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Output directory (overrides output.run_dir)."),
+) -> None:
+    """GRPO (spec §5): 8 prompts x 8 completions per step, k3 KL, the R1 reward."""
+    from ..jobs import GRPOConfig
+
+    cfg = load_config(GRPOConfig, preset, set_, extra={"output": {"run_dir": run_dir}} if run_dir else None)
+    if cfg.prepare:
+        from ..demo import run_demo
+
+        run_demo(cfg, preset=preset, resume=resume)
+        return
+    from ..train.grpo import run_grpo
+
+    final = run_grpo(cfg, resume=resume)
+    console.print(f"[green]done[/]: model saved to {final}")
+
+
+def infer(
+    video: Path = typer.Argument(..., help="Video file."),
+    question: str = typer.Argument(..., help="Question (include the options for multiple choice)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or 'tiny'."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=PRESET_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    reason: Optional[bool] = typer.Option(None, "--reason/--no-reason", help="Append the <think>/<answer> instruction (default on)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default unless --temperature is given)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k when sampling."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p when sampling."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens to generate."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames sampled from the video."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | auto."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | auto."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (output, think, answer, timings)."),
+) -> None:
+    """Answer a question about a video, streaming the answer."""
+    from ..infer import answer_question
+    from ..jobs import InferConfig
+
+    extra: dict = {"model": {}, "sampling": {}, "video": {}}
+    for section, key, value in (("model", "path", model), ("model", "dtype", dtype), ("model", "device", device),
+                                ("sampling", "temperature", 0.0 if greedy else temperature), ("sampling", "top_k", top_k),
+                                ("sampling", "top_p", top_p), ("sampling", "max_new_tokens", max_new_tokens),
+                                ("video", "num_frames", frames)):
+        if value is not None:
+            extra[section][key] = value
+    if reason is not None:
+        extra["reason"] = reason
+    if seed is not None:
+        extra["seed"] = seed
+    cfg = load_config(InferConfig, preset, set_, extra=extra)
+    stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    result = answer_question(cfg, video, question, on_text=stream)
+    if as_json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print()
+        err.print(f"[dim]{result.new_tokens} tokens in {result.timings['generate_s']:.2f} s; answer: {result.answer}[/]")
+
+
+def plot(run_dir: Path = typer.Argument(..., help="A coldstart or grpo run directory.")) -> None:
+    """Write the PNG of a run's training curves (reward, accuracy, format, length, KL or loss)."""
+    from ..errors import TlvrError
+    from ..train.grpo import PLOT_KEYS
+    from ..train.metrics import plot_metrics
+
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        raise TlvrError(f"{metrics}: not found (is {run_dir} a run directory?)")
+    try:
+        out = plot_metrics(metrics, run_dir / "curves.png", PLOT_KEYS + ["train/loss", "train/grad_norm"], title=run_dir.name)
+    except ValueError as e:
+        raise TlvrError(str(e)) from None
+    console.print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(coldstart)
+    app.command()(grpo)
+    app.command()(infer)
+    app.command()(plot)

@@ -1,0 +1,93 @@
+"""Ask one question about one video (``tlvr infer``), through the shared engine."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data.template import build_prompt, tokenize_with_image
+from .jobs import REASON_INSTRUCTION, InferConfig
+
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass
+class InferResult:
+    output: str
+    think: str | None
+    answer: str | None
+    frame_indices: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    new_tokens: int = 0
+
+    def to_json(self) -> dict:
+        return {"output": self.output, "think": self.think, "answer": self.answer, "frame_indices": self.frame_indices,
+                "new_tokens": self.new_tokens, "timings": self.timings}
+
+
+def inference_prompt(question: str, reason: bool) -> str:
+    """The §3.1 prompt for a question; ``reason`` appends the §3.3 instruction after a newline (as the evaluators)."""
+    text = question.strip() + ("\n" + REASON_INSTRUCTION if reason else "")
+    return build_prompt("<image>\n" + text)
+
+
+def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model=None,
+                    on_text: Callable[[str], None] | None = None) -> InferResult:
+    """Decode ``video``, build the prompt, generate; ``on_text`` receives the answer as it streams."""
+    from .engine.generate import Engine
+    from .engine.sampling import SamplingParams
+    from .model.checkpoint import load_model
+    from .video.decode import read_frames
+    from .video.preprocess import preprocess_frames
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if model is None:
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
+                           attn_implementation=cfg.model.attn_implementation)
+    model.eval()
+    timings["load_s"] = time.perf_counter() - t
+    device = next(model.parameters()).device
+    dtype = next(model.vision_tower.parameters()).dtype
+
+    t = time.perf_counter()
+    frames = read_frames(video, cfg.video.num_frames, backend=cfg.video.backend)
+    pixels = preprocess_frames(frames.frames, size=model.config.vision_config.image_size)
+    timings["decode_s"] = time.perf_counter() - t
+
+    tok = model.tokenizer
+    ids = tokenize_with_image(tok, inference_prompt(question, cfg.reason))
+    t = time.perf_counter()
+    with torch.no_grad():
+        feats = model.encode_videos(pixels[None].to(device=device, dtype=dtype))
+        prompt = model.prompt_embeddings([ids], feats)
+    timings["encode_s"] = time.perf_counter() - t
+
+    engine = Engine(model.language_model, max_batch=1, max_seq_len=prompt[0].shape[0] + cfg.sampling.max_new_tokens, cuda_graphs=False)
+    params = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
+    streamed: list[int] = []
+    shown = [""]
+
+    def on_token(row: int, token: int) -> None:
+        if on_text is None or token == tok.eos_token_id:
+            return
+        streamed.append(token)
+        text = tok.decode(streamed, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            on_text(text[len(shown[0]):])
+            shown[0] = text
+
+    t = time.perf_counter()
+    out = engine.generate(prompt, params, cfg.sampling.max_new_tokens, tok.eos_token_id, seed=cfg.seed, on_token=on_token)[0]
+    timings["generate_s"] = time.perf_counter() - t
+    text = tok.decode(out.tokens, skip_special_tokens=True).strip()
+    think = THINK_RE.search(text)
+    answer = ANSWER_RE.search(text)
+    return InferResult(text, think.group(1).strip() if think else None, answer.group(1).strip() if answer else None,
+                       list(frames.indices), timings, len(out.tokens))

@@ -1,0 +1,134 @@
+"""AdamW with optional fp32 master weights, and the HF-style learning-rate schedules.
+
+Memory plan for bf16 training (the reference ran DeepSpeed bf16, which keeps fp32 master weights):
+the model's parameters stay bf16, so the rollout engine and the forward pass read them directly; the
+optimizer keeps an fp32 master copy and fp32 AdamW moments, steps on the masters and writes the
+rounded result back into the bf16 parameters. fp32 models use plain ``torch.optim.AdamW``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..jobs import OptimConfig
+
+NO_DECAY_MARKERS = ("bias", "norm", "latents")
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters that require grad, with tied weights listed once."""
+    seen: set[int] = set()
+    out = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    # spec §4: decay / no-decay groups (LayerNorm and biases undecayed); identical at weight_decay 0.
+    decay, no_decay = [], []
+    for name, p in named:
+        (no_decay if any(m in name.lower() for m in NO_DECAY_MARKERS) or p.ndim < 2 else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+class MasterAdamW:
+    """AdamW over fp32 master copies of low-precision parameters (bf16/fp16).
+
+    ``step()`` reads the parameters' grads, updates the fp32 masters and copies them back. Its
+    state dict holds the masters, so resuming restores them exactly.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> None:
+        self.model_params = [list(g["params"]) for g in groups]
+        master_groups = []
+        for g, params in zip(groups, self.model_params):
+            masters = [p.detach().float().clone() for p in params]
+            master_groups.append({**g, "params": masters})
+        fused = all(p.is_cuda for ps in self.model_params for p in ps)
+        self.inner = torch.optim.AdamW(master_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for params, group in zip(self.model_params, self.inner.param_groups):
+            for p, m in zip(params, group["params"]):
+                m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for params, group in zip(self.model_params, self.inner.param_groups):
+            for p, m in zip(params, group["params"]):
+                p.copy_(m)
+                m.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for params in self.model_params:
+            for p in params:
+                p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "masters": [[m for m in g["params"]] for g in self.inner.param_groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        with torch.no_grad():
+            for params, group, masters in zip(self.model_params, self.inner.param_groups, state["masters"]):
+                for p, m, saved in zip(params, group["params"], masters):
+                    m.copy_(saved)
+                    p.copy_(saved)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | MasterAdamW:
+    """AdamW over the trainable parameters (fp32 masters when the parameters are bf16/fp16)."""
+    named = trainable_parameters(model)
+    if not named:
+        raise ValueError("no trainable parameters: check the `tune` section of the preset")
+    groups = param_groups(named, cfg.weight_decay)
+    betas = (float(cfg.betas[0]), float(cfg.betas[1]))
+    if any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named):
+        return MasterAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    fused = all(p.is_cuda for _, p in named)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)
+
+
+def warmup_steps(total_steps: int, ratio: float) -> int:
+    """HF's rule: ``ceil(total * warmup_ratio)`` (spec §5.4: 21 of 687)."""
+    return math.ceil(total_steps * ratio)
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based), as transformers' schedules."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    raise ValueError(f"unknown scheduler {kind!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer | MasterAdamW, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = warmup_steps(total_steps, cfg.warmup_ratio)
+    target = optimizer.inner if isinstance(optimizer, MasterAdamW) else optimizer
+    return torch.optim.lr_scheduler.LambdaLR(target, lambda s: lr_factor(s, total_steps, warm, cfg.scheduler))
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip the global grad norm (computed in fp32); returns the norm before clipping."""
+    params = [p for _, p in trainable_parameters(model) if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm and max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))

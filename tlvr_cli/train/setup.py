@@ -1,0 +1,51 @@
+"""Pieces shared by the training loops: model loading, trainable parts, skip lists, final save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..config import ModelConfig
+from ..jobs import TuneConfig
+from .dist import DistContext
+
+
+def prepare_model(cfg: ModelConfig, ctx: DistContext):
+    """Load the checkpoint named by ``cfg`` onto this rank's device in the configured dtype."""
+    from ..model.checkpoint import load_model
+
+    return load_model(cfg.path, dtype=cfg.dtype, device=str(ctx.device), attn_implementation=cfg.attn_implementation)
+
+
+def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: bool) -> None:
+    """Set ``requires_grad`` per part (spec §4: tower frozen, connector and LLM trained)."""
+    for part, flag in ((model.language_model, tune.llm), (model.connector, tune.connector), (model.vision_tower, tune.vision_tower)):
+        for p in part.parameters():
+            p.requires_grad_(flag)
+    if not tune.vision_tower:
+        model.vision_tower.eval()
+    if gradient_checkpointing:
+        # non-reentrant checkpointing needs no input-grad hook (the reference's enable_input_require_grads)
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.language_model.config.use_cache = False
+
+
+def load_skip_set_if_any(report: str) -> set[str]:
+    """Video paths a `tlvr data check` report marks bad (empty when no report is given)."""
+    if not report:
+        return set()
+    from ..data.check import load_skip_set
+
+    return load_skip_set(Path(report))
+
+
+def save_final(model: nn.Module, run_dir: Path, ctx: DistContext) -> Path:
+    """Write the final model (released layout) to ``<run_dir>/final``."""
+    from ..model.checkpoint import save_model
+
+    out = Path(run_dir) / "final"
+    if ctx.is_main:
+        save_model(model, out)
+    ctx.barrier()
+    return out

@@ -1,0 +1,190 @@
+"""Supervised cold start (spec §3.2, §4), written out: data → forward → loss → backward → clip → step.
+
+What the reference does that we do differently, and why:
+* a record whose label mask fails the §3.2 check is reported and skipped (the reference sleeps 5 s
+  and trains on a fully masked sample, which contributes nothing);
+* truncation to ``max_length`` warns instead of happening silently;
+* a video that cannot be decoded is skipped with a count (the reference crashes, spec §7 item 11).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import to_yaml
+from ..data.records import ColdstartRecord, data_root, read_coldstart_records
+from ..data.template import build_sft_example
+from ..errors import TlvrError
+from ..jobs import ColdstartConfig
+from ..video.decode import read_frames
+from ..video.preprocess import preprocess_frames
+from . import state as S
+from .dist import DistContext, init_distributed
+from .metrics import MetricsLogger, plot_metrics
+from .optim import build_optimizer, build_scheduler, clip_gradients
+from .progress import TrainProgress
+from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final
+
+
+@dataclass
+class SFTSample:
+    index: int
+    input_ids: list[int] | None = None
+    labels: list[int] | None = None
+    pixels: torch.Tensor | None = None
+    error: str = ""
+
+
+class ColdstartDataset(Dataset):
+    """Decodes a record's video and builds its prompt and label mask; failures become error samples."""
+
+    def __init__(self, records: list[ColdstartRecord], tokenizer, image_size: int, cfg: ColdstartConfig) -> None:
+        self.records, self.tokenizer, self.image_size, self.cfg = records, tokenizer, image_size, cfg
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> SFTSample:
+        rec = self.records[i]
+        ex = build_sft_example(self.tokenizer, rec.conversations, self.cfg.data.max_length)
+        if not ex.ok:
+            return SFTSample(i, error=f"{rec.video}: label mask check failed ({ex.reason})")
+        try:
+            frames = read_frames(rec.video_path, self.cfg.video.num_frames, backend=self.cfg.video.backend)
+        except TlvrError as e:
+            return SFTSample(i, error=str(e))
+        pixels = preprocess_frames(frames.frames, size=self.image_size)
+        return SFTSample(i, ex.input_ids, ex.labels, pixels)
+
+
+def _collate(samples: list[SFTSample]) -> list[SFTSample]:
+    return samples
+
+
+def micro_batches(order: list[int], step: int, cfg: ColdstartConfig, ctx: DistContext) -> list[list[int]]:
+    """The micro-batches this rank runs for optimizer step ``step`` (global order, rank-strided)."""
+    per_step = cfg.batch_size * cfg.grad_accum * ctx.world_size
+    chunk = order[step * per_step:(step + 1) * per_step]
+    out = []
+    for j in range(cfg.grad_accum):
+        start = (j * ctx.world_size + ctx.rank) * cfg.batch_size
+        out.append(chunk[start:start + cfg.batch_size])
+    return out
+
+
+def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progress: bool = True) -> Path:
+    """Train, checkpoint and return the final model directory (released layout)."""
+    ctx = init_distributed(cfg.model.device, cfg.dist.backend)
+    run_dir = Path(cfg.output.run_dir)
+    root = Path(cfg.data.root) if cfg.data.root else data_root() / "train"
+    records = read_coldstart_records(root / cfg.data.annotations, root)
+    skip = load_skip_set_if_any(cfg.data.skip_report)
+    skipped_bad = [r for r in records if str(r.video_path) in skip]
+    records = [r for r in records if str(r.video_path) not in skip]
+    if not records:
+        raise TlvrError(f"{root / cfg.data.annotations}: no usable records")
+
+    S.seed_everything(cfg.seed)
+    model = prepare_model(cfg.model, ctx)
+    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
+    tokenizer = model.tokenizer
+    image_size = model.config.vision_config.image_size
+
+    per_step = cfg.batch_size * cfg.grad_accum * ctx.world_size
+    steps_per_epoch = math.ceil(len(records) / per_step)
+    total = steps_per_epoch * cfg.optim.epochs
+    if cfg.optim.max_steps:
+        total = min(total, cfg.optim.max_steps)
+    train_model = model.wrap_for_training(ctx, cfg.dist.strategy) if hasattr(model, "wrap_for_training") else model
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    config_yaml = to_yaml(cfg)
+
+    ckpt = S.resolve_resume(run_dir, resume)
+    st = S.TrainState(cursor=S.DataCursor(seed=cfg.seed))
+    if ckpt is not None:
+        from ..model.checkpoint import load_weights_into
+
+        load_weights_into(model, ckpt)
+        st = S.load_trainer_state(ckpt, optimizer, scheduler)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=cfg.output.tensorboard, enabled=ctx.is_main)
+
+    dataset = ColdstartDataset(records, tokenizer, image_size, cfg)
+    interrupted = {"flag": False}
+    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
+    progress = TrainProgress("cold start", total, enabled=show_progress and ctx.is_main)
+    progress.start(st.step)
+    skipped_total = int(st.extra.get("skipped", 0)) + len(skipped_bad)
+    try:
+        while st.step < total:
+            epoch = st.step // steps_per_epoch
+            order = S.epoch_order(len(records), cfg.seed, epoch)
+            step_in_epoch = st.step % steps_per_epoch
+            # one DataLoader per epoch remainder, fed the exact micro-batches each step needs
+            n_steps = min(steps_per_epoch - step_in_epoch, total - st.step)
+            plan = [mb for k in range(step_in_epoch, step_in_epoch + n_steps) for mb in micro_batches(order, k, cfg, ctx)]
+            loader = DataLoader(dataset, batch_sampler=[b for b in plan], collate_fn=_collate,
+                                num_workers=cfg.data.num_workers, persistent_workers=False,
+                                multiprocessing_context="fork" if cfg.data.num_workers and os.name == "posix" else None)
+            it = iter(loader)
+            for _ in range(n_steps):
+                t0 = time.perf_counter()
+                loss_sum, tokens, skipped = 0.0, 0, 0
+                train_model.train()
+                for _micro in range(cfg.grad_accum):
+                    batch = next(it)
+                    good = [s for s in batch if not s.error]
+                    for s in batch:
+                        if s.error:
+                            skipped += 1
+                            progress.warn(f"skipped record {s.index}: {s.error}")
+                    if not good:
+                        continue
+                    out = model(
+                        input_ids=[s.input_ids for s in good],
+                        labels=[s.labels for s in good],
+                        videos=torch.stack([s.pixels for s in good]).to(ctx.device),
+                    )
+                    (out.loss / cfg.grad_accum).backward()
+                    loss_sum += float(out.loss.detach()) / cfg.grad_accum
+                    tokens += sum(len(s.input_ids) for s in good)
+                grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                st.step += 1
+                skipped_total += skipped
+                st.extra["skipped"] = skipped_total
+                dt = time.perf_counter() - t0
+                metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
+                           "train/tokens_per_s": tokens / dt if dt else 0.0, "train/skipped": skipped_total, "time/step_s": dt}
+                if st.step % cfg.output.log_every == 0 or st.step == total:
+                    logger.log(st.step, metrics)
+                progress.update(st.step, {"loss": loss_sum, "lr": lr, "gnorm": grad_norm})
+                save_now = cfg.output.save_every and st.step % cfg.output.save_every == 0
+                if (save_now or interrupted["flag"] or st.step == total) and ctx.is_main:
+                    S.save_checkpoint(run_dir, st, model, optimizer, scheduler, config_yaml, keep_last=cfg.output.keep_last)
+                if interrupted["flag"]:
+                    progress.stop()
+                    raise KeyboardInterrupt
+            del it, loader
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        progress.stop()
+        logger.close()
+    final = save_final(model, run_dir, ctx)
+    if ctx.is_main:
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", ["train/loss", "train/grad_norm", "train/lr"], title="cold start")
+    return final
