@@ -1,0 +1,101 @@
+"""``tlvr eval <benchmark>``, ``tlvr eval score`` and ``tlvr eval compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+
+from ..config import load_config
+
+eval_app = typer.Typer(help="Evaluate on Video-MME, MVBench, MLVU, MMVU or the synthetic split; score and compare answer files.",
+                       no_args_is_help=True)
+console = Console(highlight=False)
+
+BENCHMARKS = {
+    "videomme": "Video-MME (wo sub): per duration and overall, micro average.",
+    "mvbench": "MVBench: 20 tasks, micro average.",
+    "mlvu": "MLVU dev: 7 multiple-choice tasks, macro average.",
+    "mmvu": "MMVU validation, multiple-choice subset, micro average.",
+    "synthetic": "The synthetic held-out split (demo).",
+}
+
+
+def _make_command(name: str):
+    def command(
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or 'tiny'."),
+        preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Eval preset (e.g. eval-paper)."),
+        set_: list[str] = typer.Option([], "--set", help="dotted.key=value override (repeatable)."),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Benchmark root (default $TLVR_DATA/<benchmark>)."),
+        duration: Optional[str] = typer.Option(None, "--duration", help="Video-MME: short | medium | long | all."),
+        mode: Optional[str] = typer.Option(None, "--mode", help="reason (default) | option."),
+        protocol: Optional[str] = typer.Option(None, "--protocol", help="greedy (default) | paper."),
+        frame_protocol: Optional[str] = typer.Option(None, "--frame-protocol", help="paper (default) | uniform."),
+        frames: Optional[int] = typer.Option(None, "--frames", help="Frames per video (default 16)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the authors) | bfloat16 | float16 | auto."),
+        device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | auto."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Items decoded together."),
+        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most new tokens per answer."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N items."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling and the random fallback."),
+        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where answers.jsonl and results.* go."),
+    ) -> None:
+        from ..eval.distributed import run_eval_sharded
+        from ..jobs import EvalConfig
+
+        extra: dict = {"benchmark": name, "model": {}, "video": {}}
+        for key, value in (("data_dir", data_dir), ("duration", duration), ("mode", mode), ("protocol", protocol),
+                           ("frame_protocol", frame_protocol), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                           ("limit", limit), ("seed", seed), ("output_dir", output_dir)):
+            if value is not None:
+                extra[key] = value
+        for key, value in (("path", model), ("dtype", dtype), ("device", device)):
+            if value is not None:
+                extra["model"][key] = value
+        if frames is not None:
+            extra["video"]["num_frames"] = frames
+        cfg = load_config(EvalConfig, preset, set_, extra=extra)
+        report = run_eval_sharded(cfg)
+        if report is not None:
+            console.print(Markdown(report.markdown()))
+
+    command.__doc__ = BENCHMARKS[name]
+    return command
+
+
+def score(
+    answers: Path = typer.Argument(..., help="An answers.jsonl written by `tlvr eval`."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: read from config.yaml beside the file)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    write: bool = typer.Option(True, "--write/--no-write", help="Write results.json and results.md beside the answers."),
+) -> None:
+    """Recompute the report (per task, headline, 95% CIs) from an answers file."""
+    from ..eval.report import score_answers_file
+
+    report = score_answers_file(answers, benchmark, n_boot=bootstrap, seed=seed, write=write)
+    console.print(Markdown(report.markdown()))
+
+
+def compare(
+    a: Path = typer.Argument(..., help="Answers file A (baseline)."),
+    b: Path = typer.Argument(..., help="Answers file B."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: from config.yaml beside A)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired bootstrap resamples."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Per-task difference B - A with a paired bootstrap 95% CI."""
+    from ..eval.report import compare_answer_files
+
+    console.print(Markdown(compare_answer_files(a, b, benchmark, n_boot=bootstrap, seed=seed)))
+
+
+def register(app: typer.Typer) -> None:
+    for name in BENCHMARKS:
+        eval_app.command(name)(_make_command(name))
+    eval_app.command()(score)
+    eval_app.command()(compare)
+    app.add_typer(eval_app, name="eval")
