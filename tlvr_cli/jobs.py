@@ -141,6 +141,32 @@ class GRPOPerfConfig:
 
 
 @dataclass
+class SynthConfig:
+    """The embedded synthetic video-QA set (NextQA GRPO and cold-start formats)."""
+
+    JOB = "synth"
+    root: str = option("", "Output root ('' = $TLVR_DATA/synthetic).")
+    train: int = option(256, "Training questions (GRPO rows).")
+    eval: int = option(128, "Held-out eval questions.")
+    coldstart: int = option(64, "Cold-start records with written-out <think> reasoning.")
+    frames: int = option(16, "Frames per video.")
+    size: int = option(64, "Video width and height in pixels.")
+    fps: int = option(8, "Frames per second of the written videos.")
+    seed: int = option(0, "Seed: the same seed writes identical files.")
+
+
+@dataclass
+class PrepareConfig:
+    """What `tlvr grpo` creates first when it is missing (the embedded demo)."""
+
+    enabled: bool = option(False, "Create missing inputs: the synthetic set and a cold-started tiny model.")
+    coldstart_preset: str = option("demo-coldstart", "Cold-start preset run when model.path does not exist yet.")
+    synth: SynthConfig = option(SynthConfig(), "Synthetic set written when the data root lacks it.")
+    evaluate: bool = option(True, "Evaluate the cold-start and the GRPO model on the synthetic eval split (before/after table).")
+    eval_limit: int = option(0, "Evaluate only the first N eval items (0: all).")
+
+
+@dataclass
 class GRPOConfig:
     """GRPO on NextQA (spec §5)."""
 
@@ -158,7 +184,7 @@ class GRPOConfig:
     sample_every: int = option(10, "Write a sample of completions to samples.jsonl every N steps (0 disables).")
     output: OutputConfig = option(OutputConfig(run_dir="runs/grpo"), "Outputs.")
     dist: DistConfig = option(DistConfig(), "Distributed settings.")
-    prepare: bool = option(False, "Create missing inputs first (the demo: synthetic data and a cold-started tiny model).")
+    prepare: PrepareConfig = option(PrepareConfig(), "Create missing inputs first (the embedded demo).")
 
 
 @dataclass
@@ -193,21 +219,6 @@ class InferConfig:
     sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "Decoding (default greedy).")
     reason: bool = option(True, "Append the <think>/<answer> instruction (spec §3.3).")
     seed: int = option(0, "Sampling seed.")
-
-
-@dataclass
-class SynthConfig:
-    """The embedded synthetic video-QA set (NextQA GRPO and cold-start formats)."""
-
-    JOB = "synth"
-    root: str = option("", "Output root ('' = $TLVR_DATA/synthetic).")
-    train: int = option(256, "Training questions (GRPO rows).")
-    eval: int = option(128, "Held-out eval questions.")
-    coldstart: int = option(64, "Cold-start records with written-out <think> reasoning.")
-    frames: int = option(16, "Frames per video.")
-    size: int = option(64, "Video width and height in pixels.")
-    fps: int = option(8, "Frames per second of the written videos.")
-    seed: int = option(0, "Seed: the same seed writes identical files.")
 
 
 JOBS = {

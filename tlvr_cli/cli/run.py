@@ -45,7 +45,7 @@ def grpo(
     from ..jobs import GRPOConfig
 
     cfg = load_config(GRPOConfig, preset, set_, extra={"output": {"run_dir": run_dir}} if run_dir else None)
-    if cfg.prepare:
+    if cfg.prepare.enabled:
         from ..demo import run_demo
 
         run_demo(cfg, preset=preset, resume=resume)
