@@ -41,20 +41,22 @@ class SFTSample:
     labels: list[int] | None = None
     pixels: torch.Tensor | None = None
     error: str = ""
+    warning: str = ""
 
 
 class ColdstartDataset(Dataset):
     """Decodes a record's video and builds its prompt and label mask; failures become error samples."""
 
-    def __init__(self, records: list[ColdstartRecord], tokenizer, image_size: int, cfg: ColdstartConfig) -> None:
+    def __init__(self, records: list[ColdstartRecord], tokenizer, image_size: int, visual_tokens: int, cfg: ColdstartConfig) -> None:
         self.records, self.tokenizer, self.image_size, self.cfg = records, tokenizer, image_size, cfg
+        self.visual_tokens = visual_tokens
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> SFTSample:
         rec = self.records[i]
-        ex = build_sft_example(self.tokenizer, rec.conversations, self.cfg.data.max_length)
+        ex = build_sft_example(self.tokenizer, rec.conversations, self.cfg.data.max_length, self.visual_tokens)
         if not ex.ok:
             return SFTSample(i, error=f"{rec.video}: label mask check failed ({ex.reason})")
         try:
@@ -62,7 +64,8 @@ class ColdstartDataset(Dataset):
         except TlvrError as e:
             return SFTSample(i, error=str(e))
         pixels = preprocess_frames(frames.frames, size=self.image_size)
-        return SFTSample(i, ex.input_ids, ex.labels, pixels)
+        warning = f"{rec.video}: truncated to data.max_length={self.cfg.data.max_length} tokens" if ex.truncated else ""
+        return SFTSample(i, ex.input_ids, ex.labels, pixels, warning=warning)
 
 
 def _collate(samples: list[SFTSample]) -> list[SFTSample]:
@@ -120,7 +123,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
         (run_dir / "config.yaml").write_text(config_yaml)
     logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=cfg.output.tensorboard, enabled=ctx.is_main)
 
-    dataset = ColdstartDataset(records, tokenizer, image_size, cfg)
+    dataset = ColdstartDataset(records, tokenizer, image_size, model.config.num_queries, cfg)
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     progress = TrainProgress("cold start", total, enabled=show_progress and ctx.is_main)
@@ -149,6 +152,9 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                         if s.error:
                             skipped += 1
                             progress.warn(f"skipped record {s.index}: {s.error}")
+                    for s in good:
+                        if s.warning:
+                            progress.warn(s.warning)
                     if not good:
                         continue
                     out = model(

@@ -1,0 +1,102 @@
+"""The ``qwen2_base`` conversation template, ``<image>`` tokenization and SFT label masking (spec §3.1–3.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..model.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+IMAGE = "<image>"
+EOS = "<|endoftext|>"
+SEP = " ASSISTANT: "
+
+__all__ = ["SYSTEM", "IMAGE", "EOS", "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "build_prompt", "build_conversation",
+           "tokenize_with_image", "build_sft_example", "SFTExample"]
+
+
+def _user(text: str) -> str:
+    # the image always goes first in the user turn, whatever its position in the text
+    if IMAGE in text:
+        text = IMAGE + "\n" + text.replace(IMAGE, "").strip()
+    return f"USER: {text.strip()} "
+
+
+def build_prompt(user_text: str, answer: str | None = None) -> str:
+    """One round: ``{system} USER: <image>\\n{q} ASSISTANT:`` (inference) or with ``' {answer}<|endoftext|>'``."""
+    return f"{SYSTEM} " + _user(user_text) + (f"ASSISTANT: {answer}{EOS}" if answer is not None else "ASSISTANT:")
+
+
+def build_conversation(conversations: list[dict]) -> str:
+    """A LLaVA-style ``[{'from': 'human'|'gpt', 'value': ...}, ...]`` list as one training string."""
+    turns = list(conversations)
+    if turns and turns[0].get("from") != "human":
+        turns = turns[1:]
+    if len(turns) % 2:
+        raise ValueError("conversation turns do not pair up (human, gpt, human, gpt, ...)")
+    out = f"{SYSTEM} "
+    for q, a in zip(turns[::2], turns[1::2]):
+        if q.get("from") != "human" or a.get("from") != "gpt":
+            raise ValueError("conversation turns must alternate human/gpt")
+        out += _user(q["value"]) + f"ASSISTANT: {a['value']}{EOS}"
+    return out
+
+
+def tokenize_with_image(tokenizer, text: str) -> list[int]:
+    """Tokenize the pieces between ``<image>`` markers separately and join them with ``IMAGE_TOKEN_INDEX``."""
+    ids: list[int] = []
+    for i, chunk in enumerate(text.split(IMAGE)):
+        if i:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
+    return ids
+
+
+@dataclass
+class SFTExample:
+    ok: bool
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    reason: str = ""
+    truncated: bool = False
+    text: str = ""
+
+
+def build_sft_example(tokenizer, conversations: list[dict], max_length: int, visual_tokens: int = 1) -> SFTExample:
+    """Token ids and labels of one record. Loss covers each answer and its ``<|endoftext|>``; the
+    system text, user turns and ``ASSISTANT:`` are masked, with the reference's round arithmetic
+    (instruction length −1 for the trailing space that merges into the answer's first token).
+    A record whose mask does not line up is returned with ``ok=False`` (the reference trained on it
+    fully masked after a 5 s pause). Sequences longer than ``max_length`` once each ``<image>`` becomes
+    ``visual_tokens`` embeddings are cut to fit, with ``truncated=True`` so the caller can warn."""
+    try:
+        text = build_conversation(conversations)
+    except (ValueError, KeyError, TypeError) as e:
+        return SFTExample(False, reason=str(e))
+    ids = tokenize_with_image(tokenizer, text)
+    labels = list(ids)
+    eos_len = len(tokenizer(EOS, add_special_tokens=False).input_ids)
+    cur = 0
+    for rnd in text.split(EOS):
+        if not rnd:
+            break
+        parts = rnd.split(SEP)
+        if len(parts) != 2:
+            break
+        instruction = len(tokenize_with_image(tokenizer, parts[0] + SEP)) - 1
+        labels[cur:cur + instruction] = [IGNORE_INDEX] * max(0, min(instruction, len(labels) - cur))
+        cur += len(tokenize_with_image(tokenizer, rnd)) + eos_len
+    labels[cur:] = [IGNORE_INDEX] * max(0, len(labels) - cur)
+    labels = [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else l for t, l in zip(ids, labels)]
+    if cur != len(ids):
+        return SFTExample(False, reason=f"label mask covers {cur} tokens but the sample has {len(ids)}", text=text)
+    if all(l == IGNORE_INDEX for l in labels):
+        return SFTExample(False, reason="no supervised tokens", text=text)
+    limit = max_length - (visual_tokens - 1) * ids.count(IMAGE_TOKEN_INDEX)
+    truncated = len(ids) > limit
+    if truncated:
+        ids, labels = ids[:limit], labels[:limit]
+        if all(l == IGNORE_INDEX for l in labels):
+            return SFTExample(False, reason=f"nothing supervised is left after truncation to {max_length} tokens", text=text)
+    return SFTExample(True, ids, labels, truncated=truncated, text=text)

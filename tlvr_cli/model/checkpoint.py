@@ -1,0 +1,228 @@
+"""Load and save TinyLLaVA-Video checkpoints in the released layout (spec §1.7).
+
+A checkpoint directory holds ``config.json`` (``model_type`` tinyllava), the full-model weights as
+``model.safetensors`` or shards with ``model.safetensors.index.json`` (keys ``language_model.*``,
+``vision_tower._vision_tower.vision_model.*``, ``connector._connector.*``; ``lm_head`` absent when
+tied), the tokenizer files and ``generation_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import TlvrError
+from .config import TinyLlavaConfig
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+LM_HEAD = "language_model.lm_head.weight"
+EMBED = "language_model.model.embed_tokens.weight"
+SHARD_BYTES = 5 * 1024**3
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TlvrError(f"model.device={name!r} but CUDA is not available on this machine (use cpu or auto)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise TlvrError(f"model.dtype={name!r}: expected one of float32, bfloat16, float16, auto")
+    return _DTYPES[name]
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A local directory, a fetched model under the data root, or a hub id found in the local HF cache."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise TlvrError(f"{p}: not a checkpoint directory (no config.json)")
+        return p
+    if HUB_ID.fullmatch(path) and not p.exists():
+        from ..data.records import data_root
+
+        fetched = data_root() / "models" / path.split("/")[-1]
+        if (fetched / "config.json").exists():
+            return fetched
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:
+            raise TlvrError(f"checkpoint {path!r} is neither a directory nor downloaded: run `tlvr data fetch` for it "
+                            f"(or pass the path of a local copy)") from None
+    raise TlvrError(f"{path}: checkpoint directory not found")
+
+
+def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    index = ckpt / INDEX
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            sd.update(load_file(str(ckpt / shard)))
+        return sd
+    if (ckpt / WEIGHTS).exists():
+        return load_file(str(ckpt / WEIGHTS))
+    raise TlvrError(f"{ckpt}: no {WEIGHTS} or {INDEX}")
+
+
+def _load_state(model, sd: dict[str, torch.Tensor], where: Path) -> None:
+    sd = dict(sd)
+    tied = model.config.text_config.tie_word_embeddings
+    if tied:
+        sd.pop(LM_HEAD, None)
+    elif LM_HEAD not in sd and EMBED in sd:
+        sd[LM_HEAD] = sd[EMBED]
+    expected = set(model.state_dict())
+    if tied:
+        expected.discard(LM_HEAD)
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise TlvrError(f"{where}: weights do not match the architecture in config.json: "
+                        f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    own = model.state_dict()
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise TlvrError(f"{where}: {k} has shape {tuple(v.shape)}, the config expects {tuple(own[k].shape)}")
+    model.load_state_dict(sd, strict=False)
+    if tied:
+        model.language_model.tie_weights()
+
+
+def load_tokenizer(ckpt: Path):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it warns that config.json's model_type is not a tokenizer's
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ckpt))
+    except Exception as e:
+        raise TlvrError(f"{ckpt}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    finally:
+        hf_logging.set_verbosity(level)
+    eos = "<|endoftext|>"
+    if tok.pad_token is None:
+        tok.pad_token = eos
+    tok.unk_token = tok.pad_token  # as the reference
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(path: str, *, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa"):
+    """A TinyLLaVA model with its tokenizer; ``path`` 'tiny' gives the embedded random-init tiny model."""
+    from .tinyllava import TinyLlava
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    attn = _check_attn(attn_implementation, dev)
+    if path == "tiny":
+        from .tiny import build_tiny_model
+
+        return build_tiny_model().to(device=dev, dtype=dt)
+    ckpt = resolve_checkpoint(path)
+    config = TinyLlavaConfig.from_json_file(ckpt / "config.json")
+    tok = load_tokenizer(ckpt)
+    with torch.device(dev):
+        model = TinyLlava(config, tok, attn_implementation=attn)
+    _load_state(model, read_state_dict(ckpt), ckpt)
+    return model.to(dtype=dt)
+
+
+def _check_attn(name: str, device: torch.device) -> str:
+    if name not in ("sdpa", "eager", "flash_attention_2"):
+        raise TlvrError(f"model.attn_implementation={name!r}: expected sdpa, eager or flash_attention_2")
+    if name == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise TlvrError("model.attn_implementation=flash_attention_2 needs `pip install 'tlvr[flash]'` (or use sdpa)") from None
+        if device.type != "cuda":
+            raise TlvrError("flash_attention_2 needs a CUDA device (use sdpa on CPU)")
+    return name
+
+
+def load_weights_into(model, ckpt: str | os.PathLike) -> None:
+    """Overwrite ``model``'s weights with those saved in ``ckpt`` (used by resume)."""
+    ckpt = Path(ckpt)
+    _load_state(model, read_state_dict(ckpt), ckpt)
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """The state dict as released: contiguous tensors, ``lm_head`` dropped when tied."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.text_config.tie_word_embeddings:
+        sd.pop(LM_HEAD, None)
+    return sd
+
+
+def save_model(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` in the released layout, atomically (a ``.tmp`` sibling renamed into place)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    sd = model_state(model)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k: v.cpu() for k, v in sd.items()}
+    _write_weights(sd, tmp)
+    cfg = model.config.to_dict()
+    cfg["use_cache"] = True  # as the reference's save
+    cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    eos = model.config.text_config.eos_token_id
+    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos, "use_cache": False}, indent=2) + "\n")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def _write_weights(sd: dict[str, torch.Tensor], out: Path) -> None:
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    if total <= SHARD_BYTES:
+        save_file(sd, str(out / WEIGHTS), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(sd):
+        n = sd[k].numel() * sd[k].element_size()
+        if size + n > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][k] = sd[k]
+        size += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
