@@ -57,7 +57,7 @@ class TuneConfig:
 class DistConfig:
     """Multi-process training (torchrun / accelerate launch)."""
 
-    strategy: Literal["auto", "fsdp", "ddp", "none"] = option("auto", "auto: FSDP2 when launched with several processes, else none.")
+    strategy: Literal["auto", "ddp", "none"] = option("auto", "auto/ddp: DistributedDataParallel replicas when launched with several processes; none: no gradient sync (debugging).")
     backend: str = option("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo.")
 
 
@@ -138,6 +138,7 @@ class GRPOPerfConfig:
     logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).")
     engine_max_batch: int = option(64, "Rows the rollout engine decodes at once.")
     cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
+    force_max_new_tokens: bool = option(False, "Benchmarking only: ignore eos so every completion is max_new_tokens long.")
 
 
 @dataclass

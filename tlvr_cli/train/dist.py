@@ -1,12 +1,14 @@
 """Process-group plumbing for ``torchrun`` / ``accelerate launch`` (both set RANK/WORLD_SIZE/LOCAL_RANK).
 
-Training shards the model with FSDP2 (``torch.distributed.fsdp.fully_shard``) when several processes
-run; a single process runs the same code with no process group.
+Several processes train data-parallel replicas with torch's ``DistributedDataParallel`` (gradients
+all-reduced during backward; the 3B model with fp32 masters fits one 80 GB GPU, so no sharding is
+needed to replicate it). A single process runs the same code with no process group.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -39,6 +41,13 @@ class DistContext:
             t = t.clone()
             torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
         return t
+
+    def all_reduce_max(self, value: int) -> int:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return int(t.item())
 
     def all_gather_objects(self, obj: Any) -> list[Any]:
         if not self.enabled:
@@ -76,3 +85,20 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistContext
 def shutdown_distributed() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def wrap_data_parallel(module: torch.nn.Module, ctx: DistContext, strategy: str = "auto") -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when several processes run (strategy auto/ddp)."""
+    if not ctx.enabled or strategy == "none":
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def maybe_no_sync(module: torch.nn.Module, skip_sync: bool):
+    """``module.no_sync()`` (accumulate locally) for every micro-batch but the last of a step."""
+    if skip_sync and hasattr(module, "no_sync"):
+        return module.no_sync()
+    return nullcontext()

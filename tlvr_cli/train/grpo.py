@@ -27,11 +27,11 @@ from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
 from . import state as S
-from .dist import init_distributed
+from .dist import init_distributed, maybe_no_sync, wrap_data_parallel
 from .grpo_math import completion_mask, group_advantages, policy_loss
 from .metrics import MetricsLogger, plot_metrics
 from .optim import build_optimizer, build_scheduler, clip_gradients
-from .policy import micro_batch_order, sequence_logprobs
+from .policy import PolicyLogprobs, micro_batch_order, sequence_logprobs
 from .progress import TrainProgress
 from .rewards import score_completions
 from .rollout import FeatureCache, PromptLoader, pad_completions, tower_features
@@ -67,6 +67,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
         ref = prepare_model(type(cfg.model)(**{**cfg.model.__dict__, "path": cfg.ref_model or cfg.model.path}), ctx)
         ref.requires_grad_(False)
         ref.eval()
+    policy = wrap_data_parallel(PolicyLogprobs(model), ctx, cfg.dist.strategy)
     tok = model.tokenizer
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
@@ -123,7 +124,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
             for err in batch.errors:
                 progress.warn(f"skipped {err}")
             skipped_total += len(batch.errors)
-            m = _grpo_step(cfg, model, ref, engine, params, batch, st.step, ctx, optimizer, scheduler, eos, pad, G, cache)
+            m = _grpo_step(cfg, model, ref, engine, params, batch, st.step, ctx, optimizer, scheduler, eos, pad, G, cache, policy)
             st.step += 1
             st.extra["skipped"] = skipped_total
             m["data/skipped"] = skipped_total
@@ -156,7 +157,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     return final
 
 
-def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, scheduler, eos, pad, G, cache) -> dict:
+def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, scheduler, eos, pad, G, cache, policy=None) -> dict:
+    policy = policy if policy is not None else PolicyLogprobs(model)
     t0 = time.perf_counter()
     device = ctx.device
     B = len(batch.rows)
@@ -171,7 +173,8 @@ def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, sch
     model.eval()
     with torch.no_grad():
         prompts = model.prompt_embeddings(batch.input_ids, model.connector(feats))
-        outs = engine.generate(prompts, params, cfg.rollout.max_new_tokens, eos, num_samples=G, seed=_seed(cfg, step, 1))
+        outs = engine.generate(prompts, params, cfg.rollout.max_new_tokens, eos, num_samples=G, seed=_seed(cfg, step, 1),
+                               ignore_eos=cfg.perf.force_max_new_tokens)
     completions = pad_completions([o.tokens for o in outs], pad, device)
     mask = completion_mask(completions, eos)
     lengths = mask.sum(1)
@@ -215,20 +218,25 @@ def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, sch
     grad_norm = 0.0
     lr = optimizer.param_groups[0]["lr"]
     t4 = time.perf_counter()
+    # every rank runs the same number of micro-batches (a rank that lost rows to broken videos repeats
+    # its first one with weight 0), so DistributedDataParallel's collective calls line up
+    n_micro = ctx.all_reduce_max(len(groups))
+    plan = [(rows, 1.0) for rows in groups] + [(groups[0], 0.0)] * (n_micro - len(groups))
     for _ in range(cfg.algo.num_iterations):
-        for rows in groups:
-            logp = sequence_logprobs(model, feats, batch.input_ids, seq_prompt, completions, lengths, rows,
-                                     chunk_size=cfg.perf.logprob_chunk_size).float()
-            loss, stats = policy_loss(
-                logp, None if ref_logp is None else ref_logp[rows], adv[rows], mask[rows].float(),
-                beta=cfg.algo.beta, aggregation=cfg.algo.loss_aggregation,
-                old_logp=None if old_logp is None else old_logp[rows], clip_eps=cfg.algo.clip_eps,
-                kl_estimator=cfg.algo.kl_estimator, kl_clamp=cfg.algo.kl_clamp,
-                max_tokens=cfg.rollout.max_new_tokens, num_sequences=B * G, num_tokens=int(mask.sum()),
-            )
-            loss.backward()
+        for j, (rows, weight) in enumerate(plan):
+            with maybe_no_sync(policy, j < len(plan) - 1):
+                logp = policy(feats, batch.input_ids, seq_prompt, completions, lengths, rows,
+                              chunk_size=cfg.perf.logprob_chunk_size).float()
+                loss, stats = policy_loss(
+                    logp, None if ref_logp is None else ref_logp[rows], adv[rows], mask[rows].float(),
+                    beta=cfg.algo.beta, aggregation=cfg.algo.loss_aggregation,
+                    old_logp=None if old_logp is None else old_logp[rows], clip_eps=cfg.algo.clip_eps,
+                    kl_estimator=cfg.algo.kl_estimator, kl_clamp=cfg.algo.kl_clamp,
+                    max_tokens=cfg.rollout.max_new_tokens, num_sequences=B * G, num_tokens=int(mask.sum()),
+                )
+                (loss * weight).backward()
             for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * len(rows)
+                stats_sum[k] = stats_sum.get(k, 0.0) + weight * float(v) * len(rows)
         grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()

@@ -10,6 +10,7 @@ hidden states only and the log-probs come from a vocabulary-chunked log-softmax,
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .logprobs import token_logprobs
 
@@ -58,3 +59,14 @@ def sequence_logprobs(
     logp = token_logprobs(h, model.language_model.get_output_embeddings().weight, targets, chunk_size=chunk_size)
     valid = torch.arange(lc, device=logp.device)[None, :] < lengths[rows][:, None].to(logp.device)
     return logp * valid
+
+
+class PolicyLogprobs(nn.Module):
+    """``sequence_logprobs`` as a module, so DistributedDataParallel can wrap the policy's forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return sequence_logprobs(self.model, *args, **kwargs)

@@ -27,7 +27,7 @@ from ..jobs import ColdstartConfig
 from ..video.decode import read_frames
 from ..video.preprocess import preprocess_frames
 from . import state as S
-from .dist import DistContext, init_distributed
+from .dist import DistContext, init_distributed, maybe_no_sync, wrap_data_parallel
 from .metrics import MetricsLogger, plot_metrics
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .progress import TrainProgress
@@ -106,7 +106,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     total = steps_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps)
-    train_model = model.wrap_for_training(ctx, cfg.dist.strategy) if hasattr(model, "wrap_for_training") else model
+    train_model = wrap_data_parallel(model, ctx, cfg.dist.strategy)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     config_yaml = to_yaml(cfg)
@@ -129,6 +129,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     progress = TrainProgress("cold start", total, enabled=show_progress and ctx.is_main)
     progress.start(st.step)
     skipped_total = int(st.extra.get("skipped", 0)) + len(skipped_bad)
+    last_good = None
     try:
         while st.step < total:
             epoch = st.step // steps_per_epoch
@@ -145,26 +146,32 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                 t0 = time.perf_counter()
                 loss_sum, tokens, skipped = 0.0, 0, 0
                 train_model.train()
-                for _micro in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     batch = next(it)
                     good = [s for s in batch if not s.error]
                     for s in batch:
                         if s.error:
                             skipped += 1
                             progress.warn(f"skipped record {s.index}: {s.error}")
-                    for s in good:
-                        if s.warning:
+                        elif s.warning:
                             progress.warn(s.warning)
+                    weight = 1.0
                     if not good:
-                        continue
-                    out = model(
-                        input_ids=[s.input_ids for s in good],
-                        labels=[s.labels for s in good],
-                        videos=torch.stack([s.pixels for s in good]).to(ctx.device),
-                    )
-                    (out.loss / cfg.grad_accum).backward()
-                    loss_sum += float(out.loss.detach()) / cfg.grad_accum
-                    tokens += sum(len(s.input_ids) for s in good)
+                        if not ctx.enabled or last_good is None:
+                            continue
+                        good, weight = last_good, 0.0  # keep the ranks' collective calls in step
+                    last_good = good
+                    with maybe_no_sync(train_model, micro < cfg.grad_accum - 1):
+                        out = train_model(
+                            input_ids=[s.input_ids for s in good],
+                            labels=[s.labels for s in good],
+                            videos=torch.stack([s.pixels for s in good]).to(ctx.device),
+                        )
+                        (out.loss * weight / cfg.grad_accum).backward()
+                    loss_sum += weight * float(out.loss.detach()) / cfg.grad_accum
+                    tokens += int(weight) * sum(len(s.input_ids) for s in good)
+                if ctx.enabled:
+                    loss_sum = float(ctx.all_reduce_sum(torch.tensor([loss_sum], device=ctx.device))[0]) / ctx.world_size
                 grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
