@@ -322,3 +322,11 @@ def test_decord_bridge_left_alone(mp4):
 
     read_frames(mp4, 2, backend="decord")
     assert isinstance(decord.VideoReader(str(mp4), num_threads=1)[0], decord.nd.NDArray)
+
+
+def test_auto_reads_sizes_decord_rejects(tmp_path):
+    # decord 0.6 fails on some small frame sizes (32x48 among them); "auto" still returns frames.
+    frames = np.stack([np.full((32, 48, 3), frame_level(i), np.uint8) for i in range(NUM_FRAMES)])
+    path = write_video(tmp_path / "wide.mp4", frames)
+    got = read_frames(path, 4)
+    assert got.frames.shape == (4, 32, 48, 3) and decoded_ids(got) == got.indices == [0, 6, 12, 19]
