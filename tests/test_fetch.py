@@ -1,0 +1,305 @@
+"""`tlvr data fetch`: layout, extraction markers, idempotence, dry run and hub errors, against a hub laid out on disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tlvr_cli.data.fetch import (MANIFEST, TARGETS, HfHubClient, LocalHubClient, extract_archive, extraction_marker,
+                                 fetch_targets)
+from tlvr_cli.errors import TlvrError
+
+VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(64))
+
+
+class CountingClient(LocalHubClient):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.downloads: list[str] = []
+
+    def download(self, repo_id, repo_type, filename, local_dir, on_bytes=None):
+        self.downloads.append(f"{repo_id}:{filename}")
+        return super().download(repo_id, repo_type, filename, local_dir, on_bytes)
+
+
+class OfflineClient:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def list_files(self, repo_id, repo_type):
+        raise self.exc
+
+    def download(self, *args, **kwargs):
+        raise self.exc
+
+
+def _write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def _tar_gz(path: Path, members: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture()
+def hub(tmp_path) -> Path:
+    root = tmp_path / "hub"
+    model = root / "models" / "Zhang199" / "TinyLLaVA-Video-R1"
+    _write(model / "config.json", json.dumps({"model_type": "tinyllava", "group": 16}))
+    _write(model / "model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    for name in ("tokenizer_config.json", "vocab.json", "special_tokens_map.json"):
+        _write(model / name, "{}")
+    _write(model / "merges.txt", "#version: 0.2\n")
+    _write(model / "runs" / "events.out.tfevents.1", b"tb")  # not selected
+
+    train = root / "datasets" / "Zhang199" / "TinyLLaVA-Video-R1-training-data"
+    row = {"problem_id": 0, "problem": "Q?\nA. a\nB. b\nC. c\nD. d\nE. e", "data_type": "video",
+           "problem_type": "multiple choice", "solution": "<answer>B</answer>",
+           "video_filename": "./NextQA/NExTVideo/0001/1.mp4"}
+    _write(train / "nextqa_0-30s.jsonl", json.dumps(row) + "\n")
+    cold = [{"video": "NextQA/NExTVideo/0001/1.mp4", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "<think>t</think>\n<answer>B</answer>"}]}]
+    _write(train / "nextqa-coldstart-16.json", json.dumps(cold))
+    _write(train / "README.md", "card")
+    _tar_gz(train / "NextQA.tar.gz", {"NextQA/NExTVideo/0001/1.mp4": VIDEO})
+
+    mmvu = root / "datasets" / "yale-nlp" / "MMVU"
+    url = "https://huggingface.co/datasets/yale-nlp/MMVU/resolve/main/videos/Biology/1.mp4"
+    _write(mmvu / "validation.json", json.dumps([{"id": "1", "video": url, "question_type": "multiple-choice"}]))
+    _write(mmvu / "videos" / "Biology" / "1.mp4", VIDEO)
+
+    mlvu = root / "datasets" / "MLVU" / "MVLU" / "MLVU"  # the wrapping top folder of spec §5
+    _write(mlvu / "json" / "1_plotQA.json", "[]")
+    _write(mlvu / "video" / "1_plotQA" / "movie101_66.mp4", VIDEO)
+    return root
+
+
+def test_fetch_layout_and_manifest(hub, tmp_path):
+    data = tmp_path / "data"
+    client = CountingClient(hub)
+    results = fetch_targets(["r1", "nextqa", "mmvu", "mlvu"], data, client=client, progress=False)
+    assert [r.problems for r in results] == [[], [], [], []]
+
+    model = data / "models" / "TinyLLaVA-Video-R1"
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    assert (model / "merges.txt").is_file() and not (model / "runs").exists()
+
+    train = data / "train"
+    assert (train / "nextqa_0-30s.jsonl").is_file() and (train / "nextqa-coldstart-16.json").is_file()
+    assert (train / "NextQA" / "NExTVideo" / "0001" / "1.mp4").read_bytes() == VIDEO
+    assert extraction_marker(train / "NextQA.tar.gz").is_file()
+    assert not list(train.glob(".tlvr-extract-*"))
+    assert not (train / "README.md").exists()
+
+    assert (data / "mmvu" / "validation.json").is_file()
+    assert (data / "mmvu" / "videos" / "Biology" / "1.mp4").read_bytes() == VIDEO
+    assert (data / "mlvu" / "json" / "1_plotQA.json").is_file()  # linked out of MLVU/
+    assert (data / "mlvu" / "video" / "1_plotQA" / "movie101_66.mp4").is_file()
+
+    manifest = json.loads((train / MANIFEST).read_text())
+    assert manifest["repo"] == "Zhang199/TinyLLaVA-Video-R1-training-data" and manifest["extracted"] == ["NextQA.tar.gz"]
+    sizes = {f["path"]: (f["size"], f["sha256"]) for f in manifest["files"]}
+    assert sizes["nextqa_0-30s.jsonl"][0] == (train / "nextqa_0-30s.jsonl").stat().st_size
+    assert all(len(sha) == 64 for _, sha in sizes.values())
+
+
+def test_second_fetch_downloads_nothing(hub, tmp_path):
+    client = CountingClient(hub)
+    fetch_targets(["r1", "nextqa"], tmp_path / "data", client=client, progress=False)
+    first = len(client.downloads)
+    assert first == 9  # 6 model files, 2 annotations, 1 archive
+    results = fetch_targets(["r1", "nextqa"], tmp_path / "data", client=client, progress=False)
+    assert len(client.downloads) == first
+    assert all(r.up_to_date and not r.extracted for r in results)
+
+
+def test_deleted_archive_is_not_downloaded_again(hub, tmp_path):
+    client = CountingClient(hub)
+    fetch_targets(["nextqa"], tmp_path / "data", client=client, progress=False, keep_archives=False)
+    assert not (tmp_path / "data" / "train" / "NextQA.tar.gz").exists()
+    n = len(client.downloads)
+    fetch_targets(["nextqa"], tmp_path / "data", client=client, progress=False, keep_archives=False)
+    assert len(client.downloads) == n
+
+
+def test_interrupted_extraction_is_redone(hub, tmp_path):
+    client = CountingClient(hub)
+    fetch_targets(["nextqa"], tmp_path / "data", client=client, progress=False)
+    train = tmp_path / "data" / "train"
+    video = train / "NextQA" / "NExTVideo" / "0001" / "1.mp4"
+    extraction_marker(train / "NextQA.tar.gz").unlink()
+    video.write_bytes(b"half")  # a half-written member
+    _write(train / ".tlvr-extract-NextQA.tar.gz" / "NextQA" / "junk", b"junk")  # a stale stage dir
+    results = fetch_targets(["nextqa"], tmp_path / "data", client=client, progress=False)
+    assert results[0].extracted == ["NextQA.tar.gz"] and results[0].up_to_date
+    assert video.read_bytes() == VIDEO
+    assert extraction_marker(train / "NextQA.tar.gz").is_file()
+    assert not (train / ".tlvr-extract-NextQA.tar.gz").exists() and not (train / "NextQA" / "junk").exists()
+
+
+def test_dry_run_downloads_nothing(hub, tmp_path):
+    client = CountingClient(hub)
+    results = fetch_targets(["r1", "mmvu"], tmp_path / "data", client=client, dry_run=True, progress=False)
+    assert client.downloads == [] and not (tmp_path / "data").exists()
+    model_bytes = sum(p.stat().st_size for p in (hub / "models" / "Zhang199" / "TinyLLaVA-Video-R1").iterdir()
+                      if p.is_file())
+    assert results[0].bytes_to_download == model_bytes
+    assert results[1].bytes_to_download == sum(p.stat().st_size for p in (hub / "datasets" / "yale-nlp" / "MMVU").rglob("*")
+                                               if p.is_file())
+    assert [len(r.to_download) for r in results] == [6, 2]
+
+
+def test_missing_videos_are_reported(hub, tmp_path):
+    (hub / "datasets" / "Zhang199" / "TinyLLaVA-Video-R1-training-data" / "NextQA.tar.gz").unlink()
+    [result] = fetch_targets(["nextqa"], tmp_path / "data", client=LocalHubClient(hub), progress=False)
+    assert result.problems and "1 of 1 videos are missing" in result.problems[0]
+
+
+def test_unknown_target_suggests_close_match(hub):
+    with pytest.raises(TlvrError) as err:
+        fetch_targets(["videome"], Path("/nonexistent"), client=LocalHubClient(hub), progress=False)
+    assert "did you mean 'videomme'" in str(err.value) and "mvbench" in str(err.value)
+
+
+def test_offline_client_names_repo_and_by_hand_path(tmp_path):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    for exc in (LocalEntryNotFoundError("no cache"), ConnectionError("no route")):
+        with pytest.raises(TlvrError) as err:
+            fetch_targets(["videomme"], tmp_path, client=OfflineClient(exc), progress=False)
+        msg = str(err.value)
+        assert "\n" not in msg and "lmms-lab/Video-MME" in msg and "offline" in msg
+        assert "https://huggingface.co/datasets/lmms-lab/Video-MME" in msg and str(tmp_path / "videomme") in msg
+    with pytest.raises(TlvrError) as err:
+        fetch_targets(["mlvu"], tmp_path, client=OfflineClient(ConnectionError()), progress=False)
+    assert "accept its terms" in str(err.value)
+
+
+def test_offline_after_complete_fetch_is_up_to_date(hub, tmp_path):
+    fetch_targets(["mmvu"], tmp_path, client=LocalHubClient(hub), progress=False)
+    [result] = fetch_targets(["mmvu"], tmp_path, client=OfflineClient(ConnectionError()), progress=False)
+    assert result.up_to_date and "unreachable" in result.warnings[0]
+
+
+def test_real_client_with_hub_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    with pytest.raises(TlvrError) as err:
+        fetch_targets(["r1"], tmp_path, client=HfHubClient(timeout=1.0), progress=False)
+    assert "Zhang199/TinyLLaVA-Video-R1" in str(err.value) and "by hand" in str(err.value)
+
+
+def test_real_client_unreachable_endpoint(monkeypatch, tmp_path):
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with socket.socket() as s:  # a port nobody listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = HfHubClient(timeout=2.0, endpoint=f"http://127.0.0.1:{port}")
+    with pytest.raises(TlvrError, match=r"cannot reach the Hugging Face hub for lmms-lab/Video-MME \(offline\?\)"):
+        fetch_targets(["videomme"], tmp_path, client=client, dry_run=True, progress=False)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_unauthorized_and_gated(status, tmp_path):
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/x"))
+    with pytest.raises(TlvrError) as err:
+        fetch_targets(["mmvu"], tmp_path, client=OfflineClient(HfHubHTTPError("denied", response=response)),
+                      progress=False)
+    assert f"HTTP {status}" in str(err.value) and "yale-nlp/MMVU" in str(err.value) and "HF_TOKEN" in str(err.value)
+    with pytest.raises(TlvrError) as err:
+        fetch_targets(["mlvu"], tmp_path, client=OfflineClient(GatedRepoError("gated", response=response)),
+                      progress=False)
+    assert "gated" in str(err.value) and "accept its terms" in str(err.value) and str(tmp_path / "mlvu") in str(err.value)
+
+
+def test_path_traversal_is_rejected(tmp_path):
+    evil = _tar_gz(tmp_path / "d" / "evil.tar.gz", {"../escape.txt": b"x"})
+    with pytest.raises(TlvrError, match="unsafe member"):
+        extract_archive(evil)
+    assert not (tmp_path / "escape.txt").exists() and not extraction_marker(evil).exists()
+
+    zpath = tmp_path / "z" / "evil.zip"
+    zpath.parent.mkdir()
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("ok/file.txt", "fine")
+        zf.writestr("/abs/evil.txt", "x")
+    with pytest.raises(TlvrError, match="unsafe member"):
+        extract_archive(zpath)
+    assert not (tmp_path / "z" / "ok").exists()
+
+    link = tmp_path / "l" / "link.tar"
+    link.parent.mkdir()
+    with tarfile.open(link, "w") as tf:
+        info = tarfile.TarInfo("a/up")
+        info.type, info.linkname = tarfile.SYMTYPE, "../../outside"
+        tf.addfile(info)
+    with pytest.raises(TlvrError, match="unsafe member"):
+        extract_archive(link)
+
+
+def test_zip_members_merge_into_existing_tree(tmp_path):
+    dest = tmp_path / "videomme"
+    for i in (1, 2):
+        with zipfile.ZipFile(_write(dest / f"videos_chunked_0{i}.zip", b"") , "w") as zf:
+            zf.writestr(f"data/v{i}.mp4", VIDEO)
+    assert extract_archive(dest / "videos_chunked_01.zip") and extract_archive(dest / "videos_chunked_02.zip")
+    assert sorted(p.name for p in (dest / "data").iterdir()) == ["v1.mp4", "v2.mp4"]
+    assert not extract_archive(dest / "videos_chunked_01.zip")  # marker: done
+
+
+def test_hub_byte_counts_reach_the_progress_bar():
+    from tlvr_cli.data.fetch import _forwarding_tqdm
+
+    seen: list[int] = []
+    cls = _forwarding_tqdm(seen.append)
+    with cls(total=10, desc="f.zip: downloading bytes") as bar:
+        bar.update(3)
+        bar.update(4)
+    with cls(total=10, desc="f.zip: reconstructing file") as bar:
+        bar.update(5)
+    assert seen == [3, 4]
+
+
+def test_targets_table_covers_all():
+    assert set(TARGETS) == {"r1", "coldstart", "base", "nextqa", "videomme", "mvbench", "mlvu", "mmvu"}
+    assert TARGETS["nextqa"].dest == "train" and TARGETS["base"].repo_id.endswith("Group-16-512")
+
+
+def test_cli_dry_run_and_list(hub, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    import tlvr_cli.data.fetch as fetch_mod
+    from tlvr_cli.cli.data import data_app
+    from tlvr_cli.cli import data_fetch  # noqa: F401  (adds `fetch` to data_app)
+
+    monkeypatch.setattr(fetch_mod, "HfHubClient", lambda: LocalHubClient(hub))
+    app = typer.Typer()
+    app.add_typer(data_app, name="data")
+    runner = CliRunner()
+    listed = runner.invoke(app, ["data", "fetch", "--list", "--root", str(tmp_path)])
+    assert listed.exit_code == 0 and "lmms-lab/Video-MME" in listed.output
+    dry = runner.invoke(app, ["data", "fetch", "r1", "--dry-run", "--root", str(tmp_path / "data"), "-q"])
+    assert dry.exit_code == 0, dry.output
+    assert "would download" in dry.output and "total" in dry.output and not (tmp_path / "data").exists()
+    bad = runner.invoke(app, ["data", "fetch", "r2", "--root", str(tmp_path)])
+    assert isinstance(bad.exception, TlvrError) and "did you mean 'r1'" in str(bad.exception)
