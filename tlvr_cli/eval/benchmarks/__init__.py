@@ -1,0 +1,39 @@
+"""The benchmark registry: each module reads one benchmark's on-disk layout into ``EvalItem``s and
+says how its headline number aggregates (``micro``: item mean; ``macro``: mean of task means)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ...errors import TlvrError
+from . import mlvu, mmvu, mvbench, synthetic, videomme
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark reader and its scoring rule."""
+
+    name: str
+    load_items: Callable  # (data_dir: Path, cfg: EvalConfig) -> list[EvalItem]
+    aggregate: str  # "micro" | "macro": how the headline combines items (spec §6)
+    headline_label: str  # what the headline number is, for the report
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "videomme": Benchmark("videomme", videomme.load_items, videomme.AGGREGATE, "Video-MME (wo sub), item mean"),
+    "mvbench": Benchmark("mvbench", mvbench.load_items, mvbench.AGGREGATE, "MVBench Avg, item mean over 20 tasks"),
+    "mlvu": Benchmark("mlvu", mlvu.load_items, mlvu.AGGREGATE, "MLVU M-Avg, mean of the 7 task accuracies"),
+    "mmvu": Benchmark("mmvu", mmvu.load_items, mmvu.AGGREGATE, "MMVU (mc), item mean"),
+    "synthetic": Benchmark("synthetic", synthetic.load_items, synthetic.AGGREGATE, "synthetic split, item mean"),
+}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise TlvrError(f"unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})") from None
+
+
+__all__ = ["Benchmark", "BENCHMARKS", "get_benchmark"]

@@ -1,0 +1,45 @@
+"""The synthetic held-out split: ``<root>/eval.jsonl`` in the GRPO NextQA row format (formats §1):
+``problem`` (question + "\\nA. …" option lines), ``solution`` ("<answer>X</answer>"),
+``video_filename`` ("./NextQA/NExTVideo/…", relative to the root) and ``problem_id``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ...errors import TlvrError
+from ...jobs import EvalConfig
+from ...video.decode import FrameSpec
+from ..items import EvalItem, finish_prompt, read_jsonl, require_keys
+
+NAME = "synthetic"
+AGGREGATE = "micro"
+_OPTION_LINE = re.compile(r"^([A-Z])\.\s?(.*)$", re.MULTILINE)
+_SOLUTION = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+
+
+def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
+    data_dir = Path(data_dir)
+    path = data_dir / "eval.jsonl"
+    items = []
+    for i, row in enumerate(read_jsonl(path, "synthetic eval split")):
+        where = f"{path} line {i + 1}"
+        require_keys(row, ("problem", "solution", "video_filename"), where)
+        options = dict(_OPTION_LINE.findall(row["problem"]))
+        match = _SOLUTION.search(row["solution"])
+        if not options or match is None:
+            raise TlvrError(f"{where}: expected 'A. …' option lines in problem and '<answer>X</answer>' in solution")
+        rel = row["video_filename"]
+        rel = rel[2:] if rel.startswith("./") else rel.lstrip("/")
+        items.append(EvalItem(
+            item_id=str(row.get("problem_id", i)),
+            task=str(row.get("question_type") or row.get("task") or "all"),
+            video=data_dir / rel,
+            video_key=row["video_filename"],
+            frame_spec=FrameSpec(kind="uniform"),
+            prompt=finish_prompt(row["problem"], cfg.mode),
+            choices=list(options),
+            gold=match.group(1).strip()[:1].upper(),
+            meta={"option_texts": options},
+        ))
+    return items
