@@ -330,3 +330,22 @@ def test_auto_reads_sizes_decord_rejects(tmp_path):
     path = write_video(tmp_path / "wide.mp4", frames)
     got = read_frames(path, 4)
     assert got.frames.shape == (4, 32, 48, 3) and decoded_ids(got) == got.indices == [0, 6, 12, 19]
+
+
+def test_uniform_with_bound_samples_inside_the_bound(tmp_path):
+    from tlvr_cli.video.decode import FrameSpec, read_video
+
+    frames = np.stack([np.full((32, 48, 3), 8 * i, dtype=np.uint8) for i in range(24)])
+    path = tmp_path / "b.mp4"
+    import av
+
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("mpeg4", rate=8)
+        st.width, st.height, st.pix_fmt = 48, 32, "yuv420p"
+        for f in frames:
+            for p in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(p)
+        for p in st.encode():
+            out.mux(p)
+    got = read_video(path, FrameSpec(kind="uniform", bound=(1.0, 2.0)), 4, backend="pyav")
+    assert got.indices == [8, 10, 13, 16]

@@ -90,7 +90,7 @@ def compare(
     """Per-task difference B - A with a paired bootstrap 95% CI."""
     from ..eval.report import compare_answer_files
 
-    console.print(Markdown(compare_answer_files(a, b, benchmark, n_boot=bootstrap, seed=seed)))
+    console.print(Markdown(compare_answer_files(a, b, benchmark, n_boot=bootstrap, seed=seed).markdown()))
 
 
 def register(app: typer.Typer) -> None:

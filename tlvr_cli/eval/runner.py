@@ -57,8 +57,9 @@ def _decode(item: EvalItem, num_frames: int, image_size: int):
 
 def _parse(cfg: EvalConfig, output: str, item: EvalItem):
     rng = random.Random(f"{cfg.seed}:{item.item_id}") if cfg.protocol == "paper" else None
-    parser = parse_reason_answer if cfg.mode == "reason" else parse_option_answer
-    return parser(output, item.choices, rng)
+    if cfg.mode == "reason":
+        return parse_reason_answer(output, item.choices, rng)
+    return parse_option_answer(output, item.choices, rng, option_texts=item.meta.get("option_texts"))
 
 
 def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: int = 0, world_size: int = 1):

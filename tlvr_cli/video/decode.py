@@ -313,7 +313,17 @@ def read_video(path: str | os.PathLike, spec: FrameSpec, num_frames: int, *,
                backend: str = "auto") -> Frames:
     """Decode ``num_frames`` frames the way ``spec.kind`` says (spec §2 paths A–D)."""
     if spec.kind == "uniform":
-        return read_frames(path, num_frames, backend=backend)
+        if spec.bound is None:
+            return read_frames(path, num_frames, backend=backend)
+        if num_frames <= 0:
+            raise TlvrError("a bounded uniform frame spec needs num_frames > 0")
+
+        def choose(total: int, fps: float) -> list[int]:
+            # path A restricted to the [start, end] seconds of the bound (MVBench, --frame-protocol uniform)
+            start, end = _bounded_range(path, spec.bound, fps, 0, total - 1)
+            return [start + i for i in sample_frame_indices(end - start + 1, num_frames)]
+
+        return _read_with(path, backend, choose)
     if num_frames <= 0:
         raise TlvrError(f"frame spec {spec.kind!r} needs num_frames > 0 (1-fps mode is path A only)")
     if spec.kind == "pts_seek":

@@ -1,0 +1,71 @@
+"""``tlvr data synth`` and ``tlvr data check``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .data import data_app
+
+console = Console(highlight=False)
+
+PRESET_HELP = "Preset name (see `tlvr presets list`) or path to a YAML file."
+SET_HELP = "Override a key: key=value (repeatable), e.g. --set train=512 --set seed=1."
+
+
+@data_app.command()
+def synth(
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=PRESET_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    root: Optional[Path] = typer.Option(None, "--root", help="Output directory (default $TLVR_DATA/synthetic)."),
+) -> None:
+    """Write the synthetic video-QA set in the NextQA GRPO and cold-start formats."""
+    from ..config import load_config
+    from ..data.records import data_root
+    from ..data.synth import COLDSTART_FILE, EVAL_FILE, TRAIN_FILE, write_synthetic_dataset
+    from ..jobs import SynthConfig
+
+    cfg = load_config(SynthConfig, preset, set_, extra={"root": str(root)} if root else None)
+    if not cfg.root:
+        cfg.root = str(data_root() / "synthetic")
+    out = write_synthetic_dataset(cfg)
+    videos = sum(1 for _ in (out / "NextQA").rglob("*.mp4"))
+    console.print(f"synthetic set in [bold]{out}[/]: {cfg.train} train rows ({TRAIN_FILE}), {cfg.eval} eval rows "
+                  f"({EVAL_FILE}), {cfg.coldstart} cold-start records ({COLDSTART_FILE}), {videos} videos", soft_wrap=True)
+
+
+@data_app.command()
+def check(
+    target: str = typer.Argument(..., help="nextqa | coldstart | synthetic | an annotation file (.jsonl/.json) | a directory of videos."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data root the annotations resolve against (default: $TLVR_DATA/train, /synthetic, or the file's folder)."),
+    frames: int = typer.Option(16, "--frames", help="Frames sampled per video (linspace, as training does)."),
+    workers: int = typer.Option(4, "--workers", help="Videos decoded in parallel."),
+    min_frames: int = typer.Option(1, "--min-frames", help="Videos with fewer frames are reported as too_short."),
+    backend: str = typer.Option("auto", "--backend", help="Decoder: auto | decord | pyav."),
+    report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default <root or cwd>/check-<target>.json)."),
+) -> None:
+    """Decode-scan every video a target uses; exit 1 if any is bad (pass the report as data.skip_report to skip them)."""
+    from ..data.check import check_videos, videos_for_target, write_report
+
+    paths = videos_for_target(target, root)
+    results = check_videos(paths, frames, backend=backend, workers=workers, min_frames=min_frames,
+                           progress=console.is_terminal)
+    name = Path(target).stem or "videos"
+    out = report if report is not None else (root if root is not None else Path.cwd()) / f"check-{name}.json"
+    summary = write_report(results, out, target)
+
+    table = Table("kind", "videos", title=f"check {Path(target).name or target}", caption=f"{len(results)} videos")
+    for kind, count in summary["counts"].items():
+        table.add_row(kind, str(count), style="green" if kind == "ok" else "red")
+    console.print(table)
+    for bad in summary["bad"][:10]:
+        console.print(f"[red]{bad['kind']}[/] {bad['path']}: {bad['detail']}", soft_wrap=True)
+    if len(summary["bad"]) > 10:
+        console.print(f"... and {len(summary['bad']) - 10} more")
+    console.print(f"report: {out}", soft_wrap=True)
+    if summary["bad"]:
+        raise typer.Exit(1)

@@ -1,0 +1,264 @@
+"""A small synthetic video-QA set in exactly the NextQA training formats (spec formats §1).
+
+Each video is a flat background with a coloured square that slides left, right, up, down, or stays
+put. Three multiple-choice questions (background colour, square colour, direction) are answerable
+from the pixels, so the embedded tiny model can learn them in minutes on a CPU. Like NextQA, several
+questions share a video; the eval split uses videos the training split never sees.
+
+Layout written under the root::
+
+    NextQA/NExTVideo/<4-digit dir>/<id>.mp4
+    nextqa_0-30s.jsonl     GRPO rows (train)
+    eval.jsonl             held-out rows, same format
+    coldstart.json         LLaVA-style records with a written-out <think> reasoning
+    .synth-complete        hash of the config that wrote the set (reruns with the same config do nothing)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TlvrError
+from ..jobs import GRPO_QUESTION_TEMPLATE, SynthConfig
+
+LETTERS = "ABCDE"
+# Well-separated colours survive yuv420 compression, and every name is one short common word.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 30),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 40),
+    "white": (240, 240, 240),
+    "black": (15, 15, 15),
+}
+DIRECTIONS = ("left", "right", "up", "down", "nowhere")  # "nowhere": the square stays in the middle
+QUESTIONS = {
+    "background": "What color is the background?",
+    "square": "What color is the square?",
+    "direction": "Which way does the square move?",
+}
+TRAIN_FILE, EVAL_FILE, COLDSTART_FILE, MARKER = "nextqa_0-30s.jsonl", "eval.jsonl", "coldstart.json", ".synth-complete"
+VIDEO_DIR = "NextQA/NExTVideo"
+
+
+@dataclass(frozen=True)
+class SynthVideo:
+    background: str
+    square: str
+    direction: str
+    rel: str  # "NextQA/NExTVideo/<dir>/<id>.mp4"
+
+
+@dataclass
+class SynthQuestion:
+    video: SynthVideo
+    kind: str  # a key of QUESTIONS
+    options: list[str]
+    gold: int  # index into options
+
+    @property
+    def letter(self) -> str:
+        return LETTERS[self.gold]
+
+    @property
+    def problem(self) -> str:
+        lines = [QUESTIONS[self.kind]] + [f"{LETTERS[i]}. {text}" for i, text in enumerate(self.options)]
+        return "\n".join(lines)
+
+
+def config_hash(cfg: SynthConfig) -> str:
+    """Hash of everything that shapes the files (the root itself excluded, so a moved set stays valid)."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "root"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- content
+
+
+def _answer_text(video: SynthVideo, kind: str) -> str:
+    return {"background": video.background, "square": video.square, "direction": video.direction}[kind]
+
+
+def _make_question(video: SynthVideo, kind: str, gold: int, rng: random.Random) -> SynthQuestion:
+    answer = _answer_text(video, kind)
+    pool = list(DIRECTIONS) if kind == "direction" else list(COLORS)
+    distractors = rng.sample([x for x in pool if x != answer], len(LETTERS) - 1)
+    options = distractors[:gold] + [answer] + distractors[gold:]
+    return SynthQuestion(video, kind, options, gold)
+
+
+def _split_videos(n_train_q: int, n_eval_q: int, rng: random.Random) -> tuple[list[SynthVideo], list[SynthVideo]]:
+    """Disjoint train/eval videos: one per question type where the 150 combinations allow, shared otherwise."""
+    combos = [(bg, sq, d) for bg in COLORS for sq in COLORS if sq != bg for d in DIRECTIONS]
+    rng.shuffle(combos)
+    want_train, want_eval = math.ceil(n_train_q / 3), math.ceil(n_eval_q / 3)
+    if want_train + want_eval > len(combos):
+        want_eval = max(1, round(len(combos) * n_eval_q / (n_train_q + n_eval_q))) if n_eval_q else 0
+        want_train = len(combos) - want_eval
+    chosen = combos[:want_train + want_eval]
+    ids = rng.sample(range(2_000_000_000, 9_999_999_999), len(chosen))  # NExT-QA style 10-digit ids
+    videos = [SynthVideo(bg, sq, d, f"{VIDEO_DIR}/{1000 + k // 50:04d}/{vid}.mp4")
+              for k, ((bg, sq, d), vid) in enumerate(zip(chosen, ids))]
+    return videos[:want_train], videos[want_train:]
+
+
+def _questions(videos: list[SynthVideo], n: int, rng: random.Random) -> list[SynthQuestion]:
+    """``n`` questions over ``videos``; gold letters balanced over A-E, question types balanced per video."""
+    if n == 0:
+        return []
+    golds = [i % len(LETTERS) for i in range(n)]
+    rng.shuffle(golds)
+    kinds = list(QUESTIONS)
+    out = []
+    for q in range(n):
+        v = q % len(videos)
+        kind = kinds[(q // len(videos) + v) % len(kinds)]
+        out.append(_make_question(videos[v], kind, golds[q], rng))
+    rng.shuffle(out)
+    return out
+
+
+_POSITION_WORDS = {"left": ("right", "left"), "right": ("left", "right"), "up": ("bottom", "top"), "down": ("top", "bottom")}
+
+
+def reasoning(q: SynthQuestion) -> str:
+    """The written-out ``<think>`` text of a cold-start answer: the evidence, then the option it picks."""
+    v = q.video
+    seen = f"The video shows a {v.square} square on a {v.background} background."
+    if q.kind == "background":
+        why = f"The background is {v.background} in every frame."
+    elif q.kind == "square":
+        why = f"The square is {v.square} in every frame."
+    elif v.direction == "nowhere":
+        why = "The square stays in the middle in every frame, so it moves nowhere."
+    else:
+        start, end = _POSITION_WORDS[v.direction]
+        why = f"The square starts at the {start} and ends at the {end}, so it moves {v.direction}."
+    return f"{seen} {why} So the answer is {q.letter}. {q.options[q.gold]}."
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render_frames(video: SynthVideo, frames: int, size: int) -> np.ndarray:
+    """uint8 (T, size, size, 3): the background colour with the square moved linearly along its direction."""
+    side = max(2, size // 4)
+    far = size - side
+    mid = far // 2
+    start_end = {"left": ((far, mid), (0, mid)), "right": ((0, mid), (far, mid)),
+                 "up": ((mid, far), (mid, 0)), "down": ((mid, 0), (mid, far)), "nowhere": ((mid, mid), (mid, mid))}
+    (x0, y0), (x1, y1) = start_end[video.direction]
+    out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    out[:] = COLORS[video.background]
+    for t in range(frames):
+        a = t / max(1, frames - 1)
+        x, y = round(x0 + (x1 - x0) * a), round(y0 + (y1 - y0) * a)
+        out[t, y:y + side, x:x + side] = COLORS[video.square]
+    return out
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
+    """Encode frames as an H.264 (else MPEG-4 part 2) mp4, single-threaded so the bytes are reproducible."""
+    import av
+
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with av.open(str(tmp), "w", format="mp4") as out:
+            try:
+                stream = out.add_stream("libx264", rate=fps)
+                stream.options = {"preset": "veryfast", "crf": "12", "threads": "1"}
+            except Exception:  # an FFmpeg build without x264
+                stream = out.add_stream("mpeg4", rate=fps)
+                stream.options = {"qscale": "2"}
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.thread_count = 1
+            for f in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def grpo_row(problem_id: int, q: SynthQuestion) -> dict:
+    return {"problem_id": problem_id, "problem": q.problem, "data_type": "video", "problem_type": "multiple choice",
+            "solution": f"<answer>{q.letter}</answer>", "video_filename": f"./{q.video.rel}"}
+
+
+def coldstart_record(q: SynthQuestion) -> dict:
+    human = "<image>\n" + GRPO_QUESTION_TEMPLATE.format(Question=q.problem)
+    gpt = f"<think>{reasoning(q)}</think>\n<answer>{q.letter}</answer>"
+    return {"video": q.video.rel, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _validate(cfg: SynthConfig) -> None:
+    if not cfg.root:
+        raise TlvrError("synth: root is empty (pass --root or set root=...)")
+    for name in ("train", "eval", "coldstart"):
+        if getattr(cfg, name) < 0:
+            raise TlvrError(f"synth: {name}={getattr(cfg, name)} must be >= 0")
+    if cfg.train == 0 and cfg.coldstart > 0:
+        raise TlvrError("synth: coldstart records are drawn from the training videos, so train must be > 0")
+    if cfg.frames < 1 or cfg.fps < 1:
+        raise TlvrError(f"synth: frames={cfg.frames} and fps={cfg.fps} must be >= 1")
+    if cfg.size < 16 or cfg.size % 2:
+        raise TlvrError(f"synth: size={cfg.size} must be an even number >= 16 (yuv420p needs even sides)")
+
+
+def write_synthetic_dataset(cfg: SynthConfig, *, progress: bool = True) -> Path:
+    """Write the set under ``cfg.root`` (nothing is rewritten when the same config already wrote it); returns the root."""
+    _validate(cfg)
+    root = Path(cfg.root)
+    marker = root / MARKER
+    digest = config_hash(cfg)
+    complete = all((root / name).is_file() for name in (TRAIN_FILE, EVAL_FILE, COLDSTART_FILE))
+    if complete and marker.is_file() and marker.read_text(encoding="utf-8").strip() == digest:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+
+    rng = random.Random(cfg.seed)
+    train_videos, eval_videos = _split_videos(cfg.train, cfg.eval, rng)
+    train_q = _questions(train_videos, cfg.train, rng)
+    eval_q = _questions(eval_videos, cfg.eval, rng)
+    cold_q = _questions(train_videos, cfg.coldstart, random.Random(cfg.seed + 1)) if cfg.coldstart else []
+
+    from rich.progress import Progress
+
+    videos = train_videos + eval_videos
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("writing synthetic videos", total=len(videos))
+        for v in videos:
+            write_mp4(root / v.rel, render_frames(v, cfg.frames, cfg.size), cfg.fps)
+            bar.advance(task)
+
+    def jsonl(qs: list[SynthQuestion]) -> str:
+        return "".join(json.dumps(grpo_row(i, q), ensure_ascii=False) + "\n" for i, q in enumerate(qs))
+
+    _write_atomic(root / TRAIN_FILE, jsonl(train_q))
+    _write_atomic(root / EVAL_FILE, jsonl(eval_q))
+    _write_atomic(root / COLDSTART_FILE, json.dumps([coldstart_record(q) for q in cold_q], ensure_ascii=False, indent=1) + "\n")
+    _write_atomic(marker, digest + "\n")
+    return root
