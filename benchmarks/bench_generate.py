@@ -1,0 +1,165 @@
+"""Decode speed of the KV-cache engine against HF ``generate`` and the reference's no-cache loop.
+
+    python benchmarks/bench_generate.py                      # Qwen2.5-3B shapes, random init, bf16, CUDA
+    python benchmarks/bench_generate.py --config tiny --device cpu --dtype fp32 --prompt-len 16 --new-tokens 8
+
+Every method decodes ``--batch`` prompts of ``--prompt-len`` embeddings, ``--samples`` completions
+each, exactly ``--new-tokens`` tokens per completion (eos is ignored so every run costs the same).
+The no-cache loop (one full forward per token, one sequence at a time, as the reference samples)
+is too slow to run in full: a few tokens are timed at the start and one forward at the final
+length, and the whole run is extrapolated linearly in sequence length. The floor is the time to
+read every weight (and the average KV cache) once per decode step at ``--bandwidth`` bytes/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tlvr_cli.engine.generate import Engine  # noqa: E402
+from tlvr_cli.engine.sampling import SamplingParams, sample  # noqa: E402
+
+CONFIGS = {
+    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="qwen2.5-3b", help="Model shapes (random init).")
+    ap.add_argument("--prompt-len", type=int, default=620, help="Prompt length in embeddings (visual + text tokens).")
+    ap.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per completion.")
+    ap.add_argument("--batch", type=int, default=8, help="Prompts per run.")
+    ap.add_argument("--samples", type=int, default=8, help="Completions per prompt (GRPO's G).")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Model dtype.")
+    ap.add_argument("--device", default="cuda", help="Device to run on.")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily; otherwise sample (top-k 50).")
+    ap.add_argument("--bandwidth", type=float, default=3.35e12, help="Peak memory bandwidth in B/s (H100 SXM: 3.35e12).")
+    ap.add_argument("--reference-tokens", type=int, default=4, help="Tokens timed for the no-cache estimate.")
+    ap.add_argument("--skip-hf", action="store_true", help="Skip HF generate (it is the slowest measured run).")
+    return ap.parse_args(argv)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def time_engine(lm, prompts, params, args, device, cuda_graphs: bool) -> float:
+    rows = len(prompts) * args.samples
+    engine = Engine(lm, max_batch=rows, max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=cuda_graphs)
+
+    def run() -> None:
+        outs = engine.generate(prompts, params, args.new_tokens, 0, num_samples=args.samples, ignore_eos=True)
+        assert all(len(o.tokens) == args.new_tokens for o in outs)
+
+    run()  # warm-up: allocates the cache and captures the graphs
+    return timed(run, device)
+
+
+def time_hf(lm, prompts, params, args, device) -> float:
+    # one row per completion (num_return_sequences would do the same expansion, but not for greedy)
+    emb = torch.stack(prompts).repeat_interleave(args.samples, dim=0)
+    mask = torch.ones(emb.shape[:2], dtype=torch.long, device=device)
+    sampling = {} if params.greedy else dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+
+    def run(n: int) -> None:
+        # min_new_tokens masks eos, so HF also decodes exactly n tokens
+        lm.generate(inputs_embeds=emb, attention_mask=mask, do_sample=not params.greedy, max_new_tokens=n,
+                    min_new_tokens=n, eos_token_id=0, pad_token_id=0, **sampling)
+
+    run(2)
+    return timed(lambda: run(args.new_tokens), device)
+
+
+def estimate_no_cache(lm, prompts, params, args, device) -> tuple[float, int]:
+    """Seconds the reference loop would take for all rows, from a few timed full forwards."""
+    embed = lm.get_input_embeddings()
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = prompts[0][None]
+    lm(inputs_embeds=x, use_cache=False)  # warm-up
+    n = max(1, min(args.reference_tokens, args.new_tokens))
+
+    def loop() -> None:
+        nonlocal x
+        for _ in range(n):
+            logits = lm(inputs_embeds=x, use_cache=False).logits[:, -1].float()
+            tok = sample(logits, params, gen)
+            x = torch.cat([x, embed(tok)[:, None]], dim=1)
+
+    t_start = timed(loop, device) / n
+    last = torch.cat([prompts[0], prompts[0][: args.new_tokens - 1]])[None] if args.new_tokens > 1 else prompts[0][None]
+    t_end = timed(lambda: lm(inputs_embeds=last, use_cache=False), device)
+    rows = len(prompts) * args.samples
+    return rows * args.new_tokens * (t_start + t_end) / 2, n
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(**CONFIGS[args.config])).to(device=device, dtype=dtype).eval()
+    params = SamplingParams(temperature=args.temperature) if args.temperature > 0 else SamplingParams(temperature=0.0)
+    with torch.no_grad():
+        embed = lm.get_input_embeddings()
+        prompts = [embed(torch.randint(0, lm.config.vocab_size, (args.prompt_len,), device=device)) for _ in range(args.batch)]
+    rows = args.batch * args.samples
+    tokens = rows * args.new_tokens
+
+    seconds: dict[str, float] = {}
+    with torch.no_grad():
+        seconds["engine"] = time_engine(lm, prompts, params, args, device, cuda_graphs=False)
+        if device.type == "cuda":
+            seconds["engine + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True)
+        if not args.skip_hf:
+            seconds["hf generate (kv cache)"] = time_hf(lm, prompts, params, args, device)
+        seconds["no-cache loop (estimated)"], timed_tokens = estimate_no_cache(lm, prompts, params, args, device)
+
+    # floor: each decode step reads every weight once, plus the KV cache at its average length
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = (rows * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * dtype.itemsize
+                * (args.prompt_len + args.new_tokens / 2))
+    floor_step = (weight_bytes + kv_bytes) / args.bandwidth
+    seconds["bandwidth floor"] = floor_step * args.new_tokens
+
+    mode = "greedy" if params.greedy else f"sampling T={params.temperature}"
+    print(f"{args.config} {args.dtype} on {device}: {args.batch} prompts x {args.samples} samples, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, {mode}")
+    print(f"weights {weight_bytes / 1e9:.2f} GB, KV read/step {kv_bytes / 1e9:.3f} GB, "
+          f"floor {floor_step * 1e3:.2f} ms/step at {args.bandwidth / 1e12:.2f} TB/s")
+    base_hf = seconds.get("hf generate (kv cache)")
+    base_ref = seconds["no-cache loop (estimated)"]
+    print(f"{'method':<28}{'seconds':>10}{'tokens/s':>14}{'vs HF':>10}{'vs no-cache':>13}")
+    for name, s in seconds.items():
+        vs_hf = f"{base_hf / s:9.2f}x" if base_hf else f"{'-':>10}"
+        print(f"{name:<28}{s:>10.4f}{tokens / s:>14.1f}{vs_hf}{base_ref / s:>12.1f}x")
+    print(f"(no-cache loop: {timed_tokens} tokens timed from the prompt plus one forward at the final length, "
+          f"extrapolated linearly to {rows} rows x {args.new_tokens} tokens)")
+    if device.type == "cuda":
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return {name: tokens / s for name, s in seconds.items()}
+
+
+if __name__ == "__main__":
+    main()
