@@ -53,7 +53,8 @@ class Engine:
 
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False):
         cfg = lm.config
-        if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])) or getattr(cfg, "use_sliding_window", False):
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
             raise ValueError("Engine supports full attention only; this config uses sliding-window layers")
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"Engine needs max_batch >= 1 and max_seq_len >= 2, got {max_batch} and {max_seq_len}")
@@ -70,8 +71,7 @@ class Engine:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_params: tuple[int, ...] = ()
         self._graph_pool = None
-        self._tok_buf: torch.Tensor | None = None  # static decode inputs, replayed by the graphs
-        self._pos_buf: torch.Tensor | None = None
+        self._inputs: torch.Tensor | None = None  # static decode inputs (token row, position row) the graphs replay
 
     # ---------------------------------------------------------------- cache and graphs
 
@@ -82,8 +82,7 @@ class Engine:
         # zeros, not empty: masked keys get weight 0, and 0 * NaN from stale garbage would still be NaN
         self._k = torch.zeros(shape, device=device, dtype=dtype)
         self._v = torch.zeros(shape, device=device, dtype=dtype)
-        self._tok_buf = torch.zeros(self.max_batch, dtype=torch.long, device=device)
-        self._pos_buf = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self._inputs = torch.zeros(2, self.max_batch, dtype=torch.long, device=device)
         self._graphs.clear()
 
     def _use_graphs(self, device: torch.device) -> bool:
@@ -98,7 +97,7 @@ class Engine:
 
     def release(self) -> None:
         """Free the KV cache and captured graphs (they are rebuilt on the next call)."""
-        self._k = self._v = self._tok_buf = self._pos_buf = None
+        self._k = self._v = self._inputs = None
         self._graphs.clear()
 
     # ---------------------------------------------------------------- model maths
@@ -155,9 +154,8 @@ class Engine:
     def _step(self, tok: list[int], pos: list[int], graphs: bool) -> torch.Tensor:
         b = len(tok)
         kv_len = min(self.max_seq_len, -(-(max(pos) + 1) // KV_LEN_BUCKET) * KV_LEN_BUCKET)
-        self._tok_buf[:b].copy_(torch.tensor(tok), non_blocking=True)
-        self._pos_buf[:b].copy_(torch.tensor(pos), non_blocking=True)
-        tok_t, pos_t = self._tok_buf[:b], self._pos_buf[:b]
+        self._inputs[:, :b].copy_(torch.tensor([tok, pos]), non_blocking=True)
+        tok_t, pos_t = self._inputs[0, :b], self._inputs[1, :b]
         if not graphs:
             return self._decode_step(tok_t, pos_t, kv_len)
         entry = self._graphs.get((b, kv_len))
@@ -177,7 +175,7 @@ class Engine:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             out = self._decode_step(tok, pos, kv_len)
         return graph, out
 
@@ -213,12 +211,13 @@ class Engine:
         out = [Completion([], False) for _ in range(n_rows)]
         if n_rows == 0 or max_new_tokens <= 0:
             return out
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         weight = self.lm.model.embed_tokens.weight
         device, dtype = weight.device, weight.dtype
         self._ensure_cache(device, dtype)
         graphs = self._use_graphs(device)
-        gens = [torch.Generator(device=device).manual_seed(row_seed(seed, r)) for r in range(n_rows)]
+        # CPU generators: one uniform per row per step, and the same draws on any device
+        gens = [torch.Generator().manual_seed(row_seed(seed, r)) for r in range(n_rows)]
 
         def emit(row: int, token: int) -> bool:
             """Record one token; True when the row is done."""

@@ -64,12 +64,21 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """Pick one token per row, row i drawing from ``generators[i]`` only; returns (B,) long."""
+    """Pick one token per row, row i drawing from ``generators[i]`` only; returns (B,) long.
+
+    Each row takes one uniform number from its own generator (CPU ones are cheapest) and inverts
+    its filtered CDF, so the whole batch is sampled in a few kernels rather than one per row.
+    """
     if params.greedy:
         return logits.argmax(dim=-1)
     if len(generators) != logits.shape[0]:
         raise ValueError(f"sample_rows: {logits.shape[0]} rows of logits but {len(generators)} generators")
     probs = filter_logits(logits, params).softmax(dim=-1)
-    # one draw per row: a batched multinomial would consume one shared random stream
-    out = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(out)
+    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64).cpu() for g in generators])
+    cdf = probs.double().cumsum(dim=-1)
+    # right=True: a draw of exactly 0 cannot land on a leading zero-probability token
+    idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    # rounding can push the target onto the flat top of the CDF: fall back to the last allowed token
+    vocab = torch.arange(probs.shape[-1], device=probs.device)
+    last_allowed = torch.where(probs > 0, vocab, 0).amax(dim=-1)
+    return torch.minimum(idx, last_allowed)

@@ -1,0 +1,210 @@
+"""The generation engine against HF ``generate`` on a tiny random Qwen2, and the sampler against HF's warpers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from tlvr_cli.engine.generate import Engine
+from tlvr_cli.engine.sampling import SamplingParams, filter_logits, sample, sample_rows
+
+GREEDY = SamplingParams(temperature=0.0)
+LENGTHS = (5, 11, 3, 17, 8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    # a wide init so greedy outputs vary from token to token (the default 0.02 repeats one token)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.3)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(lm) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen)) for n in LENGTHS]
+
+
+def hf_greedy(lm, prompt: torch.Tensor, n: int, eos: int) -> list[int]:
+    out = lm.generate(inputs_embeds=prompt[None], attention_mask=torch.ones(1, prompt.shape[0], dtype=torch.long),
+                      do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=eos)
+    return out[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def reference(lm, prompts) -> list[list[int]]:
+    """HF greedy tokens, 12 per prompt, with an eos id (299) the model does not produce here."""
+    refs = [hf_greedy(lm, p, 12, 299) for p in prompts]
+    assert all(len(r) == 12 and 299 not in r for r in refs)
+    return refs
+
+
+def test_greedy_matches_hf_with_continuous_batching(lm, prompts, reference):
+    outs = Engine(lm, max_batch=2, max_seq_len=64).generate(prompts, GREEDY, 12, 299)
+    assert [o.tokens for o in outs] == reference
+    assert not any(o.finished for o in outs)
+    assert len({tuple(r) for r in reference}) == len(reference)  # the check is not vacuous
+
+
+def test_greedy_num_samples_share_prefill(lm, prompts, reference):
+    outs = Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, GREEDY, 12, 299, num_samples=3)
+    assert len(outs) == 3 * len(prompts)
+    assert [o.tokens for o in outs] == [r for r in reference for _ in range(3)]  # prompt-major
+
+
+def test_eos_stops_early_and_is_excluded(lm, prompts, reference):
+    eos = reference[1][4]
+    cut = reference[1].index(eos)
+    outs = Engine(lm, max_batch=3, max_seq_len=64).generate(prompts, GREEDY, 12, [eos, 298])
+    assert outs[1].tokens == reference[1][:cut] and outs[1].finished
+    assert hf_greedy(lm, prompts[1], 12, eos) == reference[1][:cut] + [eos]
+    for o, ref in zip(outs, reference):  # every row stops at its own first eos, or runs to the limit
+        expect = ref[:ref.index(eos)] if eos in ref else ref
+        assert o.tokens == expect and o.finished == (eos in ref)
+
+
+def test_single_new_token(lm, prompts, reference):
+    outs = Engine(lm, max_batch=2, max_seq_len=64).generate(prompts, GREEDY, 1, 299, num_samples=2)
+    assert [o.tokens for o in outs] == [r[:1] for r in reference for _ in range(2)]
+
+
+def test_ignore_eos_runs_to_max_new_tokens(lm, prompts, reference):
+    eos = reference[0][0]
+    outs = Engine(lm, max_batch=2, max_seq_len=64).generate(prompts, GREEDY, 12, eos, ignore_eos=True)
+    assert [o.tokens for o in outs] == reference
+    assert all(len(o.tokens) == 12 and not o.finished for o in outs)
+
+
+def test_on_token_sees_every_token(lm, prompts, reference):
+    seen: dict[int, list[int]] = {}
+    eos = 7  # rows of prompts 0 and 3 produce it early, freeing their slots
+    outs = Engine(lm, max_batch=3, max_seq_len=64).generate(prompts, GREEDY, 12, eos, num_samples=2,
+                                                            on_token=lambda r, t: seen.setdefault(r, []).append(t))
+    assert sorted(seen) == list(range(len(outs)))
+    for r, o in enumerate(outs):
+        assert seen[r] == o.tokens + ([eos] if o.finished else [])
+    assert [o.finished for o in outs] == [eos in reference[r // 2] for r in range(len(outs))]
+    assert sum(o.finished for o in outs) == 4
+
+
+def test_hf_left_padded_batch_agrees(lm, prompts, reference):
+    """The per-prompt HF reference is also what HF produces for the whole batch, left-padded."""
+    n, dim = max(LENGTHS), prompts[0].shape[1]
+    emb = torch.zeros(len(prompts), n, dim)
+    mask = torch.zeros(len(prompts), n, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        emb[i, n - len(p):], mask[i, n - len(p):] = p, 1
+    out = lm.generate(inputs_embeds=emb, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=299,
+                      pad_token_id=299)
+    assert out.tolist() == reference
+
+
+def test_sampling_is_deterministic_and_independent_of_max_batch(lm, prompts):
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95)
+
+    def run(max_batch: int, seed: int = 5) -> list[list[int]]:
+        outs = Engine(lm, max_batch=max_batch, max_seq_len=64).generate(prompts, params, 10, 299, num_samples=3, seed=seed)
+        return [o.tokens for o in outs]
+
+    first = run(4)
+    assert run(4) == first
+    assert run(1) == first
+    assert run(15) == first
+    assert run(4, seed=6) != first
+    assert len({tuple(t) for t in first[:3]}) > 1  # samples of one prompt differ
+
+
+def test_prompt_too_long_raises(lm, prompts):
+    engine = Engine(lm, max_batch=2, max_seq_len=20)
+    with pytest.raises(ValueError, match=r"prompt 3 has 17 tokens.*max_seq_len is 20.*at most 12"):
+        engine.generate(prompts, GREEDY, 8, 299)
+    assert len(engine.generate(prompts[:1], GREEDY, 15, 299)[0].tokens) == 15  # 5 + 15 fits exactly
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 50, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.5, 20, 0.9),
+                                                     (1.0, 1, 0.5), (2.0, 300, 0.3)])
+def test_filters_match_hf_warpers(temperature, top_k, top_p):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=gen) * 3
+    logits[0, :5] = 4.0  # ties at the top-k boundary
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    expect = logits.clone()
+    if temperature != 1.0:
+        expect = TemperatureLogitsWarper(temperature)(ids, expect)
+    if top_k:
+        expect = TopKLogitsWarper(top_k)(ids, expect)
+    if top_p < 1.0:
+        expect = TopPLogitsWarper(top_p)(ids, expect)
+    got = filter_logits(logits, SamplingParams(temperature, top_k, top_p))
+    assert torch.equal(torch.isinf(got), torch.isinf(expect))
+    assert torch.allclose(got[~torch.isinf(got)], expect[~torch.isinf(expect)])
+
+
+def test_sample_greedy_and_per_row_generators():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, GREEDY, None), logits.argmax(-1))
+    params = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
+    batched = sample_rows(logits, params, [torch.Generator().manual_seed(i) for i in range(4)])
+    alone = [sample_rows(logits[i:i + 1], params, [torch.Generator().manual_seed(i)]).item() for i in range(4)]
+    assert batched.tolist() == alone
+    kept = torch.isfinite(filter_logits(logits, params))
+    assert kept[torch.arange(4), batched].all()
+    drawn = sample(logits, params, torch.Generator().manual_seed(1))
+    assert drawn.shape == (4,) and kept[torch.arange(4), drawn].all()
+
+
+def test_sample_rows_follows_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf"), 1.5]])
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9)
+    probs = filter_logits(logits, params).softmax(-1)[0]
+    n = 20000
+    draws = sample_rows(logits.expand(n, -1), params, [torch.Generator().manual_seed(i) for i in range(n)])
+    freq = torch.bincount(draws, minlength=8).double() / n
+    assert (freq[probs == 0] == 0).all()
+    assert torch.allclose(freq, probs.double(), atol=0.015)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_match_eager(lm, prompts, reference):
+    gpu_lm = Qwen2ForCausalLM(lm.config).cuda().eval()
+    gpu_lm.load_state_dict(lm.state_dict())
+    cuda_prompts = [p.cuda() for p in prompts]
+    eager = Engine(gpu_lm, max_batch=4, max_seq_len=64).generate(cuda_prompts, GREEDY, 12, 299, num_samples=2)
+    graphed = Engine(gpu_lm, max_batch=4, max_seq_len=64, cuda_graphs=True)
+    for _ in range(2):  # the second call replays graphs captured by the first
+        outs = graphed.generate(cuda_prompts, GREEDY, 12, 299, num_samples=2)
+        assert [o.tokens for o in outs] == [o.tokens for o in eager]
+    params = SamplingParams(temperature=1.0, top_k=20)
+    a = Engine(gpu_lm, max_batch=4, max_seq_len=64).generate(cuda_prompts, params, 12, 299, num_samples=2, seed=1)
+    b = graphed.generate(cuda_prompts, params, 12, 299, num_samples=2, seed=1)
+    assert [o.tokens for o in a] == [o.tokens for o in b]
+
+
+def test_bench_generate_smoke(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rates = bench.main(["--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--prompt-len", "12",
+                        "--new-tokens", "6", "--batch", "2", "--samples", "2", "--reference-tokens", "2"])
+    out = capsys.readouterr().out
+    assert "engine" in out and "no-cache loop (estimated)" in out and "extrapolated" in out
+    assert rates["engine"] > 0 and rates["hf generate (kv cache)"] > 0
