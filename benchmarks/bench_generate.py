@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="Peak memory bandwidth in B/s (H100 SXM: 3.35e12).")
     ap.add_argument("--reference-tokens", type=int, default=4, help="Tokens timed for the no-cache estimate.")
     ap.add_argument("--skip-hf", action="store_true", help="Skip HF generate (it is the slowest measured run).")
+    ap.add_argument("--skip-static", action="store_true", help="Skip HF generate with a static cache + compile.")
+    ap.add_argument("--rows-sweep", default="", help="Also time the engine at these row counts, e.g. '1,8,128'.")
     return ap.parse_args(argv)
 
 
@@ -75,18 +77,32 @@ def time_engine(lm, prompts, params, args, device, cuda_graphs: bool) -> float:
     return timed(run, device)
 
 
-def time_hf(lm, prompts, params, args, device) -> float:
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy speed in B/s, counting the bytes read and written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    reps = 10
+    t = timed(lambda: [dst.copy_(src) for _ in range(reps)], device)
+    del src, dst
+    return 2 * nbytes * reps / t
+
+
+def time_hf(lm, prompts, params, args, device, static: bool = False) -> float:
     # one row per completion (num_return_sequences would do the same expansion, but not for greedy)
     emb = torch.stack(prompts).repeat_interleave(args.samples, dim=0)
     mask = torch.ones(emb.shape[:2], dtype=torch.long, device=device)
     sampling = {} if params.greedy else dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+
+    if static:  # a static cache makes generate compile the decode step (transformers' own fast path)
+        sampling["cache_implementation"] = "static"
 
     def run(n: int) -> None:
         # min_new_tokens masks eos, so HF also decodes exactly n tokens
         lm.generate(inputs_embeds=emb, attention_mask=mask, do_sample=not params.greedy, max_new_tokens=n,
                     min_new_tokens=n, eos_token_id=0, pad_token_id=0, **sampling)
 
-    run(2)
+    run(args.new_tokens if static else 2)  # static: the first call compiles for this cache length
     return timed(lambda: run(args.new_tokens), device)
 
 
@@ -135,8 +151,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             seconds["engine + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True)
         if not args.skip_hf:
             seconds["hf generate (kv cache)"] = time_hf(lm, prompts, params, args, device)
+            if device.type == "cuda" and not args.skip_static:
+                try:
+                    seconds["hf static cache + compile"] = time_hf(lm, prompts, params, args, device, static=True)
+                except Exception as e:  # compile support varies across torch/transformers versions
+                    print(f"hf static cache + compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         seconds["no-cache loop (estimated)"], timed_tokens = estimate_no_cache(lm, prompts, params, args, device)
 
+    if device.type == "cuda":
+        args.bandwidth = measure_copy_bandwidth(device)
     # floor: each decode step reads every weight once, plus the KV cache at its average length
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
     cfg = lm.config
@@ -163,6 +186,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"extrapolated linearly to {rows} rows x {args.new_tokens} tokens)")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if args.rows_sweep:
+        print(f"{'rows':>6}{'tokens/s':>12}{'ms/step':>10}{'floor ms':>10}{'of floor':>10}")
+        for rows_n in (int(r) for r in args.rows_sweep.split(",")):
+            sweep = argparse.Namespace(**{**vars(args), "samples": 1})
+            sweep_prompts = (prompts * (rows_n // len(prompts) + 1))[:rows_n]
+            with torch.no_grad():
+                t = time_engine(lm, sweep_prompts, params, sweep, device, cuda_graphs=device.type == "cuda")
+            kv = (rows_n * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * dtype.itemsize
+                  * (args.prompt_len + args.new_tokens / 2))
+            fl = (weight_bytes + kv) / args.bandwidth
+            print(f"{rows_n:>6}{rows_n * args.new_tokens / t:>12.0f}{t / args.new_tokens * 1e3:>10.2f}{fl * 1e3:>10.2f}"
+                  f"{fl * args.new_tokens / t:>10.1%}")
     return {name: tokens / s for name, s in seconds.items()}
 
 
