@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tlvr_cli.engine.generate import Engine
-from tlvr_cli.engine.sampling import SamplingParams, filter_logits, sample, sample_rows
+from tlvr_cli.engine.sampling import SamplingParams, filter_logits, keyed_uniform, sample, sample_keyed
 
 GREEDY = SamplingParams(temperature=0.0)
 LENGTHS = (5, 11, 3, 17, 8)
@@ -157,12 +157,14 @@ def test_filters_match_hf_warpers(temperature, top_k, top_p):
     assert torch.allclose(got[~torch.isinf(got)], expect[~torch.isinf(expect)])
 
 
-def test_sample_greedy_and_per_row_generators():
+def test_sample_greedy_and_keyed_rows_are_independent():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample(logits, GREEDY, None), logits.argmax(-1))
+    assert torch.equal(sample_keyed(logits, GREEDY, torch.arange(4), torch.zeros(4, dtype=torch.long)), logits.argmax(-1))
     params = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
-    batched = sample_rows(logits, params, [torch.Generator().manual_seed(i) for i in range(4)])
-    alone = [sample_rows(logits[i:i + 1], params, [torch.Generator().manual_seed(i)]).item() for i in range(4)]
+    seeds, pos = torch.tensor([3, 1, 4, 1]), torch.tensor([5, 9, 2, 6])
+    batched = sample_keyed(logits, params, seeds, pos)
+    alone = [sample_keyed(logits[i:i + 1], params, seeds[i:i + 1], pos[i:i + 1]).item() for i in range(4)]
     assert batched.tolist() == alone
     kept = torch.isfinite(filter_logits(logits, params))
     assert kept[torch.arange(4), batched].all()
@@ -170,15 +172,29 @@ def test_sample_greedy_and_per_row_generators():
     assert drawn.shape == (4,) and kept[torch.arange(4), drawn].all()
 
 
-def test_sample_rows_follows_the_filtered_distribution():
+def test_keyed_uniforms_are_uniform_and_distinct():
+    u = keyed_uniform(torch.arange(50000), torch.full((50000,), 3))
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.std()) - 12 ** -0.5) < 0.01
+    assert not torch.equal(keyed_uniform(torch.tensor([7]), torch.tensor([1])), keyed_uniform(torch.tensor([7]), torch.tensor([2])))
+
+
+def test_sample_keyed_follows_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf"), 1.5]])
     params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9)
     probs = filter_logits(logits, params).softmax(-1)[0]
     n = 20000
-    draws = sample_rows(logits.expand(n, -1), params, [torch.Generator().manual_seed(i) for i in range(n)])
+    draws = sample_keyed(logits.expand(n, -1), params, torch.arange(n), torch.full((n,), 11))
     freq = torch.bincount(draws, minlength=8).double() / n
     assert (freq[probs == 0] == 0).all()
     assert torch.allclose(freq, probs.double(), atol=0.015)
+
+
+def test_top_k_keeps_ties_at_the_boundary():
+    logits = torch.tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0]])
+    params = SamplingParams(temperature=1.0, top_k=2)
+    draws = sample_keyed(logits.expand(3000, -1), params, torch.arange(3000), torch.zeros(3000, dtype=torch.long))
+    assert set(draws.tolist()) == {0, 1, 2, 3}  # HF keeps every logit equal to the k-th
 
 
 @pytest.mark.gpu

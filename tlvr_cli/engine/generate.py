@@ -5,8 +5,13 @@ model's dtype. Slot ``s`` holds one sequence left-aligned: token ``j`` sits at c
 and has RoPE position ``j``, so a decode step writes each row's new key at its own position and
 attends over ``[0, kv_len)`` with a boolean mask ``key_index <= position``. Sequences are admitted
 whenever a slot is free (continuous batching): a prompt is prefilled once, and its keys/values are
-copied into each of its ``num_samples`` rows. Each output row draws from its own generator seeded
-from ``(seed, row)``, so samples do not depend on ``max_batch`` or on which rows share a step.
+copied into each of its ``num_samples`` rows. Row ``r`` draws its token at position ``p`` with the
+uniform ``keyed_uniform(row_seed(seed, r), p)``, so samples do not depend on ``max_batch`` or on
+which rows share a step.
+
+A decode step (forward, sampling, writing the sampled token and the next position back into the
+step's own input buffers, and into a token history) is one CUDA graph on GPU; the host replays it
+``sync_every`` times, then reads the history once to handle eos, finished rows and refills.
 
 Norms, MLPs, projections and the rotary table are the HF modules' own; only attention and the
 cache are ours, so numerics follow HF's eager/SDPA path in the model's dtype. Sliding-window
@@ -22,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from .sampling import SamplingParams, sample_rows
+from .sampling import SamplingParams, sample_keyed
 
 KV_LEN_BUCKET = 256  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
+SYNC_EVERY = 16  # decode steps between host reads of the sampled tokens
 
 
 @dataclass
@@ -68,10 +74,13 @@ class Engine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._k: torch.Tensor | None = None  # allocated on first use, on the model's device and dtype
         self._v: torch.Tensor | None = None
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_params: tuple[int, ...] = ()
         self._graph_pool = None
-        self._inputs: torch.Tensor | None = None  # static decode inputs (token row, position row) the graphs replay
+        # static decode state the graphs replay: rows (token, position, seed), the token history and its column
+        self._state: torch.Tensor | None = None
+        self._hist: torch.Tensor | None = None
+        self._col: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- cache and graphs
 
@@ -82,7 +91,9 @@ class Engine:
         # zeros, not empty: masked keys get weight 0, and 0 * NaN from stale garbage would still be NaN
         self._k = torch.zeros(shape, device=device, dtype=dtype)
         self._v = torch.zeros(shape, device=device, dtype=dtype)
-        self._inputs = torch.zeros(2, self.max_batch, dtype=torch.long, device=device)
+        self._state = torch.zeros(3, self.max_batch, dtype=torch.long, device=device)
+        self._hist = torch.zeros(self.max_batch, SYNC_EVERY, dtype=torch.long, device=device)
+        self._col = torch.zeros((), dtype=torch.long, device=device)
         self._graphs.clear()
 
     def _use_graphs(self, device: torch.device) -> bool:
@@ -97,7 +108,7 @@ class Engine:
 
     def release(self) -> None:
         """Free the KV cache and captured graphs (they are rebuilt on the next call)."""
-        self._k = self._v = self._inputs = None
+        self._k = self._v = self._state = self._hist = self._col = None
         self._graphs.clear()
 
     # ---------------------------------------------------------------- model maths
@@ -151,33 +162,48 @@ class Engine:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm.lm_head(model.norm(x))[:, 0]
 
-    def _step(self, tok: list[int], pos: list[int], graphs: bool) -> torch.Tensor:
-        b = len(tok)
-        kv_len = min(self.max_seq_len, -(-(max(pos) + 1) // KV_LEN_BUCKET) * KV_LEN_BUCKET)
-        self._inputs[:, :b].copy_(torch.tensor([tok, pos]), non_blocking=True)
-        tok_t, pos_t = self._inputs[0, :b], self._inputs[1, :b]
-        if not graphs:
-            return self._decode_step(tok_t, pos_t, kv_len)
-        entry = self._graphs.get((b, kv_len))
-        if entry is None:
-            entry = self._capture(tok_t, pos_t, kv_len)
-            self._graphs[(b, kv_len)] = entry
-        entry[0].replay()
-        return entry[1]
+    def _decode_sample(self, b: int, kv_len: int, params: SamplingParams) -> None:
+        """One step for slots ``0..b-1`` from the state buffers: sample, record, advance (no host sync)."""
+        tok, pos, seeds = self._state[0, :b], self._state[1, :b], self._state[2, :b]
+        logits = self._decode_step(tok, pos, kv_len)
+        new = sample_keyed(logits, params, seeds, pos)
+        self._hist[:b].index_copy_(1, self._col.view(1), new[:, None])
+        self._col.add_(1)
+        tok.copy_(new)
+        # a finished row may run a few steps past its end before the host notices: stay inside the cache
+        pos.copy_((pos + 1).clamp(max=self.max_seq_len - 1))
 
-    def _capture(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # warm-up on a side stream (as torch.cuda.graph requires); it writes the same keys the replay will
+    def _run_steps(self, b: int, kv_len: int, params: SamplingParams, n: int, graphs: bool) -> None:
+        self._col.zero_()
+        if not graphs:
+            for _ in range(n):
+                self._decode_sample(b, kv_len, params)
+            return
+        key = (b, kv_len, params.temperature, params.top_k, params.top_p)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(b, kv_len, params)
+            self._graphs[key] = graph
+        for _ in range(n):
+            graph.replay()
+
+    def _capture(self, b: int, kv_len: int, params: SamplingParams) -> torch.cuda.CUDAGraph:
+        # warm up on a side stream (as torch.cuda.graph requires) on a copy of the state, so the
+        # replays start from the state the host set
+        saved = (self._state.clone(), self._hist.clone(), self._col.clone())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._decode_step(tok, pos, kv_len)
+            self._decode_sample(b, kv_len, params)
         torch.cuda.current_stream().wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            out = self._decode_step(tok, pos, kv_len)
-        return graph, out
+            self._decode_sample(b, kv_len, params)
+        for buf, old in zip((self._state, self._hist, self._col), saved):
+            buf.copy_(old)
+        return graph
 
     # ---------------------------------------------------------------- public API
 
@@ -216,8 +242,8 @@ class Engine:
         device, dtype = weight.device, weight.dtype
         self._ensure_cache(device, dtype)
         graphs = self._use_graphs(device)
-        # CPU generators: one uniform per row per step, and the same draws on any device
-        gens = [torch.Generator().manual_seed(row_seed(seed, r)) for r in range(n_rows)]
+        seeds = torch.tensor([row_seed(seed, r) for r in range(n_rows)], dtype=torch.long, device=device)
+        sync_every = 4 if on_token is not None else SYNC_EVERY  # streaming wants small chunks
 
         def emit(row: int, token: int) -> bool:
             """Record one token; True when the row is done."""
@@ -230,10 +256,10 @@ class Engine:
             return len(out[row].tokens) >= max_new_tokens
 
         slot_row = [-1] * self.max_batch  # output row decoded in each slot, -1 when free
-        slot_tok = [0] * self.max_batch  # the slot's next input token
-        slot_pos = [0] * self.max_batch  # its position (= cache index)
+        slot_pos = [0] * self.max_batch  # position of the slot's next input token (= its cache index)
         prefills: dict[int, _Prefill] = {}
         next_row = 0
+        state = self._state
         with torch.no_grad():
             while True:
                 for s in range(self.max_batch):
@@ -244,30 +270,33 @@ class Engine:
                             prefills[p] = self._prefill(prompts[p].to(device=device, dtype=dtype))
                             prefills[p].rows_left = num_samples
                         pre = prefills[p]
-                        token = int(sample_rows(pre.logits, params, [gens[row]])[0])
+                        n = pre.keys.shape[2]
+                        token = int(sample_keyed(pre.logits, params, seeds[row:row + 1],
+                                                 torch.tensor([n - 1], device=device))[0])
                         pre.rows_left -= 1
                         if pre.rows_left == 0:
                             del prefills[p]
                         if emit(row, token):
                             continue  # done after one token: the slot stays free for the next row
-                        n = pre.keys.shape[2]
                         self._k[:, s, :, :n] = pre.keys
                         self._v[:, s, :, :n] = pre.values
-                        slot_row[s], slot_tok[s], slot_pos[s] = row, token, n
+                        state[:, s] = torch.tensor([token, n, int(seeds[row])], device=device)
+                        slot_row[s], slot_pos[s] = row, n
                 active = [s for s in range(self.max_batch) if slot_row[s] >= 0]
                 if not active:
                     break
-                # decode the smallest power-of-two prefix of slots that covers every active one;
-                # free slots inside it run on token 0 at position 0 and are ignored
+                # decode the smallest power-of-two prefix of slots that covers every active one; free
+                # slots inside it decode garbage that is never read (their state is reset on refill)
                 b = min(self.max_batch, 1 << (active[-1]).bit_length())
-                tok = [slot_tok[s] if slot_row[s] >= 0 else 0 for s in range(b)]
-                pos = [slot_pos[s] if slot_row[s] >= 0 else 0 for s in range(b)]
-                logits = self._step(tok, pos, graphs)
-                idx = torch.tensor(active, device=device)
-                new = sample_rows(logits[idx].float(), params, [gens[slot_row[s]] for s in active]).tolist()
-                for s, token in zip(active, new):
-                    if emit(slot_row[s], token):
-                        slot_row[s] = -1
-                    else:
-                        slot_tok[s], slot_pos[s] = token, slot_pos[s] + 1
+                left = max(max_new_tokens - len(out[slot_row[s]].tokens) for s in active)
+                steps = max(1, min(sync_every, left))
+                kv_len = min(self.max_seq_len, -(-(max(slot_pos[s] for s in active) + steps) // KV_LEN_BUCKET) * KV_LEN_BUCKET)
+                self._run_steps(b, kv_len, params, steps, graphs)
+                hist = self._hist[:b, :steps].tolist()
+                for s in active:
+                    for token in hist[s]:
+                        if emit(slot_row[s], token):
+                            slot_row[s] = -1
+                            break
+                    slot_pos[s] += steps
         return out

@@ -63,22 +63,47 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """Pick one token per row, row i drawing from ``generators[i]`` only; returns (B,) long.
+TIE_MARGIN = 16  # extra candidates taken by top-k so that logits tied with the k-th one survive, as in HF
 
-    Each row takes one uniform number from its own generator (CPU ones are cheapest) and inverts
-    its filtered CDF, so the whole batch is sampled in a few kernels rather than one per row.
-    """
+
+def keyed_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One uniform in [0, 1) per row from a counter-based hash of (row seed, position): the same
+    number on any device, for any batch composition, and computable inside a CUDA graph."""
+    x = seeds * -7046029254386353131 + (positions + 1) * -4658895280553007687  # wraps modulo 2^64
+    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
+    x = x * -4658895280553007687
+    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
+    x = x * -7723592293110705685
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
+def sample_keyed(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row of ``logits`` (B, V) from the temperature/top-k/top-p distribution,
+    row ``i`` using the uniform ``keyed_uniform(seeds[i], positions[i])``; returns (B,) long.
+
+    Works on the top-k candidates only (sorted), so a step costs one top-k over the vocabulary;
+    everything is tensor maths with no host synchronisation."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    if len(generators) != logits.shape[0]:
-        raise ValueError(f"sample_rows: {logits.shape[0]} rows of logits but {len(generators)} generators")
-    probs = filter_logits(logits, params).softmax(dim=-1)
-    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64).cpu() for g in generators])
+    x = logits.float()
+    if params.temperature != 1.0:
+        x = x / params.temperature
+    v = x.shape[-1]
+    if 0 < params.top_k < v:
+        vals, idx = torch.topk(x, min(v, params.top_k + TIE_MARGIN), dim=-1)
+        vals = vals.masked_fill(vals < vals[:, params.top_k - 1:params.top_k], float("-inf"))
+    else:
+        vals, idx = torch.sort(x, dim=-1, descending=True)
+    probs = vals.softmax(dim=-1)
+    if params.top_p < 1.0:
+        # HF removes the low tail whose cumulative mass (from the least likely up) is <= 1 - top_p
+        tail = probs.flip(-1).cumsum(-1).flip(-1)
+        remove = tail <= 1 - params.top_p
+        remove[:, 0] = False
+        probs = probs.masked_fill(remove, 0.0)
     cdf = probs.double().cumsum(dim=-1)
-    # right=True: a draw of exactly 0 cannot land on a leading zero-probability token
-    idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    # rounding can push the target onto the flat top of the CDF: fall back to the last allowed token
-    vocab = torch.arange(probs.shape[-1], device=probs.device)
-    last_allowed = torch.where(probs > 0, vocab, 0).amax(dim=-1)
-    return torch.minimum(idx, last_allowed)
+    u = keyed_uniform(seeds, positions).to(cdf.device)
+    j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)  # the last candidate with mass
+    return idx.gather(1, torch.minimum(j, last)).squeeze(1)
