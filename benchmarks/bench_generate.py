@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reference-tokens", type=int, default=4, help="Tokens timed for the no-cache estimate.")
     ap.add_argument("--skip-hf", action="store_true", help="Skip HF generate (it is the slowest measured run).")
     ap.add_argument("--skip-static", action="store_true", help="Skip HF generate with a static cache + compile.")
+    ap.add_argument("--agreement", type=int, default=0,
+                    help="Also decode this many tokens greedily with the engine and HF generate and report agreement.")
     ap.add_argument("--rows-sweep", default="", help="Also time the engine at these row counts, e.g. '1,8,128'.")
     return ap.parse_args(argv)
 
@@ -129,6 +131,22 @@ def estimate_no_cache(lm, prompts, params, args, device) -> tuple[float, int]:
     return rows * args.new_tokens * (t_start + t_end) / 2, n
 
 
+def greedy_agreement(lm, prompts, args, device) -> tuple[float, float]:
+    """Engine vs HF ``generate`` greedy tokens on the same prompts: (rows identical, mean agreeing prefix)."""
+    n = args.agreement
+    engine = Engine(lm, max_batch=len(prompts), max_seq_len=args.prompt_len + n, cuda_graphs=device.type == "cuda")
+    ours = [o.tokens for o in engine.generate(prompts, SamplingParams(temperature=0.0), n, 0, ignore_eos=True)]
+    emb = torch.stack(prompts)
+    mask = torch.ones(emb.shape[:2], dtype=torch.long, device=device)
+    hf = lm.generate(inputs_embeds=emb, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                     eos_token_id=0, pad_token_id=0).tolist()
+    prefixes = []
+    for a, b in zip(ours, hf):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n)
+        prefixes.append(k / n)
+    return sum(p == 1.0 for p in prefixes) / len(prefixes), sum(prefixes) / len(prefixes)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -186,6 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"extrapolated linearly to {rows} rows x {args.new_tokens} tokens)")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if args.agreement:
+        with torch.no_grad():
+            same, prefix = greedy_agreement(lm, prompts, args, device)
+        print(f"greedy agreement with HF generate over {args.agreement} tokens, {len(prompts)} prompts: {same:.0%} of rows "
+              f"identical, {prefix:.1%} of tokens before the first difference")
     if args.rows_sweep:
         print(f"{'rows':>6}{'tokens/s':>12}{'ms/step':>10}{'floor ms':>10}{'of floor':>10}")
         for rows_n in (int(r) for r in args.rows_sweep.split(",")):

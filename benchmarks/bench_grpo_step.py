@@ -2,6 +2,7 @@
 
     python benchmarks/bench_grpo_step.py                 # Qwen2.5-3B + SigLIP-so400m shapes, random init
     python benchmarks/bench_grpo_step.py --config tiny --device cpu --steps 1   # smoke run
+    torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py   # data-parallel: the same 8 prompts split over 2 GPUs
 
 Runs the real training step (``tlvr_cli.train.grpo._grpo_step``): 8 prompts × G 8 completions of
 ``--new-tokens`` forced tokens (eos ignored so every step costs the same), 16-frame videos, policy
@@ -13,6 +14,7 @@ the reference way (sequential sampling without a KV cache), extrapolated from ti
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,9 +30,10 @@ from tlvr_cli.engine.sampling import SamplingParams  # noqa: E402
 from tlvr_cli.jobs import GRPOConfig, TuneConfig  # noqa: E402
 from tlvr_cli.model.config import TinyLlavaConfig  # noqa: E402
 from tlvr_cli.model.tinyllava import TinyLlava  # noqa: E402
-from tlvr_cli.train.dist import DistContext  # noqa: E402
+from tlvr_cli.train.dist import DistContext, init_distributed, shutdown_distributed, wrap_data_parallel  # noqa: E402
 from tlvr_cli.train.grpo import _grpo_step  # noqa: E402
 from tlvr_cli.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from tlvr_cli.train.policy import PolicyLogprobs  # noqa: E402
 from tlvr_cli.train.rollout import PromptBatch, prompt_ids  # noqa: E402
 from tlvr_cli.train.setup import apply_tuning  # noqa: E402
 
@@ -67,8 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for the no-cache estimate")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device)
+    ctx = init_distributed(args.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else DistContext(device=torch.device(args.device))
+    device = ctx.device
     dtype = getattr(torch, args.dtype)
+    if args.prompts % ctx.world_size:
+        raise SystemExit(f"--prompts {args.prompts} must divide over {ctx.world_size} processes")
+    n_local = args.prompts // ctx.world_size  # the global batch stays --prompts, as in `tlvr grpo`
     torch.manual_seed(0)
     model = build(args.config, device, dtype)
     ref = build(args.config, device, dtype)
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref.requires_grad_(False).eval()
     cfg = load_config(GRPOConfig, None, extra={
         "algo": {"num_generations": args.generations}, "rollout": {"max_new_tokens": args.new_tokens},
-        "perf": {"micro_batch_size": args.micro_batch, "engine_max_batch": args.prompts * args.generations,
+        "perf": {"micro_batch_size": args.micro_batch, "engine_max_batch": n_local * args.generations,
                  "cuda_graphs": not args.no_graphs and device.type == "cuda", "force_max_new_tokens": True},
         "data": {"prompts_per_step": args.prompts}, "optim": {"lr": 1e-6, "scheduler": "cosine", "warmup_ratio": 0.03}})
     apply_tuning(model, TuneConfig(), gradient_checkpointing=True)
@@ -86,12 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     size = model.config.vision_config.image_size
     problem = "What does the man do after picking up the cup?\nA. drink\nB. leave\nC. sit\nD. wave\nE. run"
     rows = [GRPORow(index=i, problem=problem, solution="<answer>A</answer>", video_filename=f"./v{i}.mp4",
-                    video_path=Path(f"/synthetic/v{i}.mp4"), extra={}) for i in range(args.prompts)]
+                    video_path=Path(f"/synthetic/v{i}.mp4"), extra={}) for i in range(n_local)]
     ids = [prompt_ids(tok, r, cfg.data.question_template) for r in rows]
     pixels = [torch.rand(args.frames, 3, size, size) * 2 - 1 for _ in rows]
     batch = PromptBatch(rows, ids, pixels)
-    ctx = DistContext(device=device)
-    engine = Engine(model.language_model, max_batch=args.prompts * args.generations,
+    policy = wrap_data_parallel(PolicyLogprobs(model), ctx)
+    engine = Engine(model.language_model, max_batch=n_local * args.generations,
                     max_seq_len=model.config.num_queries + 512 + args.new_tokens, cuda_graphs=cfg.perf.cuda_graphs)
     params = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
     eos = tok.eos_token_id
@@ -101,16 +108,19 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    print(f"model {args.config}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, prompt {prompt_len} embeddings, "
-          f"{args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, {args.frames} frames, {device} {dtype}")
-    _grpo_step(cfg, model, ref, engine, params, batch, 0, ctx, optimizer, scheduler, eos, eos, args.generations, None)  # warm-up
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    say(f"model {args.config}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, prompt {prompt_len} embeddings, "
+          f"{args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, {args.frames} frames, {device} {dtype}, {ctx.world_size} process(es)")
+    _grpo_step(cfg, model, ref, engine, params, batch, 0, ctx, optimizer, scheduler, eos, eos, args.generations, None, policy)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, parts = [], {}
     for step in range(1, args.steps + 1):
         sync()
         t = time.perf_counter()
-        m = _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, scheduler, eos, eos, args.generations, None)
+        m = _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, scheduler, eos, eos, args.generations, None,
+                       policy)
+        ctx.barrier()
         sync()
         times.append(time.perf_counter() - t)
         for k, v in m.items():
@@ -118,6 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
                 parts[k] = parts.get(k, 0.0) + v / args.steps
     step_s = sum(times) / len(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = max(ctx.all_gather_objects(peak))  # the fullest GPU
+    if not ctx.is_main:
+        shutdown_distributed()
+        return {}
     n_tok = args.prompts * args.generations * args.new_tokens
 
     # the reference: each completion sampled alone, every token a full forward of the whole sequence
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"reference-style rollout (no KV cache, one sequence at a time; {per_token * 1e3:.1f} ms per token timed at the "
           f"mean length, x {n_tok} tokens, extrapolated): {ref_rollout:.0f} s -> step ~{ref_step:.0f} s, "
           f"ratio {ref_step / step_s:.1f}x")
+    shutdown_distributed()
     return {"step_s": step_s, "parts": parts, "peak_gib": peak, "reference_step_s": ref_step}
 
 

@@ -125,6 +125,27 @@ def test_synth_counts_format_and_split(synth_root):
         assert rec.video_path.is_file()
 
 
+def test_synth_kinds_and_fixed_option_order(tmp_path):
+    from tlvr_cli.data.synth import COLORS
+
+    cfg = SynthConfig(root=str(tmp_path / "k"), **{**SMALL, "kinds": ["square"], "coldstart_kinds": ["background"],
+                                                  "option_order": "fixed"})
+    root = write_synthetic_dataset(cfg, progress=False)
+    pool = "\n".join(f"{letter}. {c}" for letter, c in zip("ABCDE", COLORS))
+    for r in read_grpo_rows(root / "nextqa_0-30s.jsonl", root) + read_grpo_rows(root / "eval.jsonl", root):
+        assert r.problem == "What color is the square?\n" + pool  # fixed order: the pool as listed
+    for rec in read_coldstart_records(root / "coldstart.json", root):
+        human, gpt = rec.conversations
+        assert "What color is the background?" in human["value"]
+        # the reasoning describes the whole scene whatever is asked, and names the letter it answers
+        think = re.search(r"<think>(.+)</think>\n<answer>([A-E])</answer>", gpt["value"], flags=re.S)
+        assert "square on a" in think.group(1) and think.group(1).endswith(f"so the answer is {think.group(2)}.")
+    for bad, msg in [({"kinds": ["size"]}, "kinds="), ({"coldstart_kinds": []}, "coldstart_kinds="),
+                     ({"option_order": "sorted"}, "option_order=")]:
+        with pytest.raises(TlvrError, match=msg):
+            write_synthetic_dataset(SynthConfig(root=str(tmp_path / "bad"), **{**SMALL, **bad}), progress=False)
+
+
 def _nearest_color(rgb: np.ndarray) -> str:
     return min(COLORS, key=lambda c: float(np.sum((np.asarray(COLORS[c], dtype=float) - rgb) ** 2)))
 

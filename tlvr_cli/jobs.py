@@ -154,6 +154,14 @@ class SynthConfig:
     size: int = option(64, "Video width and height in pixels.")
     fps: int = option(8, "Frames per second of the written videos.")
     seed: int = option(0, "Seed: the same seed writes identical files.")
+    kinds: list[str] = option(["background", "square", "direction"],
+                              "Question kinds of the training and eval rows (background, square, direction).")
+    coldstart_kinds: list[str] = option(["background", "square", "direction"],
+                                        "Question kinds of the cold-start records (a subset leaves the rest for GRPO to learn).")
+    option_order: Literal["shuffled", "fixed"] = option(
+        "shuffled", "Options A-E of the training and eval rows in random order (gold letters balanced), or 'fixed' "
+        "pool order, where the letter follows from the answer alone.")
+    coldstart_option_order: Literal["shuffled", "fixed"] = option("shuffled", "The same for the cold-start records.")
 
 
 @dataclass

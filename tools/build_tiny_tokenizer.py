@@ -16,7 +16,7 @@ EOS = "<|endoftext|>"
 VOCAB = 1024
 
 COLORS = "red green blue yellow purple orange white black gray cyan pink brown".split()
-DIRECTIONS = "left right up down".split()
+DIRECTIONS = "left right up down nowhere".split()
 SHAPES = "square circle ball box object".split()
 
 
@@ -33,6 +33,8 @@ def corpus() -> list[str]:
             lines.append(f"What color is the {s}? The {s} is {c}. The background is {c}.")
         for d in DIRECTIONS:
             lines.append(f"Which direction does the {c} square move? It moves {d}. The square moves to the {d}.")
+    for letter, c in zip("ABCDE", COLORS):
+        lines.append(f"The square is {c}.\n{letter}. {c} no\n{letter}. {c} yes\nSo the answer is {letter}.")
     lines += [
         "<think>I look at the frames. In the first frame the square is on the left, in the last frame it is on the right, "
         "so it moves right. The answer is the option with that word.</think>\n<answer>B</answer>",
@@ -43,7 +45,8 @@ def corpus() -> list[str]:
     words = ("the a an of to in on and is it this that with for from as at by be are was were what which who why how "
              "first last then after before while during frame frames video clip scene person man woman boy girl child "
              "dog cat car table cup hand hold holding pick picked walk run jump sit stand look looks see seen shows "
-             "moving moves move stays same color background answer option question think reason because so").split()
+             "moving moves move stays same color background answer option question think reason because so yes no "
+             "starts ends bottom top middle every").split()
     lines.append(" ".join(words))
     return lines * 4
 

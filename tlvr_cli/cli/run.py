@@ -102,14 +102,15 @@ def infer(
 def plot(run_dir: Path = typer.Argument(..., help="A coldstart or grpo run directory.")) -> None:
     """Write the PNG of a run's training curves (reward, accuracy, format, length, KL or loss)."""
     from ..errors import TlvrError
-    from ..train.grpo import PLOT_KEYS
-    from ..train.metrics import plot_metrics
+    from ..train.metrics import plot_metrics, read_metrics
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise TlvrError(f"{metrics}: not found (is {run_dir} a run directory?)")
+    reward_keys = sorted({k for row in read_metrics(metrics) for k in row if k.startswith("rewards/")})
+    keys = ["reward", *reward_keys, "completion_length", "kl", "train/loss", "train/grad_norm"]
     try:
-        out = plot_metrics(metrics, run_dir / "curves.png", PLOT_KEYS + ["train/loss", "train/grad_norm"], title=run_dir.name)
+        out = plot_metrics(metrics, run_dir / "curves.png", keys, title=run_dir.name)
     except ValueError as e:
         raise TlvrError(str(e)) from None
     console.print(f"wrote {out}")

@@ -31,14 +31,14 @@ from ..errors import TlvrError
 from ..jobs import GRPO_QUESTION_TEMPLATE, SynthConfig
 
 LETTERS = "ABCDE"
-# Well-separated colours survive yuv420 compression, and every name is one short common word.
+# Well-separated colours survive yuv420 compression, and every name is one short common word. Five of
+# them, like the five directions, so every question lists its whole pool as options A-E.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 180, 30),
     "blue": (30, 60, 220),
     "yellow": (230, 220, 40),
     "white": (240, 240, 240),
-    "black": (15, 15, 15),
 }
 DIRECTIONS = ("left", "right", "up", "down", "nowhere")  # "nowhere": the square stays in the middle
 QUESTIONS = {
@@ -75,9 +75,12 @@ class SynthQuestion:
         return "\n".join(lines)
 
 
+FORMAT_VERSION = 3  # bump when the written content changes for the same config
+
+
 def config_hash(cfg: SynthConfig) -> str:
     """Hash of everything that shapes the files (the root itself excluded, so a moved set stays valid)."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "root"}
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "root"} | {"format_version": FORMAT_VERSION}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,16 +91,20 @@ def _answer_text(video: SynthVideo, kind: str) -> str:
     return {"background": video.background, "square": video.square, "direction": video.direction}[kind]
 
 
-def _make_question(video: SynthVideo, kind: str, gold: int, rng: random.Random) -> SynthQuestion:
+def _make_question(video: SynthVideo, kind: str, gold: int, rng: random.Random, order: str) -> SynthQuestion:
+    """Options are the whole pool: shuffled around the gold position ``gold``, or (``order="fixed"``) in
+    pool order, where the letter follows from the answer alone and ``gold`` is ignored."""
     answer = _answer_text(video, kind)
     pool = list(DIRECTIONS) if kind == "direction" else list(COLORS)
+    if order == "fixed":
+        return SynthQuestion(video, kind, pool, pool.index(answer))
     distractors = rng.sample([x for x in pool if x != answer], len(LETTERS) - 1)
     options = distractors[:gold] + [answer] + distractors[gold:]
     return SynthQuestion(video, kind, options, gold)
 
 
 def _split_videos(n_train_q: int, n_eval_q: int, rng: random.Random) -> tuple[list[SynthVideo], list[SynthVideo]]:
-    """Disjoint train/eval videos: one per question type where the 150 combinations allow, shared otherwise."""
+    """Disjoint train/eval videos: one per question type where the 100 combinations allow, shared otherwise."""
     combos = [(bg, sq, d) for bg in COLORS for sq in COLORS if sq != bg for d in DIRECTIONS]
     rng.shuffle(combos)
     want_train, want_eval = math.ceil(n_train_q / 3), math.ceil(n_eval_q / 3)
@@ -111,39 +118,38 @@ def _split_videos(n_train_q: int, n_eval_q: int, rng: random.Random) -> tuple[li
     return videos[:want_train], videos[want_train:]
 
 
-def _questions(videos: list[SynthVideo], n: int, rng: random.Random) -> list[SynthQuestion]:
-    """``n`` questions over ``videos``; gold letters balanced over A-E, question types balanced per video."""
+def _questions(videos: list[SynthVideo], n: int, rng: random.Random, order: str, kinds: list[str]) -> list[SynthQuestion]:
+    """``n`` questions over ``videos``; question types balanced per video, gold letters balanced over A-E
+    (for fixed option order: as balanced as the videos' attributes)."""
     if n == 0:
         return []
     golds = [i % len(LETTERS) for i in range(n)]
     rng.shuffle(golds)
-    kinds = list(QUESTIONS)
     out = []
     for q in range(n):
         v = q % len(videos)
         kind = kinds[(q // len(videos) + v) % len(kinds)]
-        out.append(_make_question(videos[v], kind, golds[q], rng))
+        out.append(_make_question(videos[v], kind, golds[q], rng, order))
     rng.shuffle(out)
     return out
 
 
-_POSITION_WORDS = {"left": ("right", "left"), "right": ("left", "right"), "up": ("bottom", "top"), "down": ("top", "bottom")}
 
 
 def reasoning(q: SynthQuestion) -> str:
-    """The written-out ``<think>`` text of a cold-start answer: the evidence, then the option it picks."""
+    """The written-out ``<think>`` text of a cold-start answer: the whole scene, the asked part, the letter.
+
+    Every record describes all three attributes, so each one teaches the model to see colours and
+    motion, also for question kinds the cold start leaves out. The length does not depend on the
+    letter: the format reward grows with the reasoning's length, and a letter that came with shorter
+    reasoning would be pushed up or down for that alone.
+    """
     v = q.video
-    seen = f"The video shows a {v.square} square on a {v.background} background."
-    if q.kind == "background":
-        why = f"The background is {v.background} in every frame."
-    elif q.kind == "square":
-        why = f"The square is {v.square} in every frame."
-    elif v.direction == "nowhere":
-        why = "The square stays in the middle in every frame, so it moves nowhere."
-    else:
-        start, end = _POSITION_WORDS[v.direction]
-        why = f"The square starts at the {start} and ends at the {end}, so it moves {v.direction}."
-    return f"{seen} {why} So the answer is {q.letter}. {q.options[q.gold]}."
+    motion = "stays in the middle" if v.direction == "nowhere" else f"moves {v.direction}"
+    scene = f"The video shows a {v.square} square on a {v.background} background. The square {motion}."
+    answer = _answer_text(v, q.kind)
+    asked = {"background": "background color", "square": "square color", "direction": "direction"}[q.kind]
+    return f"{scene} The question asks for the {asked}: {answer}. The option {answer} is {q.letter}, so the answer is {q.letter}."
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -223,6 +229,14 @@ def _validate(cfg: SynthConfig) -> None:
         raise TlvrError("synth: coldstart records are drawn from the training videos, so train must be > 0")
     if cfg.frames < 1 or cfg.fps < 1:
         raise TlvrError(f"synth: frames={cfg.frames} and fps={cfg.fps} must be >= 1")
+    for key in ("kinds", "coldstart_kinds"):
+        kinds = getattr(cfg, key)
+        unknown = [k for k in kinds if k not in QUESTIONS]
+        if unknown or not kinds:
+            raise TlvrError(f"synth: {key}={kinds} must be a non-empty list of {', '.join(QUESTIONS)}")
+    for key in ("option_order", "coldstart_option_order"):
+        if getattr(cfg, key) not in ("shuffled", "fixed"):
+            raise TlvrError(f"synth: {key}={getattr(cfg, key)!r} must be 'shuffled' or 'fixed'")
     if cfg.size < 16 or cfg.size % 2:
         raise TlvrError(f"synth: size={cfg.size} must be an even number >= 16 (yuv420p needs even sides)")
 
@@ -241,9 +255,10 @@ def write_synthetic_dataset(cfg: SynthConfig, *, progress: bool = True) -> Path:
 
     rng = random.Random(cfg.seed)
     train_videos, eval_videos = _split_videos(cfg.train, cfg.eval, rng)
-    train_q = _questions(train_videos, cfg.train, rng)
-    eval_q = _questions(eval_videos, cfg.eval, rng)
-    cold_q = _questions(train_videos, cfg.coldstart, random.Random(cfg.seed + 1)) if cfg.coldstart else []
+    train_q = _questions(train_videos, cfg.train, rng, cfg.option_order, cfg.kinds)
+    eval_q = _questions(eval_videos, cfg.eval, rng, cfg.option_order, cfg.kinds)
+    cold_q = _questions(train_videos, cfg.coldstart, random.Random(cfg.seed + 1), cfg.coldstart_option_order,
+                        cfg.coldstart_kinds)
 
     from rich.progress import Progress
 

@@ -94,7 +94,8 @@ def wrap_data_parallel(module: torch.nn.Module, ctx: DistContext, strategy: str 
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    # gradient_as_bucket_view: the grads live in the all-reduce buckets, no second copy of them (3B: 7 GB in bf16)
+    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def maybe_no_sync(module: torch.nn.Module, skip_sync: bool):

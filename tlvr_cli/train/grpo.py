@@ -37,7 +37,6 @@ from .rewards import score_completions
 from .rollout import FeatureCache, PromptLoader, pad_completions, tower_features
 from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final
 
-PLOT_KEYS = ["reward", "rewards/accuracy_reward", "rewards/format_reward", "completion_length", "kl"]
 
 
 def _seed(cfg: GRPOConfig, step: int, salt: int) -> int:
@@ -135,8 +134,9 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
             m = _gather_metrics(m, ctx)
             if st.step % cfg.output.log_every == 0 or st.step == total:
                 logger.log(st.step, {k: v for k, v in m.items() if not k.startswith("_")})
-            progress.update(st.step, {"reward": m["reward"], "acc": m["rewards/accuracy_reward"], "len": m["completion_length"],
-                                      "kl": m["kl"], "s/it": m["time/step_s"]})
+            parts = {k.removeprefix("rewards/").removesuffix("_reward"): v for k, v in m.items() if k.startswith("rewards/")}
+            progress.update(st.step, {"reward": m["reward"], **parts, "len": m["completion_length"], "kl": m["kl"],
+                                      "s/it": m["time/step_s"]})
             if ctx.is_main and cfg.sample_every and (st.step % cfg.sample_every == 0 or st.step == 1):
                 with samples_path.open("a") as f:
                     f.write(json.dumps({"step": st.step, "samples": m["_samples"]}) + "\n")
@@ -153,7 +153,9 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
         logger.close()
     final = save_final(model, run_dir, ctx)
     if ctx.is_main:
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", PLOT_KEYS, title="GRPO")
+        reward_keys = [f"rewards/{spec.function.partition(':')[2]}" for spec in cfg.algo.rewards]
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", ["reward", *reward_keys, "completion_length", "kl"],
+                     title="GRPO")
     return final
 
 

@@ -27,7 +27,11 @@ def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: 
         model.vision_tower.eval()
     if gradient_checkpointing:
         # non-reentrant checkpointing needs no input-grad hook (the reference's enable_input_require_grads)
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = model.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.language_model.config.use_cache = False
 
 
