@@ -29,13 +29,13 @@ from ..jobs import GRPOConfig
 from . import state as S
 from .dist import init_distributed, maybe_no_sync, wrap_data_parallel
 from .grpo_math import completion_mask, group_advantages, policy_loss
-from .metrics import MetricsLogger, plot_metrics
+from .metrics import plot_metrics
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import PolicyLogprobs, micro_batch_order, sequence_logprobs
 from .progress import TrainProgress
 from .rewards import score_completions
 from .rollout import FeatureCache, PromptLoader, pad_completions, tower_features
-from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final
+from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final, start_run
 
 
 
@@ -80,17 +80,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total * cfg.algo.num_iterations)
     config_yaml = to_yaml(cfg)
-    ckpt = S.resolve_resume(run_dir, resume)
-    st = S.TrainState(cursor=S.DataCursor(seed=cfg.seed))
-    if ckpt is not None:
-        from ..model.checkpoint import load_weights_into
-
-        load_weights_into(model, ckpt)
-        st = S.load_trainer_state(ckpt, optimizer, scheduler)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-    logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=cfg.output.tensorboard, enabled=ctx.is_main)
+    st, logger, _ = start_run(run_dir, resume, model, optimizer, scheduler, config_yaml, seed=cfg.seed,
+                              tensorboard=cfg.output.tensorboard, ctx=ctx)
 
     cache = FeatureCache(int(8e9)) if cfg.data.feature_cache else None
     loader = PromptLoader(tok, cfg.data.question_template, cfg.video.num_frames, cfg.video.backend,

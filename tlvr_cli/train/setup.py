@@ -1,4 +1,4 @@
-"""Pieces shared by the training loops: model loading, trainable parts, skip lists, final save."""
+"""Pieces shared by the training loops: model loading, trainable parts, run start and resume, skip lists, final save."""
 
 from __future__ import annotations
 
@@ -53,3 +53,27 @@ def save_final(model: nn.Module, run_dir: Path, ctx: DistContext) -> Path:
         save_model(model, out)
     ctx.barrier()
     return out
+
+
+def start_run(run_dir: Path, resume: str | None, model, optimizer, scheduler, config_yaml: str, *, seed: int,
+              tensorboard: bool, ctx: DistContext):
+    """Restore model, optimizer, scheduler and trainer state from the checkpoint ``resume`` names (if any),
+    write the resolved config into the run directory, and open its metrics log.
+
+    Returns ``(state, logger, resumed)``.
+    """
+    from . import state as S
+    from .metrics import MetricsLogger
+
+    ckpt = S.resolve_resume(run_dir, resume)
+    st = S.TrainState(cursor=S.DataCursor(seed=seed))
+    if ckpt is not None:
+        from ..model.checkpoint import load_weights_into
+
+        load_weights_into(model, ckpt)
+        st = S.load_trainer_state(ckpt, optimizer, scheduler)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=tensorboard, enabled=ctx.is_main)
+    return st, logger, ckpt is not None

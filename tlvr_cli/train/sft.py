@@ -28,10 +28,10 @@ from ..video.decode import read_frames
 from ..video.preprocess import preprocess_frames
 from . import state as S
 from .dist import DistContext, init_distributed, maybe_no_sync, wrap_data_parallel
-from .metrics import MetricsLogger, plot_metrics
+from .metrics import plot_metrics
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .progress import TrainProgress
-from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final
+from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final, start_run
 
 
 @dataclass
@@ -111,17 +111,8 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     config_yaml = to_yaml(cfg)
 
-    ckpt = S.resolve_resume(run_dir, resume)
-    st = S.TrainState(cursor=S.DataCursor(seed=cfg.seed))
-    if ckpt is not None:
-        from ..model.checkpoint import load_weights_into
-
-        load_weights_into(model, ckpt)
-        st = S.load_trainer_state(ckpt, optimizer, scheduler)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-    logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=cfg.output.tensorboard, enabled=ctx.is_main)
+    st, logger, _ = start_run(run_dir, resume, model, optimizer, scheduler, config_yaml, seed=cfg.seed,
+                              tensorboard=cfg.output.tensorboard, ctx=ctx)
 
     dataset = ColdstartDataset(records, tokenizer, image_size, model.config.num_queries, cfg)
     interrupted = {"flag": False}
