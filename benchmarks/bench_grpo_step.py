@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    say = print if ctx.is_main else (lambda *a, **k: None)
-    say(f"model {args.config}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, prompt {prompt_len} embeddings, "
-          f"{args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, {args.frames} frames, {device} {dtype}, {ctx.world_size} process(es)")
+    if ctx.is_main:
+        print(f"model {args.config}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, prompt {prompt_len} "
+              f"embeddings, {args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, {args.frames} frames, {device} {dtype}, "
+              f"{ctx.world_size} process(es)")
     _grpo_step(cfg, model, ref, engine, params, batch, 0, ctx, optimizer, scheduler, eos, eos, args.generations, None, policy)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -33,10 +33,9 @@ from .metrics import plot_metrics
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import PolicyLogprobs, micro_batch_order, sequence_logprobs
 from .progress import TrainProgress
-from .rewards import score_completions
+from .rewards import reward_name, score_completions
 from .rollout import FeatureCache, PromptLoader, pad_completions, tower_features
 from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final, start_run
-
 
 
 def _seed(cfg: GRPOConfig, step: int, salt: int) -> int:
@@ -80,8 +79,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total * cfg.algo.num_iterations)
     config_yaml = to_yaml(cfg)
-    st, logger, _ = start_run(run_dir, resume, model, optimizer, scheduler, config_yaml, seed=cfg.seed,
-                              tensorboard=cfg.output.tensorboard, ctx=ctx)
+    st, logger = start_run(run_dir, resume, model, optimizer, scheduler, config_yaml, seed=cfg.seed,
+                           tensorboard=cfg.output.tensorboard, ctx=ctx)
 
     cache = FeatureCache(int(8e9)) if cfg.data.feature_cache else None
     loader = PromptLoader(tok, cfg.data.question_template, cfg.video.num_frames, cfg.video.backend,
@@ -144,7 +143,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
         logger.close()
     final = save_final(model, run_dir, ctx)
     if ctx.is_main:
-        reward_keys = [f"rewards/{spec.function.partition(':')[2]}" for spec in cfg.algo.rewards]
+        reward_keys = [f"rewards/{reward_name(spec.function)}" for spec in cfg.algo.rewards]
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", ["reward", *reward_keys, "completion_length", "kl"],
                      title="GRPO")
     return final

@@ -89,7 +89,8 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def _short_name(spec: str) -> str:
+def reward_name(spec: str) -> str:
+    """The name a reward's values are logged under (``rewards/<name>``): the function part of ``module:function``."""
     return spec.partition(":")[2]
 
 
@@ -101,14 +102,14 @@ def score_completions(texts: Sequence[str], columns: dict[str, Sequence], algo) 
         values = [float(v) for v in load_reward_fn(spec.function)(list(texts), **columns)]
         if len(values) != len(texts):
             raise TlvrError(f"reward function {spec.function!r} returned {len(values)} values for {len(texts)} completions")
-        components[_short_name(spec.function)] = values
+        components[reward_name(spec.function)] = values
     if algo.reward_combination == "r1":
         if len(algo.rewards) != 2:
             raise TlvrError("algo.reward_combination=r1 needs exactly two rewards (accuracy, format)")
-        acc, fmt = (components[_short_name(s.function)] for s in algo.rewards)
+        acc, fmt = (components[reward_name(s.function)] for s in algo.rewards)
         total = combine_r1(acc, fmt, algo.zero_reward_value)
     else:
-        total = [sum(s.weight * components[_short_name(s.function)][i] for s in algo.rewards) for i in range(len(texts))]
+        total = [sum(s.weight * components[reward_name(s.function)][i] for s in algo.rewards) for i in range(len(texts))]
         if algo.zero_reward_value is not None:
             total = [algo.zero_reward_value if r == 0 else r for r in total]
     return total, components

@@ -60,7 +60,7 @@ def start_run(run_dir: Path, resume: str | None, model, optimizer, scheduler, co
     """Restore model, optimizer, scheduler and trainer state from the checkpoint ``resume`` names (if any),
     write the resolved config into the run directory, and open its metrics log.
 
-    Returns ``(state, logger, resumed)``.
+    Returns ``(state, logger)``.
     """
     from . import state as S
     from .metrics import MetricsLogger
@@ -76,4 +76,4 @@ def start_run(run_dir: Path, resume: str | None, model, optimizer, scheduler, co
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
     logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=tensorboard, enabled=ctx.is_main)
-    return st, logger, ckpt is not None
+    return st, logger

@@ -111,8 +111,8 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     config_yaml = to_yaml(cfg)
 
-    st, logger, _ = start_run(run_dir, resume, model, optimizer, scheduler, config_yaml, seed=cfg.seed,
-                              tensorboard=cfg.output.tensorboard, ctx=ctx)
+    st, logger = start_run(run_dir, resume, model, optimizer, scheduler, config_yaml, seed=cfg.seed,
+                           tensorboard=cfg.output.tensorboard, ctx=ctx)
 
     dataset = ColdstartDataset(records, tokenizer, image_size, model.config.num_queries, cfg)
     interrupted = {"flag": False}
