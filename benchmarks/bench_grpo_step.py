@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="Decode without torch.compile (CUDA graphs only).")
     ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for the no-cache estimate")
     args = ap.parse_args(argv)
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(GRPOConfig, None, extra={
         "algo": {"num_generations": args.generations}, "rollout": {"max_new_tokens": args.new_tokens},
         "perf": {"micro_batch_size": args.micro_batch, "engine_max_batch": n_local * args.generations,
-                 "cuda_graphs": not args.no_graphs and device.type == "cuda", "force_max_new_tokens": True},
+                 "cuda_graphs": not args.no_graphs and device.type == "cuda",
+                 "engine_compile": not args.no_compile, "force_max_new_tokens": True},
         "data": {"prompts_per_step": args.prompts}, "optim": {"lr": 1e-6, "scheduler": "cosine", "warmup_ratio": 0.03}})
     apply_tuning(model, TuneConfig(), gradient_checkpointing=True)
     optimizer = build_optimizer(model, cfg.optim)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch = PromptBatch(rows, ids, pixels)
     policy = wrap_data_parallel(PolicyLogprobs(model), ctx)
     engine = Engine(model.language_model, max_batch=n_local * args.generations,
-                    max_seq_len=model.config.num_queries + 512 + args.new_tokens, cuda_graphs=cfg.perf.cuda_graphs)
+                    max_seq_len=model.config.num_queries + 512 + args.new_tokens, cuda_graphs=cfg.perf.cuda_graphs,
+                    compile=cfg.perf.engine_compile, fuse_weights=cfg.perf.engine_fused_weights)
     params = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
     eos = tok.eos_token_id
     prompt_len = len(ids[0]) - 1 + model.config.num_queries

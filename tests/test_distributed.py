@@ -65,7 +65,7 @@ cs = load_config(ColdstartConfig, None, extra={{"model": model, "batch_size": 1,
     "optim": {{"lr": 1e-3, "scheduler": "constant", "gradient_checkpointing": False, "max_steps": 2}},
     "output": {{"run_dir": tmp + "/cs-" + tag}}}})
 run_coldstart(cs, show_progress=False)
-g = load_config(GRPOConfig, None, extra={{"model": model, "algo": {{"num_generations": 2, "advantage_noise_std": 0.0}},
+g = load_config(GRPOConfig, None, extra={{"model": model, "algo": {{"num_generations": 2}},
     "data": {{"root": tmp + "/synth", "prompts_per_step": 2, "num_workers": 0}}, "rollout": {{"max_new_tokens": 6}},
     "optim": {{"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False, "max_steps": 2}},
     "perf": {{"micro_batch_size": 2, "cuda_graphs": False}}, "output": {{"run_dir": tmp + "/grpo-" + tag}}}})
@@ -80,6 +80,10 @@ def test_two_processes_match_one(setup):
     tmp = setup
     launch(JOB.format(tmp=str(tmp), tag="one", accum=2), 1, tmp)
     launch(JOB.format(tmp=str(tmp), tag="two", accum=1), 2, tmp)
+    # rollouts and advantage noise are keyed by dataset row: both runs sample the same completions
+    logs = [[json.loads(l) for l in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "two")]
+    for key in ("reward", "completion_length", "kl", "grad_norm"):
+        assert [m[key] for m in logs[0]] == pytest.approx([m[key] for m in logs[1]], abs=1e-5), key
     for stage in ("cs", "grpo"):
         a, b = read_state_dict(tmp / f"{stage}-one" / "final"), read_state_dict(tmp / f"{stage}-two" / "final")
         for k in a:

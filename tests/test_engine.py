@@ -63,6 +63,50 @@ def test_greedy_matches_hf_with_continuous_batching(lm, prompts, reference):
     assert len({tuple(r) for r in reference}) == len(reference)  # the check is not vacuous
 
 
+def test_batched_prefill_in_chunks_matches_hf(lm, prompts, reference, monkeypatch):
+    # a budget of 24 padded tokens splits the 5 prompts into several right-padded forwards
+    import tlvr_cli.engine.generate as generate
+
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 24)
+    engine = Engine(lm, max_batch=8, max_seq_len=64)
+    calls = []
+    batch = engine._prefill_batch
+    monkeypatch.setattr(engine, "_prefill_batch", lambda embs: calls.append(len(embs)) or batch(embs))
+    outs = engine.generate(prompts, GREEDY, 12, 299)
+    assert [o.tokens for o in outs] == reference
+    assert sum(calls) == len(prompts) and max(calls) > 1 and len(calls) > 1
+
+
+def test_fused_weights_give_the_same_layer(lm):
+    from tlvr_cli.engine.generate import _decode_layer
+
+    engine = Engine(lm, max_batch=4, max_seq_len=32)
+    engine._sync_fused()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1, 64, generator=gen)
+    pos = torch.tensor([4, 9, 2])
+    cos, sin = lm.model.rotary_emb(x, pos[:, None])
+    mask = torch.zeros(3, 16).masked_fill_(torch.arange(16)[None] > pos[:, None], float("-inf"))[:, None, None]
+    outs, caches = [], []
+    for fused in (None, engine._fused[1]):
+        k, v = torch.randn(2, 3, 2, 16, 16, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            outs.append(_decode_layer(lm.model.layers[1], x, cos, sin, k, v, torch.arange(3), pos, mask, 4, 2, 16, fused))
+        caches.append((k, v))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*caches))
+    # an optimizer step changes the model in place: the next sync copies it into the fused buffers
+    layer = lm.model.layers[0]
+    before = layer.mlp.up_proj.weight.detach().clone()
+    with torch.no_grad():
+        layer.mlp.up_proj.weight.add_(1.0)
+    engine._sync_fused()  # outside no_grad, as generate calls it
+    assert torch.equal(engine._fused[0][2][128:], layer.mlp.up_proj.weight)
+    assert not engine._fused[0][2].requires_grad
+    with torch.no_grad():
+        layer.mlp.up_proj.weight.copy_(before)
+
+
 def test_greedy_num_samples_share_prefill(lm, prompts, reference):
     outs = Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, GREEDY, 12, 299, num_samples=3)
     assert len(outs) == 3 * len(prompts)
@@ -204,14 +248,15 @@ def test_cuda_graphs_match_eager(lm, prompts, reference):
     gpu_lm.load_state_dict(lm.state_dict())
     cuda_prompts = [p.cuda() for p in prompts]
     eager = Engine(gpu_lm, max_batch=4, max_seq_len=64).generate(cuda_prompts, GREEDY, 12, 299, num_samples=2)
-    graphed = Engine(gpu_lm, max_batch=4, max_seq_len=64, cuda_graphs=True)
-    for _ in range(2):  # the second call replays graphs captured by the first
-        outs = graphed.generate(cuda_prompts, GREEDY, 12, 299, num_samples=2)
-        assert [o.tokens for o in outs] == [o.tokens for o in eager]
     params = SamplingParams(temperature=1.0, top_k=20)
-    a = Engine(gpu_lm, max_batch=4, max_seq_len=64).generate(cuda_prompts, params, 12, 299, num_samples=2, seed=1)
-    b = graphed.generate(cuda_prompts, params, 12, 299, num_samples=2, seed=1)
-    assert [o.tokens for o in a] == [o.tokens for o in b]
+    sampled = Engine(gpu_lm, max_batch=4, max_seq_len=64).generate(cuda_prompts, params, 12, 299, num_samples=2, seed=1)
+    for compile in (False, True):
+        graphed = Engine(gpu_lm, max_batch=4, max_seq_len=64, cuda_graphs=True, compile=compile)
+        for _ in range(2):  # the second call replays graphs captured by the first
+            outs = graphed.generate(cuda_prompts, GREEDY, 12, 299, num_samples=2)
+            assert [o.tokens for o in outs] == [o.tokens for o in eager]
+        b = graphed.generate(cuda_prompts, params, 12, 299, num_samples=2, seed=1)
+        assert [o.tokens for o in sampled] == [o.tokens for o in b]
 
 
 def test_bench_generate_smoke(capsys):

@@ -138,6 +138,10 @@ class GRPOPerfConfig:
     logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).")
     engine_max_batch: int = option(64, "Rows the rollout engine decodes at once.")
     cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
+    engine_compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, "
+                                  "cache writes); the first rollout spends ~20-40 s compiling.")
+    engine_fused_weights: bool = option(True, "With engine_compile: decode from concatenated q|k|v and gate|up weight "
+                                        "copies (3.6 GB for Qwen2.5-3B, refreshed before every rollout); off saves that memory.")
     force_max_new_tokens: bool = option(False, "Benchmarking only: ignore eos so every completion is max_new_tokens long.")
 
 
@@ -212,6 +216,8 @@ class EvalConfig:
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=1024), "Sampling for the paper protocol (spec §6: T 1.0, top-k 50, 1024 tokens).")
     max_new_tokens: int = option(1024, "Most new tokens per answer (both protocols).")
     batch_size: int = option(8, "Items decoded together by the engine.")
+    cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
+    compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (~20-40 s once per run).")
     limit: int = option(0, "Evaluate only the first N items (0: all).")
     seed: int = option(0, "Seed for sampling and the random fallback.")
     bootstrap: int = option(1000, "Bootstrap resamples for the 95% confidence intervals.")

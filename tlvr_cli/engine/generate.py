@@ -1,17 +1,22 @@
 """Batched KV-cache generation over a Hugging Face ``Qwen2ForCausalLM``'s own modules.
 
-The engine owns a static cache ``(layers, max_batch, kv_heads, max_seq_len, head_dim)`` in the
+The engine owns a static cache, per layer ``(max_batch, kv_heads, max_seq_len, head_dim)`` in the
 model's dtype. Slot ``s`` holds one sequence left-aligned: token ``j`` sits at cache index ``j``
 and has RoPE position ``j``, so a decode step writes each row's new key at its own position and
-attends over ``[0, kv_len)`` with a boolean mask ``key_index <= position``. Sequences are admitted
-whenever a slot is free (continuous batching): a prompt is prefilled once, and its keys/values are
-copied into each of its ``num_samples`` rows. Row ``r`` draws its token at position ``p`` with the
-uniform ``keyed_uniform(row_seed(seed, r), p)``, so samples do not depend on ``max_batch`` or on
-which rows share a step.
+attends over ``[0, kv_len)`` (``kv_len`` rounded up to ``KV_LEN_BUCKET``) under an additive mask
+``key_index <= position``. Sequences are admitted whenever a slot is free (continuous batching):
+the prompts of the admitted rows are prefilled together (right-padded, causal), each once, and a
+prompt's keys/values are copied into each of its ``num_samples`` rows. Row ``r`` draws its token
+at position ``p`` with the uniform ``keyed_uniform(row_seed(seed, key_r), p)`` (``key_r = r``
+unless the caller gives keys), so samples do not depend on ``max_batch``, on which rows share a
+step, or on how a batch is split across processes.
 
 A decode step (forward, sampling, writing the sampled token and the next position back into the
 step's own input buffers, and into a token history) is one CUDA graph on GPU; the host replays it
-``sync_every`` times, then reads the history once to handle eos, finished rows and refills.
+``sync_every`` times, then reads the history once to handle eos, finished rows and refills. With
+``compile=True`` (GPU) the decoder layer is one ``torch.compile``d function shared by all layers
+(norms, rotary, cache writes and residuals fused), reading concatenated q|k|v and gate|up weight
+copies that are refreshed from the model at every ``generate`` call.
 
 Norms, MLPs, projections and the rotary table are the HF modules' own; only attention and the
 cache are ours, so numerics follow HF's eager/SDPA path in the model's dtype. Sliding-window
@@ -20,7 +25,8 @@ attention is not implemented (Qwen2.5-3B does not use it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +35,10 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from .sampling import SamplingParams, sample_keyed
 
-KV_LEN_BUCKET = 256  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
+KV_LEN_BUCKET = 128  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
 SYNC_EVERY = 16  # decode steps between host reads of the sampled tokens
+COMPILE_DEVICES = ("cuda",)  # where ``compile=True`` takes effect (elsewhere the engine runs eager)
+PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward
 
 
 @dataclass
@@ -49,6 +57,63 @@ class _Prefill:
     rows_left: int  # rows of this prompt still waiting for a slot
 
 
+def _attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer up to attention: input norm, q/k/v projections, rotary; (B, heads, N, head_dim)."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    b, n, _ = h.shape
+    q = attn.q_proj(h).view(b, n, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(b, n, kv_heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(b, n, kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def _attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer from the attention output ``o`` (B, N, heads * head_dim)."""
+    x = x + layer.self_attn.o_proj(o)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                  heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None) -> torch.Tensor:
+    """One decoder layer for one new token per row ``x`` (B, 1, D): writes row ``rows[j]``'s key/value at
+    ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len, head_dim) and attends over
+    their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
+    ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer."""
+    b = x.shape[0]
+    if fused is None:
+        q, k, v = _attn_in(layer, x, cos, sin, heads, kv_heads, head_dim)
+    else:
+        qkv = F.linear(layer.input_layernorm(x), fused[0], fused[1])
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, k = apply_rotary_pos_emb(q.view(b, 1, heads, head_dim).transpose(1, 2),
+                                    k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
+    k_cache[rows, :, pos] = k[:, :, 0]
+    v_cache[rows, :, pos] = v[:, :, 0]
+    # one query per row, so a kv head's query group fits in the "sequence" dim: GQA without copying keys
+    q = q.reshape(b, kv_heads, heads // kv_heads, head_dim)
+    kv_len = mask.shape[-1]
+    o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
+    o = o.reshape(b, 1, heads * head_dim)
+    if fused is None:
+        return _attn_out(layer, x, o)
+    x = x + layer.self_attn.o_proj(o)
+    gate, up = F.linear(layer.post_attention_layernorm(x), fused[2]).chunk(2, dim=-1)
+    return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+
+@functools.cache
+def _compiled() -> tuple[Callable, Callable]:
+    """The compiled decoder layer and sampler, shared by every engine (compiled code is cached per
+    wrapper: a new wrapper per engine would recompile and soon hit dynamo's recompile limit)."""
+    # not fullgraph: should a long-lived process exhaust dynamo's recompile limit, the layer runs eager instead of failing
+    return torch.compile(_decode_layer), torch.compile(sample_keyed)
+
+
 def row_seed(seed: int, row: int) -> int:
     """Seed of output row ``row``'s generator: a fixed mix of the call's seed and the row index."""
     return (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63)
@@ -57,7 +122,8 @@ def row_seed(seed: int, row: int) -> int:
 class Engine:
     """Generate from prompt embeddings with a static KV cache, shared prefills and continuous batching."""
 
-    def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False):
+    def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
+                 compile: bool = False, fuse_weights: bool = True):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
@@ -68,11 +134,20 @@ class Engine:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
+        # torch.compile fuses each layer's norms, rotary and residual adds into a few kernels: one
+        # compiled function serves all layers (parameters are inputs, not constants)
+        self.compile = compile
+        self._layer = _decode_layer
+        self._sample = sample_keyed
+        # with compile: concatenated q|k|v and gate|up weights (copies, refreshed from the model at
+        # every generate call, so optimizer steps are seen) make each decode step 3 GEMMs shorter
+        self.fuse_weights = fuse_weights
+        self._fused: list[tuple] | None = None
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._k: torch.Tensor | None = None  # allocated on first use, on the model's device and dtype
+        self._k: list[torch.Tensor] = []  # per layer, allocated on first use on the model's device and dtype
         self._v: torch.Tensor | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_params: tuple[int, ...] = ()
@@ -85,15 +160,17 @@ class Engine:
     # ---------------------------------------------------------------- cache and graphs
 
     def _ensure_cache(self, device: torch.device, dtype: torch.dtype) -> None:
-        if self._k is not None and self._k.device == device and self._k.dtype == dtype:
+        if self._k and self._k[0].device == device and self._k[0].dtype == dtype:
             return
-        shape = (self.n_layers, self.max_batch, self.n_kv_heads, self.max_seq_len, self.head_dim)
-        # zeros, not empty: masked keys get weight 0, and 0 * NaN from stale garbage would still be NaN
-        self._k = torch.zeros(shape, device=device, dtype=dtype)
-        self._v = torch.zeros(shape, device=device, dtype=dtype)
+        # one tensor per layer (not views of one), so the compiled layer sees the same static cache
+        # shape in every layer; zeros, not empty: masked keys get weight 0, but 0 * NaN is still NaN
+        shape = (self.max_batch, self.n_kv_heads, self.max_seq_len, self.head_dim)
+        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.n_layers)]
+        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.n_layers)]
         self._state = torch.zeros(3, self.max_batch, dtype=torch.long, device=device)
         self._hist = torch.zeros(self.max_batch, SYNC_EVERY, dtype=torch.long, device=device)
         self._col = torch.zeros((), dtype=torch.long, device=device)
+        self._fused = None
         self._graphs.clear()
 
     def _use_graphs(self, device: torch.device) -> bool:
@@ -106,39 +183,66 @@ class Engine:
             self._graph_params = params
         return True
 
+    @torch.no_grad()
+    def _sync_fused(self) -> None:
+        """Copy the current q/k/v and gate/up weights into the fused buffers (allocated once)."""
+        if self._fused is None:
+            self._fused = []
+            for layer in self.lm.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+                self._fused.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
+                                    torch.cat([m.gate_proj.weight, m.up_proj.weight])))
+            return
+        for layer, (qkv, bias, gate_up) in zip(self.lm.model.layers, self._fused):
+            a, m = layer.self_attn, layer.mlp
+            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], out=qkv)
+            if bias is not None:
+                torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=bias)
+            torch.cat([m.gate_proj.weight, m.up_proj.weight], out=gate_up)
+
     def release(self) -> None:
-        """Free the KV cache and captured graphs (they are rebuilt on the next call)."""
-        self._k = self._v = self._state = self._hist = self._col = None
+        """Free the KV cache, fused weights and captured graphs (they are rebuilt on the next call)."""
+        self._k, self._v = [], []
+        self._state = self._hist = self._col = self._fused = None
         self._graphs.clear()
 
     # ---------------------------------------------------------------- model maths
 
-    def _qkv(self, attn: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, n, _ = h.shape
-        q = attn.q_proj(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+    def _prefill(self, embs: list[torch.Tensor]) -> list[_Prefill]:
+        """Causal forward over prompts (L_i, D), batched (right-padded) up to ``PREFILL_TOKENS`` padded
+        tokens at a time; keeps each prompt's keys/values and its last position's logits. Padding
+        sits after every real token, so under the causal mask it changes nothing the prompt sees."""
+        out: list[_Prefill] = []
+        start = 0
+        while start < len(embs):
+            stop = start + 1
+            while stop < len(embs) and (stop + 1 - start) * max(e.shape[0] for e in embs[start:stop + 1]) <= PREFILL_TOKENS:
+                stop += 1
+            out += self._prefill_batch(embs[start:stop])
+            start = stop
+        return out
 
-    def _prefill(self, emb: torch.Tensor) -> _Prefill:
-        """Causal forward over one prompt (L, D); keeps its keys/values and the last position's logits."""
+    def _prefill_batch(self, embs: list[torch.Tensor]) -> list[_Prefill]:
         model = self.lm.model
-        x = emb[None]
-        n = x.shape[1]
+        lens = [e.shape[0] for e in embs]
+        n = max(lens)
+        x = embs[0].new_zeros(len(embs), n, embs[0].shape[1])
+        for i, e in enumerate(embs):
+            x[i, :lens[i]] = e
         cos, sin = model.rotary_emb(x, torch.arange(n, device=x.device)[None])
         rep = self.n_heads // self.n_kv_heads
         keys, values = [], []
         for layer in model.layers:
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x))
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys.append(k[0])
-            values.append(v[0])
+            q, k, v = _attn_in(layer, x, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
+            keys.append(k)
+            values.append(v)
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = self.lm.lm_head(model.norm(x[:, -1:]))[:, -1].float()
-        return _Prefill(torch.stack(keys), torch.stack(values), logits, 0)
+            x = _attn_out(layer, x, o.transpose(1, 2).reshape(len(embs), n, -1))
+        last = x[torch.arange(len(embs), device=x.device), torch.tensor(lens, device=x.device) - 1]
+        logits = self.lm.lm_head(model.norm(last)).float()
+        keys, values = torch.stack(keys), torch.stack(values)  # (layers, B, kv_heads, n, head_dim)
+        return [_Prefill(keys[:, i, :, :m], values[:, i, :, :m], logits[i:i + 1], 0) for i, m in enumerate(lens)]
 
     def _decode_step(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One token for slots ``0..B-1``: input ids ``tok`` (B,) at positions ``pos`` (B,); returns logits (B, V)."""
@@ -147,26 +251,18 @@ class Engine:
         x = model.embed_tokens(tok)[:, None]
         cos, sin = model.rotary_emb(x, pos[:, None])
         rows = torch.arange(b, device=tok.device)
-        mask = (torch.arange(kv_len, device=tok.device)[None] <= pos[:, None])[:, None, None, :]
-        groups = self.n_heads // self.n_kv_heads
+        valid = torch.arange(kv_len, device=tok.device)[None] <= pos[:, None]
+        mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, float("-inf"))[:, None, None]
         for i, layer in enumerate(model.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x))
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self._k[i][rows, :, pos] = k[:, :, 0]
-            self._v[i][rows, :, pos] = v[:, :, 0]
-            # one query per row, so a kv head's query group fits in the "sequence" dim: GQA without copying keys
-            q = q.reshape(b, self.n_kv_heads, groups, self.head_dim)
-            o = F.scaled_dot_product_attention(q, self._k[i, :b, :, :kv_len], self._v[i, :b, :, :kv_len], attn_mask=mask)
-            x = x + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self._layer(layer, x, cos, sin, self._k[i], self._v[i], rows, pos, mask,
+                            self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None)
         return self.lm.lm_head(model.norm(x))[:, 0]
 
     def _decode_sample(self, b: int, kv_len: int, params: SamplingParams) -> None:
         """One step for slots ``0..b-1`` from the state buffers: sample, record, advance (no host sync)."""
         tok, pos, seeds = self._state[0, :b], self._state[1, :b], self._state[2, :b]
         logits = self._decode_step(tok, pos, kv_len)
-        new = sample_keyed(logits, params, seeds, pos)
+        new = self._sample(logits, params, seeds, pos)
         self._hist[:b].index_copy_(1, self._col.view(1), new[:, None])
         self._col.add_(1)
         tok.copy_(new)
@@ -218,10 +314,13 @@ class Engine:
         seed: int = 0,
         on_token: Callable[[int, int], None] | None = None,
         ignore_eos: bool = False,
+        row_keys: Sequence[int] | None = None,
     ) -> list[Completion]:
         """Complete each prompt embedding (L_i, D) ``num_samples`` times; results are prompt-major.
 
-        ``on_token(row, token)`` sees every sampled token, eos included.
+        ``on_token(row, token)`` sees every sampled token, eos included. Output row ``r`` samples
+        with ``row_seed(seed, row_keys[r])`` (default ``r``): give rows keys that do not depend on
+        how work is split (e.g. dataset index) and they draw the same tokens in any split.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -242,7 +341,14 @@ class Engine:
         device, dtype = weight.device, weight.dtype
         self._ensure_cache(device, dtype)
         graphs = self._use_graphs(device)
-        seeds = torch.tensor([row_seed(seed, r) for r in range(n_rows)], dtype=torch.long, device=device)
+        if self.compile and device.type in COMPILE_DEVICES:
+            self._layer, self._sample = _compiled()
+            if self.fuse_weights:
+                self._sync_fused()
+        if row_keys is not None and len(row_keys) != n_rows:
+            raise ValueError(f"row_keys has {len(row_keys)} keys for {n_rows} output rows")
+        keys = range(n_rows) if row_keys is None else row_keys
+        seeds = torch.tensor([row_seed(seed, k) for k in keys], dtype=torch.long, device=device)
         sync_every = 4 if on_token is not None else SYNC_EVERY  # streaming wants small chunks
 
         def emit(row: int, token: int) -> bool:
@@ -262,13 +368,16 @@ class Engine:
         state = self._state
         with torch.no_grad():
             while True:
-                for s in range(self.max_batch):
-                    while slot_row[s] < 0 and next_row < n_rows:
-                        row, next_row = next_row, next_row + 1
+                free = [s for s in range(self.max_batch) if slot_row[s] < 0]
+                while free and next_row < n_rows:
+                    window = range(next_row, min(n_rows, next_row + len(free)))
+                    todo = sorted({r // num_samples for r in window} - prefills.keys())
+                    for p, pre in zip(todo, self._prefill([prompts[p].to(device=device, dtype=dtype) for p in todo])):
+                        pre.rows_left = num_samples
+                        prefills[p] = pre
+                    for row in window:
+                        next_row = row + 1
                         p = row // num_samples
-                        if p not in prefills:
-                            prefills[p] = self._prefill(prompts[p].to(device=device, dtype=dtype))
-                            prefills[p].rows_left = num_samples
                         pre = prefills[p]
                         n = pre.keys.shape[2]
                         token = int(sample_keyed(pre.logits, params, seeds[row:row + 1],
@@ -278,8 +387,10 @@ class Engine:
                             del prefills[p]
                         if emit(row, token):
                             continue  # done after one token: the slot stays free for the next row
-                        self._k[:, s, :, :n] = pre.keys
-                        self._v[:, s, :, :n] = pre.values
+                        s = free.pop(0)
+                        for i in range(self.n_layers):
+                            self._k[i][s, :, :n] = pre.keys[i]
+                            self._v[i][s, :, :n] = pre.values[i]
                         state[:, s] = torch.tensor([token, n, int(seeds[row])], device=device)
                         slot_row[s], slot_pos[s] = row, n
                 active = [s for s in range(self.max_batch) if slot_row[s] >= 0]

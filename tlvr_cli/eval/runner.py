@@ -124,7 +124,8 @@ def _generate_answers(cfg, model, todo, answers_path, already, total, show_progr
     params = SamplingParams(temperature=0.0) if greedy else SamplingParams(
         temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
     max_new = cfg.max_new_tokens
-    engine = Engine(model.language_model, max_batch=cfg.batch_size, max_seq_len=model.config.tokenizer_model_max_length + max_new)
+    engine = Engine(model.language_model, max_batch=cfg.batch_size, max_seq_len=model.config.tokenizer_model_max_length + max_new,
+                    cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
     chunk = max(1, cfg.batch_size * 4)  # several engine batches per call: finished rows are refilled
     pool = ThreadPoolExecutor(max_workers=4)
     console = Console(stderr=True, highlight=False)

@@ -22,7 +22,7 @@ import torch
 
 from ..config import to_yaml
 from ..data.records import data_root, read_grpo_rows
-from ..engine.generate import Engine
+from ..engine.generate import Engine, row_seed
 from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
@@ -87,7 +87,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
                           model.config.vision_config.image_size, cfg.data.num_workers, cache)
     max_prompt = max(model.config.num_queries + 512, 1024)
     engine = Engine(model.language_model, max_batch=cfg.perf.engine_max_batch,
-                    max_seq_len=max_prompt + cfg.rollout.max_new_tokens, cuda_graphs=cfg.perf.cuda_graphs)
+                    max_seq_len=max_prompt + cfg.rollout.max_new_tokens, cuda_graphs=cfg.perf.cuda_graphs,
+                    compile=cfg.perf.engine_compile, fuse_weights=cfg.perf.engine_fused_weights)
     params = SamplingParams(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
 
     def step_rows(step: int) -> list:
@@ -165,8 +166,10 @@ def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, sch
     model.eval()
     with torch.no_grad():
         prompts = model.prompt_embeddings(batch.input_ids, model.connector(feats))
+        # rows keyed by dataset index: the same samples however the step's prompts are split over ranks
         outs = engine.generate(prompts, params, cfg.rollout.max_new_tokens, eos, num_samples=G, seed=_seed(cfg, step, 1),
-                               ignore_eos=cfg.perf.force_max_new_tokens)
+                               ignore_eos=cfg.perf.force_max_new_tokens,
+                               row_keys=[r.index * G + j for r in batch.rows for j in range(G)])
     completions = pad_completions([o.tokens for o in outs], pad, device)
     mask = completion_mask(completions, eos)
     lengths = mask.sum(1)
@@ -181,9 +184,11 @@ def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, sch
                "problem": [r.problem for r in batch.rows for _ in range(G)]}
     rewards, components = score_completions(texts, columns, cfg.algo)
     rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
-    gen = torch.Generator(device="cpu").manual_seed(_seed(cfg, step, 2))
-    adv = group_advantages(rewards_t.cpu(), G, scale=cfg.algo.scale_rewards, eps=cfg.algo.std_eps,
-                           noise_std=cfg.algo.advantage_noise_std, generator=gen).to(device)
+    adv = group_advantages(rewards_t.cpu(), G, scale=cfg.algo.scale_rewards, eps=cfg.algo.std_eps)
+    if cfg.algo.advantage_noise_std:  # drawn per prompt (keyed by dataset index), like the rollouts
+        adv += cfg.algo.advantage_noise_std * torch.cat([
+            torch.randn(G, generator=torch.Generator().manual_seed(row_seed(_seed(cfg, step, 2), r.index))) for r in batch.rows])
+    adv = adv.to(device)
     group_std = rewards_t.view(B, G).std(dim=1)
     timings["time/score_s"] = time.perf_counter() - t2
 
