@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,22 @@ def test_top_k_keeps_ties_at_the_boundary():
     params = SamplingParams(temperature=1.0, top_k=2)
     draws = sample_keyed(logits.expand(3000, -1), params, torch.arange(3000), torch.zeros(3000, dtype=torch.long))
     assert set(draws.tolist()) == {0, 1, 2, 3}  # HF keeps every logit equal to the k-th
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler")
+def test_compiled_layer_matches_eager_across_engines(lm, prompts, monkeypatch):
+    # the GPU path compiled on CPU: one shared compiled layer serves engines of several sizes
+    import tlvr_cli.engine.generate as generate
+
+    monkeypatch.setattr(generate, "COMPILE_DEVICES", ("cuda", "cpu"))
+    params = SamplingParams(temperature=1.0, top_k=20)
+    want = [o.tokens for o in Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, params, 12, 299, num_samples=2, seed=5)]
+    for max_batch in (4, 1, 8):
+        engine = Engine(lm, max_batch=max_batch, max_seq_len=64, compile=True)
+        outs = engine.generate(prompts, params, 12, 299, num_samples=2, seed=5)
+        assert engine._fused is not None and engine._layer is not generate._decode_layer
+        assert [o.tokens for o in outs] == want
 
 
 @pytest.mark.gpu
