@@ -146,6 +146,33 @@ def test_synth_kinds_and_fixed_option_order(tmp_path):
             write_synthetic_dataset(SynthConfig(root=str(tmp_path / "bad"), **{**SMALL, **bad}), progress=False)
 
 
+def test_synth_lanes_one_video_per_kind_and_asked_reasoning(tmp_path):
+    from tlvr_cli.data.synth import SynthVideo, render_frames
+
+    cfg = SynthConfig(root=str(tmp_path / "l"), **{**SMALL, "kinds": ["background"], "coldstart_kinds": ["background"],
+                                                  "option_order": "fixed", "coldstart_option_order": "fixed", "lanes": 3,
+                                                  "reasoning": "asked"})
+    root = write_synthetic_dataset(cfg, progress=False)
+    train = read_grpo_rows(root / "nextqa_0-30s.jsonl", root)
+    evals = read_grpo_rows(root / "eval.jsonl", root)
+    # one question kind: every question has a video of its own, so no two eval items are the same prompt
+    assert len({r.video_path for r in train}) == len(train) == 12 and len({r.video_path for r in evals}) == len(evals) == 6
+    for rec in read_coldstart_records(root / "coldstart.json", root):
+        gpt = rec.conversations[1]["value"]
+        m = re.fullmatch(r"<think>The question asks for the background color\. The background is (\w+)\. "
+                         r"The option \1 is ([A-E]), so the answer is \2\.</think>\n<answer>\2</answer>", gpt)
+        assert m and list(COLORS).index(m.group(1)) == "ABCDE".index(m.group(2))
+    # lanes move the square's path across the frame; one lane is the middle, as without lanes
+    video = SynthVideo("red", "blue", "right", "x.mp4")
+    paths = [render_frames(SynthVideo("red", "blue", "right", "x.mp4", lane), 4, 32, 3) for lane in range(3)]
+    rows_hit = [set(np.nonzero((p[0] == COLORS["blue"]).all(-1))[0]) for p in paths]
+    assert rows_hit[0] and max(rows_hit[0]) < min(rows_hit[1]) and max(rows_hit[1]) < min(rows_hit[2])
+    assert np.array_equal(render_frames(video, 4, 32), paths[1])
+    for bad, msg in [({"lanes": 0}, "lanes="), ({"reasoning": "long"}, "reasoning=")]:
+        with pytest.raises(TlvrError, match=msg):
+            write_synthetic_dataset(SynthConfig(root=str(tmp_path / "bad"), **{**SMALL, **bad}), progress=False)
+
+
 def _nearest_color(rgb: np.ndarray) -> str:
     return min(COLORS, key=lambda c: float(np.sum((np.asarray(COLORS[c], dtype=float) - rgb) ** 2)))
 

@@ -30,7 +30,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     scores = json.loads((run / "demo.json").read_text())
     assert [s["model"] for s in scores] == ["cold start", "GRPO"]
     assert all(s["n"] == 6 and 0 <= s["accuracy"] <= 100 and 0 <= s["format_rate"] <= 100 for s in scores)
-    for stage in ("eval-coldstart", "eval-grpo"):
+    assert all(0 <= s["sampled_accuracy"] <= 100 and 0 <= s["sampled_format_rate"] <= 100 for s in scores)
+    for stage in ("eval-coldstart", "eval-grpo", "eval-coldstart-sampled", "eval-grpo-sampled"):
         rows = [json.loads(line) for line in (run / stage / "answers.jsonl").read_text().splitlines()]
         assert len(rows) == 6 and {"output", "parsed", "gold", "correct"} <= set(rows[0])
         assert (run / stage / "results.json").is_file() and (run / stage / "results.md").is_file()

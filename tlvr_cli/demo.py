@@ -22,10 +22,12 @@ console = Console(stderr=True, highlight=False)
 @dataclass
 class StageScore:
     model: str
-    accuracy: float
+    accuracy: float  # greedy
     format_rate: float
     unparseable: int
     n: int
+    sampled_accuracy: float | None = None  # sampled as the rollouts are (prepare.eval_sampled)
+    sampled_format_rate: float | None = None
 
 
 def synthetic_root(cfg: GRPOConfig) -> Path:
@@ -61,20 +63,33 @@ def ensure_coldstart(cfg: GRPOConfig, data: Path) -> Path:
     return final
 
 
-def evaluate_synthetic(model_path: str, data: Path, out_dir: Path, cfg: GRPOConfig, label: str) -> StageScore:
-    """Greedy accuracy and format rate on the synthetic eval split."""
+def _evaluate(model_path: str, data: Path, out_dir: Path, cfg: GRPOConfig, protocol: str) -> tuple[float, float, int, int]:
+    """(accuracy %, format %, unparseable, items) on the synthetic eval split with ``protocol``."""
     from .eval.runner import read_answers, run_eval
     from .train.rewards import format_reward
 
     ev = load_config(EvalConfig, None, extra={
-        "benchmark": "synthetic", "data_dir": str(data), "protocol": "greedy", "output_dir": str(out_dir),
+        "benchmark": "synthetic", "data_dir": str(data), "protocol": protocol, "output_dir": str(out_dir),
         "model": {**dataclasses.asdict(cfg.model), "path": model_path}, "max_new_tokens": cfg.rollout.max_new_tokens,
-        "limit": cfg.prepare.eval_limit, "video": dataclasses.asdict(cfg.video), "batch_size": 32})
+        "sampling": {**dataclasses.asdict(cfg.rollout), "max_new_tokens": cfg.rollout.max_new_tokens},
+        "limit": cfg.prepare.eval_limit, "video": dataclasses.asdict(cfg.video), "batch_size": 32, "seed": cfg.seed})
     report = run_eval(ev)
     rows = [r for r in read_answers(out_dir / "answers.jsonl") if not r.get("skipped")]
     fmt = format_reward([r["output"] for r in rows]) if rows else []
-    return StageScore(label, report.headline, 100.0 * sum(f > 0 for f in fmt) / max(1, len(fmt)),
-                      sum(r["parsed"] is None for r in rows), len(rows))
+    return (report.headline, 100.0 * sum(f > 0 for f in fmt) / max(1, len(fmt)),
+            sum(r["parsed"] is None for r in rows), len(rows))
+
+
+def evaluate_synthetic(model_path: str, data: Path, out_dir: Path, cfg: GRPOConfig, label: str) -> StageScore:
+    """Greedy accuracy and format rate on the synthetic eval split (in ``out_dir``), and with
+    ``prepare.eval_sampled`` the same for answers sampled as the rollouts are (in ``<out_dir>-sampled``;
+    an unparseable sampled answer counts as a random letter, as in the paper protocol)."""
+    acc, fmt, bad, n = _evaluate(model_path, data, out_dir, cfg, "greedy")
+    score = StageScore(label, acc, fmt, bad, n)
+    if cfg.prepare.eval_sampled:
+        score.sampled_accuracy, score.sampled_format_rate, _, _ = _evaluate(
+            model_path, data, out_dir.with_name(out_dir.name + "-sampled"), cfg, "paper")
+    return score
 
 
 def run_demo(cfg: GRPOConfig, *, preset: str, resume: str | None = None) -> list[StageScore]:
@@ -101,12 +116,24 @@ def run_demo(cfg: GRPOConfig, *, preset: str, resume: str | None = None) -> list
 
 
 def _print_table(scores: list[StageScore], run_dir: Path) -> None:
-    table = Table("model", "accuracy %", "format %", "unparseable", "items", title="synthetic eval split (greedy)")
+    """Accuracy and format rate in % of the items; sampled (as the rollouts are) first when evaluated.
+    demo.json also has the count of unparseable greedy answers."""
+    sampled = any(s.sampled_accuracy is not None for s in scores)
+    table = Table(title="synthetic eval split (% of items)")
+    table.add_column("model", no_wrap=True)
+    for name in [*(["accuracy sampled"] if sampled else []), "accuracy greedy",
+                 *(["format sampled"] if sampled else []), "format greedy", "items"]:
+        table.add_column(name, justify="right")
     for s in scores:
-        table.add_row(s.model, f"{s.accuracy:.1f}", f"{s.format_rate:.1f}", str(s.unparseable), str(s.n))
+        table.add_row(s.model, *([_pct(s.sampled_accuracy)] if sampled else []), f"{s.accuracy:.1f}",
+                      *([_pct(s.sampled_format_rate)] if sampled else []), f"{s.format_rate:.1f}", str(s.n))
     Console(highlight=False).print(table)
     out = run_dir / "demo.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps([dataclasses.asdict(s) for s in scores], indent=2))
     os.replace(tmp, out)
     console.print(f"curves: {run_dir / 'curves.png'}   table: {out}")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"

@@ -166,6 +166,11 @@ class SynthConfig:
         "shuffled", "Options A-E of the training and eval rows in random order (gold letters balanced), or 'fixed' "
         "pool order, where the letter follows from the answer alone.")
     coldstart_option_order: Literal["shuffled", "fixed"] = option("shuffled", "The same for the cold-start records.")
+    lanes: int = option(1, "Parallel paths the square can take (1: through the middle); each multiplies the distinct "
+                        "videos (5 backgrounds x 4 squares x 5 directions x lanes), so larger sets keep more videos apart.")
+    reasoning: Literal["scene", "asked"] = option(
+        "scene", "Cold-start <think> text: 'scene' describes the whole scene (both colours, the motion), then the asked "
+        "part; 'asked' names the asked attribute and reads only that from the video.")
 
 
 @dataclass
@@ -177,6 +182,8 @@ class PrepareConfig:
     synth: SynthConfig = option(SynthConfig(), "Synthetic set written when the data root lacks it.")
     evaluate: bool = option(True, "Evaluate the cold-start and the GRPO model on the synthetic eval split (before/after table).")
     eval_limit: int = option(0, "Evaluate only the first N eval items (0: all).")
+    eval_sampled: bool = option(True, "Besides greedy, evaluate by sampling as the rollouts do (the paper protocol with "
+                                "the rollout.* temperature/top-k/top-p, seeded): the policy GRPO optimises.")
 
 
 @dataclass

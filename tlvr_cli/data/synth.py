@@ -1,9 +1,10 @@
 """A small synthetic video-QA set in exactly the NextQA training formats (spec formats §1).
 
 Each video is a flat background with a coloured square that slides left, right, up, down, or stays
-put. Three multiple-choice questions (background colour, square colour, direction) are answerable
-from the pixels, so the embedded tiny model can learn them in minutes on a CPU. Like NextQA, several
-questions share a video; the eval split uses videos the training split never sees.
+put, through the middle or along one of ``lanes`` parallel paths. Three multiple-choice questions
+(background colour, square colour, direction) are answerable from the pixels, so the embedded tiny
+model can learn them in minutes on a CPU. Like NextQA, several questions share a video (one per kind
+asked); the eval split uses videos the training split never sees.
 
 Layout written under the root::
 
@@ -56,6 +57,7 @@ class SynthVideo:
     square: str
     direction: str
     rel: str  # "NextQA/NExTVideo/<dir>/<id>.mp4"
+    lane: int = 0  # which of the parallel paths the square takes (0 of 1: through the middle)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class SynthQuestion:
         return "\n".join(lines)
 
 
-FORMAT_VERSION = 3  # bump when the written content changes for the same config
+FORMAT_VERSION = 4  # bump when the written content changes for the same config
 
 
 def config_hash(cfg: SynthConfig) -> str:
@@ -103,18 +105,20 @@ def _make_question(video: SynthVideo, kind: str, gold: int, rng: random.Random, 
     return SynthQuestion(video, kind, options, gold)
 
 
-def _split_videos(n_train_q: int, n_eval_q: int, rng: random.Random) -> tuple[list[SynthVideo], list[SynthVideo]]:
-    """Disjoint train/eval videos: one per question type where the 100 combinations allow, shared otherwise."""
-    combos = [(bg, sq, d) for bg in COLORS for sq in COLORS if sq != bg for d in DIRECTIONS]
+def _split_videos(n_train_q: int, n_eval_q: int, rng: random.Random, per_video: int = 3,
+                  lanes: int = 1) -> tuple[list[SynthVideo], list[SynthVideo]]:
+    """Disjoint train/eval videos: one per question kind (``per_video`` kinds) where the combinations
+    (background × square × direction × lane) allow, shared otherwise."""
+    combos = [(bg, sq, d, lane) for bg in COLORS for sq in COLORS if sq != bg for d in DIRECTIONS for lane in range(lanes)]
     rng.shuffle(combos)
-    want_train, want_eval = math.ceil(n_train_q / 3), math.ceil(n_eval_q / 3)
+    want_train, want_eval = math.ceil(n_train_q / per_video), math.ceil(n_eval_q / per_video)
     if want_train + want_eval > len(combos):
         want_eval = max(1, round(len(combos) * n_eval_q / (n_train_q + n_eval_q))) if n_eval_q else 0
         want_train = len(combos) - want_eval
     chosen = combos[:want_train + want_eval]
     ids = rng.sample(range(2_000_000_000, 9_999_999_999), len(chosen))  # NExT-QA style 10-digit ids
-    videos = [SynthVideo(bg, sq, d, f"{VIDEO_DIR}/{1000 + k // 50:04d}/{vid}.mp4")
-              for k, ((bg, sq, d), vid) in enumerate(zip(chosen, ids))]
+    videos = [SynthVideo(bg, sq, d, f"{VIDEO_DIR}/{1000 + k // 50:04d}/{vid}.mp4", lane)
+              for k, ((bg, sq, d, lane), vid) in enumerate(zip(chosen, ids))]
     return videos[:want_train], videos[want_train:]
 
 
@@ -136,32 +140,42 @@ def _questions(videos: list[SynthVideo], n: int, rng: random.Random, order: str,
 
 
 
-def reasoning(q: SynthQuestion) -> str:
-    """The written-out ``<think>`` text of a cold-start answer: the whole scene, the asked part, the letter.
+def reasoning(q: SynthQuestion, style: str = "scene") -> str:
+    """The written-out ``<think>`` text of a cold-start answer, ending with the letter it answers.
 
-    Every record describes all three attributes, so each one teaches the model to see colours and
-    motion, also for question kinds the cold start leaves out. The length does not depend on the
-    letter: the format reward grows with the reasoning's length, and a letter that came with shorter
-    reasoning would be pushed up or down for that alone.
+    ``scene``: the whole scene, the asked part, the letter. Every record describes all three
+    attributes, so each one teaches the model to see colours and motion, also for question kinds the
+    cold start leaves out; the answer is then a copy of a colour named earlier in the reasoning.
+    ``asked``: the asked attribute, its value read from the video, the letter (shorter, and the only
+    uncertain word is the answer). Either way the length does not depend on the letter beyond the
+    answer word: the format reward grows with the reasoning's length, and a letter that came with
+    shorter reasoning would be pushed up or down for that alone.
     """
     v = q.video
     motion = "stays in the middle" if v.direction == "nowhere" else f"moves {v.direction}"
-    scene = f"The video shows a {v.square} square on a {v.background} background. The square {motion}."
     answer = _answer_text(v, q.kind)
     asked = {"background": "background color", "square": "square color", "direction": "direction"}[q.kind]
-    return f"{scene} The question asks for the {asked}: {answer}. The option {answer} is {q.letter}, so the answer is {q.letter}."
+    choice = f"The option {answer} is {q.letter}, so the answer is {q.letter}."
+    if style == "asked":
+        found = {"background": f"The background is {answer}.", "square": f"The square is {answer}.",
+                 "direction": f"The square {motion}."}[q.kind]
+        return f"The question asks for the {asked}. {found} {choice}"
+    scene = f"The video shows a {v.square} square on a {v.background} background. The square {motion}."
+    return f"{scene} The question asks for the {asked}: {answer}. {choice}"
 
 
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_frames(video: SynthVideo, frames: int, size: int) -> np.ndarray:
-    """uint8 (T, size, size, 3): the background colour with the square moved linearly along its direction."""
+def render_frames(video: SynthVideo, frames: int, size: int, lanes: int = 1) -> np.ndarray:
+    """uint8 (T, size, size, 3): the background colour with the square moved linearly along its direction,
+    on lane ``video.lane`` of ``lanes`` parallel paths spread evenly across the frame (one: the middle)."""
     side = max(2, size // 4)
     far = size - side
     mid = far // 2
-    start_end = {"left": ((far, mid), (0, mid)), "right": ((0, mid), (far, mid)),
-                 "up": ((mid, far), (mid, 0)), "down": ((mid, 0), (mid, far)), "nowhere": ((mid, mid), (mid, mid))}
+    lane = far * (2 * video.lane + 1) // (2 * lanes)
+    start_end = {"left": ((far, lane), (0, lane)), "right": ((0, lane), (far, lane)),
+                 "up": ((lane, far), (lane, 0)), "down": ((lane, 0), (lane, far)), "nowhere": ((mid, lane), (mid, lane))}
     (x0, y0), (x1, y1) = start_end[video.direction]
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     out[:] = COLORS[video.background]
@@ -207,9 +221,9 @@ def grpo_row(problem_id: int, q: SynthQuestion) -> dict:
             "solution": f"<answer>{q.letter}</answer>", "video_filename": f"./{q.video.rel}"}
 
 
-def coldstart_record(q: SynthQuestion) -> dict:
+def coldstart_record(q: SynthQuestion, style: str = "scene") -> dict:
     human = "<image>\n" + GRPO_QUESTION_TEMPLATE.format(Question=q.problem)
-    gpt = f"<think>{reasoning(q)}</think>\n<answer>{q.letter}</answer>"
+    gpt = f"<think>{reasoning(q, style)}</think>\n<answer>{q.letter}</answer>"
     return {"video": q.video.rel, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
 
 
@@ -227,6 +241,9 @@ def _validate(cfg: SynthConfig) -> None:
             raise TlvrError(f"synth: {name}={getattr(cfg, name)} must be >= 0")
     if cfg.train == 0 and cfg.coldstart > 0:
         raise TlvrError("synth: coldstart records are drawn from the training videos, so train must be > 0")
+    free = cfg.size - max(2, cfg.size // 4) + 1  # positions the square's corner can take across the frame
+    if not 1 <= cfg.lanes <= free:
+        raise TlvrError(f"synth: lanes={cfg.lanes} must be between 1 and {free} for size={cfg.size}")
     if cfg.frames < 1 or cfg.fps < 1:
         raise TlvrError(f"synth: frames={cfg.frames} and fps={cfg.fps} must be >= 1")
     for key in ("kinds", "coldstart_kinds"):
@@ -234,6 +251,8 @@ def _validate(cfg: SynthConfig) -> None:
         unknown = [k for k in kinds if k not in QUESTIONS]
         if unknown or not kinds:
             raise TlvrError(f"synth: {key}={kinds} must be a non-empty list of {', '.join(QUESTIONS)}")
+    if cfg.reasoning not in ("scene", "asked"):
+        raise TlvrError(f"synth: reasoning={cfg.reasoning!r} must be 'scene' or 'asked'")
     for key in ("option_order", "coldstart_option_order"):
         if getattr(cfg, key) not in ("shuffled", "fixed"):
             raise TlvrError(f"synth: {key}={getattr(cfg, key)!r} must be 'shuffled' or 'fixed'")
@@ -254,7 +273,7 @@ def write_synthetic_dataset(cfg: SynthConfig, *, progress: bool = True) -> Path:
     marker.unlink(missing_ok=True)
 
     rng = random.Random(cfg.seed)
-    train_videos, eval_videos = _split_videos(cfg.train, cfg.eval, rng)
+    train_videos, eval_videos = _split_videos(cfg.train, cfg.eval, rng, len(cfg.kinds), cfg.lanes)
     train_q = _questions(train_videos, cfg.train, rng, cfg.option_order, cfg.kinds)
     eval_q = _questions(eval_videos, cfg.eval, rng, cfg.option_order, cfg.kinds)
     cold_q = _questions(train_videos, cfg.coldstart, random.Random(cfg.seed + 1), cfg.coldstart_option_order,
@@ -266,7 +285,7 @@ def write_synthetic_dataset(cfg: SynthConfig, *, progress: bool = True) -> Path:
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("writing synthetic videos", total=len(videos))
         for v in videos:
-            write_mp4(root / v.rel, render_frames(v, cfg.frames, cfg.size), cfg.fps)
+            write_mp4(root / v.rel, render_frames(v, cfg.frames, cfg.size, cfg.lanes), cfg.fps)
             bar.advance(task)
 
     def jsonl(qs: list[SynthQuestion]) -> str:
@@ -274,6 +293,6 @@ def write_synthetic_dataset(cfg: SynthConfig, *, progress: bool = True) -> Path:
 
     _write_atomic(root / TRAIN_FILE, jsonl(train_q))
     _write_atomic(root / EVAL_FILE, jsonl(eval_q))
-    _write_atomic(root / COLDSTART_FILE, json.dumps([coldstart_record(q) for q in cold_q], ensure_ascii=False, indent=1) + "\n")
+    _write_atomic(root / COLDSTART_FILE, json.dumps([coldstart_record(q, cfg.reasoning) for q in cold_q], ensure_ascii=False, indent=1) + "\n")
     _write_atomic(marker, digest + "\n")
     return root
