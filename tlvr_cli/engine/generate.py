@@ -57,23 +57,33 @@ class _Prefill:
     rows_left: int  # rows of this prompt still waiting for a slot
 
 
-def _attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decoder layer up to attention: input norm, q/k/v projections, rotary; (B, heads, N, head_dim)."""
+def _attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+             head_dim: int, fused: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer up to attention: input norm, q/k/v projections (one GEMM with ``fused`` =
+    (q|k|v weight, q|k|v bias or None, ...)), rotary; returns (B, heads, N, head_dim) tensors."""
     attn = layer.self_attn
     h = layer.input_layernorm(x)
     b, n, _ = h.shape
-    q = attn.q_proj(h).view(b, n, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(b, n, kv_heads, head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(b, n, kv_heads, head_dim).transpose(1, 2)
+    if fused is None:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    else:
+        q, k, v = F.linear(h, fused[0], fused[1]).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(b, n, heads, head_dim).transpose(1, 2)
+    k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
 
 
-def _attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """The rest of a decoder layer from the attention output ``o`` (B, N, heads * head_dim)."""
+def _attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tuple | None = None) -> torch.Tensor:
+    """The rest of a decoder layer from the attention output ``o`` (B, N, heads * head_dim); with
+    ``fused`` = (..., gate|up weight) the MLP's gate and up projections are one GEMM."""
     x = x + layer.self_attn.o_proj(o)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    h = layer.post_attention_layernorm(x)
+    if fused is None:
+        return x + layer.mlp(h)
+    gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
+    return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
 
 def _decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -84,26 +94,14 @@ def _decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, si
     their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
     ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer."""
     b = x.shape[0]
-    if fused is None:
-        q, k, v = _attn_in(layer, x, cos, sin, heads, kv_heads, head_dim)
-    else:
-        qkv = F.linear(layer.input_layernorm(x), fused[0], fused[1])
-        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        q, k = apply_rotary_pos_emb(q.view(b, 1, heads, head_dim).transpose(1, 2),
-                                    k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
-        v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
+    q, k, v = _attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
     k_cache[rows, :, pos] = k[:, :, 0]
     v_cache[rows, :, pos] = v[:, :, 0]
     # one query per row, so a kv head's query group fits in the "sequence" dim: GQA without copying keys
     q = q.reshape(b, kv_heads, heads // kv_heads, head_dim)
     kv_len = mask.shape[-1]
     o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
-    o = o.reshape(b, 1, heads * head_dim)
-    if fused is None:
-        return _attn_out(layer, x, o)
-    x = x + layer.self_attn.o_proj(o)
-    gate, up = F.linear(layer.post_attention_layernorm(x), fused[2]).chunk(2, dim=-1)
-    return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    return _attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused)
 
 
 @functools.cache
@@ -185,21 +183,21 @@ class Engine:
 
     @torch.no_grad()
     def _sync_fused(self) -> None:
-        """Copy the current q/k/v and gate/up weights into the fused buffers (allocated once)."""
-        if self._fused is None:
-            self._fused = []
-            for layer in self.lm.model.layers:
-                a, m = layer.self_attn, layer.mlp
-                bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-                self._fused.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
-                                    torch.cat([m.gate_proj.weight, m.up_proj.weight])))
-            return
-        for layer, (qkv, bias, gate_up) in zip(self.lm.model.layers, self._fused):
+        """Copy the current q/k/v and gate/up weights into the fused buffers (allocated on first use)."""
+        fresh = self._fused is None
+        if fresh:
+            self._fused = [(None, None, None)] * self.n_layers
+        for i, layer in enumerate(self.lm.model.layers):
             a, m = layer.self_attn, layer.mlp
-            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], out=qkv)
-            if bias is not None:
-                torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=bias)
-            torch.cat([m.gate_proj.weight, m.up_proj.weight], out=gate_up)
+            parts = ([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
+                     None if a.q_proj.bias is None else [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias],
+                     [m.gate_proj.weight, m.up_proj.weight])
+            if fresh:
+                self._fused[i] = tuple(None if p is None else torch.cat(p) for p in parts)
+            else:
+                for p, buf in zip(parts, self._fused[i]):
+                    if p is not None:
+                        torch.cat(p, out=buf)
 
     def release(self) -> None:
         """Free the KV cache, fused weights and captured graphs (they are rebuilt on the next call)."""
