@@ -3,6 +3,7 @@
     python benchmarks/bench_grpo_step.py                 # Qwen2.5-3B + SigLIP-so400m shapes, random init
     python benchmarks/bench_grpo_step.py --config tiny --device cpu --steps 1   # smoke run
     torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py   # data-parallel: the same 8 prompts split over 2 GPUs
+    torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py --strategy fsdp2   # the same, FSDP2-sharded
 
 Runs the real training step (``tlvr_cli.train.grpo._grpo_step``): 8 prompts × G 8 completions of
 ``--new-tokens`` forced tokens (eos ignored so every step costs the same), 16-frame videos, policy
@@ -30,7 +31,7 @@ from tlvr_cli.engine.sampling import SamplingParams  # noqa: E402
 from tlvr_cli.jobs import GRPOConfig, TuneConfig  # noqa: E402
 from tlvr_cli.model.config import TinyLlavaConfig  # noqa: E402
 from tlvr_cli.model.tinyllava import TinyLlava  # noqa: E402
-from tlvr_cli.train.dist import DistContext, init_distributed, shutdown_distributed, wrap_data_parallel  # noqa: E402
+from tlvr_cli.train.dist import DistContext, Parallel, init_distributed, shutdown_distributed  # noqa: E402
 from tlvr_cli.train.grpo import _grpo_step  # noqa: E402
 from tlvr_cli.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from tlvr_cli.train.policy import PolicyLogprobs  # noqa: E402
@@ -69,9 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="Decode without torch.compile (CUDA graphs only).")
     ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for the no-cache estimate")
+    ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp2"], default="auto", help="dist.strategy (auto: ddp with several processes)")
     args = ap.parse_args(argv)
 
-    ctx = init_distributed(args.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else DistContext(device=torch.device(args.device))
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.strategy == "fsdp2"
+    ctx = init_distributed(args.device, need_group=args.strategy == "fsdp2") if several else DistContext(device=torch.device(args.device))
     device = ctx.device
     dtype = getattr(torch, args.dtype)
     if args.prompts % ctx.world_size:
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "engine_compile": not args.no_compile, "force_max_new_tokens": True},
         "data": {"prompts_per_step": args.prompts}, "optim": {"lr": 1e-6, "scheduler": "cosine", "warmup_ratio": 0.03}})
     apply_tuning(model, TuneConfig(), gradient_checkpointing=True)
+    par = Parallel(PolicyLogprobs(model), model, ctx, args.strategy, prefix="model.")  # before the optimizer: fsdp2 swaps the parameters
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 687)
     tok = model.tokenizer
@@ -99,10 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [prompt_ids(tok, r, cfg.data.question_template) for r in rows]
     pixels = [torch.rand(args.frames, 3, size, size) * 2 - 1 for _ in rows]
     batch = PromptBatch(rows, ids, pixels)
-    policy = wrap_data_parallel(PolicyLogprobs(model), ctx)
     engine = Engine(model.language_model, max_batch=n_local * args.generations,
                     max_seq_len=model.config.num_queries + 512 + args.new_tokens, cuda_graphs=cfg.perf.cuda_graphs,
-                    compile=cfg.perf.engine_compile, fuse_weights=cfg.perf.engine_fused_weights)
+                    compile=cfg.perf.engine_compile, fuse_weights=cfg.perf.engine_fused_weights, copy_weights=par.sharded)
     params = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
     eos = tok.eos_token_id
     prompt_len = len(ids[0]) - 1 + model.config.num_queries
@@ -114,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     if ctx.is_main:
         print(f"model {args.config}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, prompt {prompt_len} "
               f"embeddings, {args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, {args.frames} frames, {device} {dtype}, "
-              f"{ctx.world_size} process(es)")
-    _grpo_step(cfg, model, ref, engine, params, batch, 0, ctx, optimizer, scheduler, eos, eos, args.generations, None, policy)  # warm-up
+              f"{ctx.world_size} process(es), {par.strategy}")
+    _grpo_step(cfg, model, ref, engine, params, batch, 0, ctx, optimizer, scheduler, eos, eos, args.generations, None, par)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, parts = [], {}
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         sync()
         t = time.perf_counter()
         m = _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, scheduler, eos, eos, args.generations, None,
-                       policy)
+                       par)
         ctx.barrier()
         sync()
         times.append(time.perf_counter() - t)
@@ -139,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_tok = args.prompts * args.generations * args.new_tokens
 
     # the reference: each completion sampled alone, every token a full forward of the whole sequence
-    lm = model.language_model
-    model.eval()
+    lm = ref.language_model  # same shapes as the policy, and never sharded
     with torch.no_grad():
         x = torch.randn(1, prompt_len + args.new_tokens // 2, model.config.hidden_size, device=device, dtype=dtype)
         lm(inputs_embeds=x, use_cache=False)

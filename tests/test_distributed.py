@@ -76,9 +76,15 @@ run_eval_sharded(ev, show_progress=False)
 """
 
 
-def test_two_processes_match_one(setup):
-    tmp = setup
-    launch(JOB.format(tmp=str(tmp), tag="one", accum=2), 1, tmp)
+@pytest.fixture(scope="module")
+def single(setup):
+    """The one-process reference run (replicated model, no process group)."""
+    launch(JOB.format(tmp=str(setup), tag="one", accum=2), 1, setup)
+    return setup
+
+
+def test_two_processes_match_one(single):
+    tmp = single
     launch(JOB.format(tmp=str(tmp), tag="two", accum=1), 2, tmp)
     # rollouts and advantage noise are keyed by dataset row: both runs sample the same completions
     logs = [[json.loads(l) for l in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "two")]
@@ -94,3 +100,48 @@ def test_two_processes_match_one(setup):
     ra = json.loads((tmp / "eval-one" / "results.json").read_text())
     rb = json.loads((tmp / "eval-two" / "results.json").read_text())
     assert ra["headline"] == rb["headline"]
+
+
+FSDP_JOB = """
+import pytest
+from tlvr_cli.config import load_config
+from tlvr_cli.errors import TlvrError
+from tlvr_cli.jobs import ColdstartConfig, GRPOConfig
+from tlvr_cli.train.sft import run_coldstart
+from tlvr_cli.train.grpo import run_grpo
+tmp, nproc, steps = {tmp!r}, {nproc}, {steps}
+model = {{"path": tmp + "/tiny", "dtype": "float32", "device": "cpu"}}
+if nproc == 2:
+    cs = load_config(ColdstartConfig, None, extra={{"model": model, "batch_size": 1, "grad_accum": 1,
+        "data": {{"root": tmp + "/synth", "annotations": "coldstart.json", "num_workers": 0}}, "dist": {{"strategy": "fsdp2"}},
+        "optim": {{"lr": 1e-3, "scheduler": "constant", "gradient_checkpointing": False, "max_steps": 2}},
+        "output": {{"run_dir": tmp + "/cs-fsdp"}}}})
+    run_coldstart(cs, show_progress=False)
+def grpo(strategy, max_steps):
+    return load_config(GRPOConfig, None, extra={{"model": model, "algo": {{"num_generations": 2}},
+        "data": {{"root": tmp + "/synth", "prompts_per_step": 2, "num_workers": 0}}, "rollout": {{"max_new_tokens": 6}},
+        "optim": {{"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False, "max_steps": max_steps}},
+        "dist": {{"strategy": strategy}}, "perf": {{"micro_batch_size": 2, "cuda_graphs": False}},
+        "output": {{"run_dir": tmp + "/grpo-fsdp"}}}})
+run_grpo(grpo("fsdp2", steps), resume="auto", show_progress=False)
+if nproc == 1:  # an fsdp2 checkpoint does not resume as replicas: said plainly, before any step
+    with pytest.raises(TlvrError, match="dist.strategy=fsdp2"):
+        run_grpo(grpo("auto", 2), resume="auto", show_progress=False)
+"""
+
+
+def test_fsdp2_matches_replicas_and_resumes_with_more_processes(single):
+    tmp = single
+    launch(FSDP_JOB.format(tmp=str(tmp), nproc=1, steps=1), 1, tmp)  # GRPO step 1 sharded over one process
+    launch(FSDP_JOB.format(tmp=str(tmp), nproc=2, steps=2), 2, tmp)  # cold start, and GRPO step 2 resumed over two
+    for stage in ("cs", "grpo"):
+        a, b = read_state_dict(tmp / f"{stage}-one" / "final"), read_state_dict(tmp / f"{stage}-fsdp" / "final")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), (stage, k)
+    logs = [[json.loads(l) for l in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "fsdp")]
+    assert [m["step"] for m in logs[1]] == [1, 2]
+    state = torch.load(tmp / "grpo-fsdp" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
+    assert state["optimizer"]["layout"] == "fsdp2"
+    for key in ("reward", "kl", "grad_norm"):
+        assert [m[key] for m in logs[0]] == pytest.approx([m[key] for m in logs[1]], abs=1e-5), key

@@ -108,6 +108,31 @@ def test_fused_weights_give_the_same_layer(lm):
         layer.mlp.up_proj.weight.copy_(before)
 
 
+def test_weight_copy_decodes_the_same_and_follows_the_model(lm, prompts, reference):
+    # copy_weights: the engine decodes from its own copy, refreshed from the model at each call
+    engine = Engine(lm, max_batch=4, max_seq_len=64, copy_weights=True)
+    assert [o.tokens for o in engine.generate(prompts, GREEDY, 12, 299)] == reference
+    assert engine._copy is not None and engine._copy is not lm
+    copy_params = [p.data_ptr() for p in engine._copy.parameters()]
+    # the model's parameters change in place, and are then replaced by new tensors (as FSDP2's
+    # gathers do): the next call decodes the new weights from the same copy
+    layer = lm.model.layers[1]
+    saved = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    try:
+        with torch.no_grad():
+            layer.mlp.up_proj.weight.mul_(-1.0)
+            layer.self_attn.q_proj.weight = torch.nn.Parameter(layer.self_attn.q_proj.weight * 0.5)
+        want = [o.tokens for o in Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, GREEDY, 12, 299)]
+        assert want != reference
+        assert [o.tokens for o in engine.generate(prompts, GREEDY, 12, 299)] == want
+        assert [p.data_ptr() for p in engine._copy.parameters()] == copy_params
+    finally:
+        layer.self_attn.q_proj.weight = torch.nn.Parameter(saved["model.layers.1.self_attn.q_proj.weight"], requires_grad=False)
+        with torch.no_grad():
+            layer.mlp.up_proj.weight.copy_(saved["model.layers.1.mlp.up_proj.weight"])
+    assert [o.tokens for o in engine.generate(prompts, GREEDY, 12, 299)] == reference
+
+
 def test_greedy_num_samples_share_prefill(lm, prompts, reference):
     outs = Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, GREEDY, 12, 299, num_samples=3)
     assert len(outs) == 3 * len(prompts)
@@ -248,14 +273,26 @@ def test_compiled_layer_matches_eager_across_engines(lm, prompts, monkeypatch):
     # the GPU path compiled on CPU: one shared compiled layer serves engines of several sizes
     import tlvr_cli.engine.generate as generate
 
+    from torch._dynamo.utils import counters
+
     monkeypatch.setattr(generate, "COMPILE_DEVICES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    counters.clear()
     params = SamplingParams(temperature=1.0, top_k=20)
     want = [o.tokens for o in Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, params, 12, 299, num_samples=2, seed=5)]
-    for max_batch in (4, 1, 8):
-        engine = Engine(lm, max_batch=max_batch, max_seq_len=64, compile=True)
+    for max_batch, max_seq_len in ((4, 64), (1, 64), (8, 96), (16, 64), (2, 128), (32, 80)):
+        engine = Engine(lm, max_batch=max_batch, max_seq_len=max_seq_len, compile=True)
         outs = engine.generate(prompts, params, 12, 299, num_samples=2, seed=5)
         assert engine._fused is not None and engine._layer is not generate._decode_layer
         assert [o.tokens for o in outs] == want
+    # rows, key length and cache sizes are dynamic from the first compile: a handful of variants
+    # (one row, key length = cache length) instead of one per size, far below dynamo's recompile limit
+    assert counters["frames"]["ok"] <= 6, dict(counters["frames"])
+    # decoding from the engine's own copy: its q/k/v and gate/up weights are views into the fused buffers
+    engine = Engine(lm, max_batch=8, max_seq_len=64, compile=True, copy_weights=True)
+    assert [o.tokens for o in engine.generate(prompts, params, 12, 299, num_samples=2, seed=5)] == want
+    q = engine._copy.model.layers[0].self_attn.q_proj.weight
+    assert q.untyped_storage().data_ptr() == engine._fused[0][0].untyped_storage().data_ptr()
 
 
 @pytest.mark.gpu
@@ -267,8 +304,8 @@ def test_cuda_graphs_match_eager(lm, prompts, reference):
     eager = Engine(gpu_lm, max_batch=4, max_seq_len=64).generate(cuda_prompts, GREEDY, 12, 299, num_samples=2)
     params = SamplingParams(temperature=1.0, top_k=20)
     sampled = Engine(gpu_lm, max_batch=4, max_seq_len=64).generate(cuda_prompts, params, 12, 299, num_samples=2, seed=1)
-    for compile in (False, True):
-        graphed = Engine(gpu_lm, max_batch=4, max_seq_len=64, cuda_graphs=True, compile=compile)
+    for compile, copy in ((False, False), (True, False), (True, True)):
+        graphed = Engine(gpu_lm, max_batch=4, max_seq_len=64, cuda_graphs=True, compile=compile, copy_weights=copy)
         for _ in range(2):  # the second call replays graphs captured by the first
             outs = graphed.generate(cuda_prompts, GREEDY, 12, 299, num_samples=2)
             assert [o.tokens for o in outs] == [o.tokens for o in eager]

@@ -16,7 +16,10 @@ step's own input buffers, and into a token history) is one CUDA graph on GPU; th
 ``sync_every`` times, then reads the history once to handle eos, finished rows and refills. With
 ``compile=True`` (GPU) the decoder layer is one ``torch.compile``d function shared by all layers
 (norms, rotary, cache writes and residuals fused), reading concatenated q|k|v and gate|up weight
-copies that are refreshed from the model at every ``generate`` call.
+copies that are refreshed from the model at every ``generate`` call. With ``copy_weights=True`` the
+engine decodes from its own copy of the whole model (refreshed likewise; the fused buffers are that
+copy's weights), so captured graphs stay valid when the model's parameters move between calls, as
+FSDP2's gathered parameters do.
 
 Norms, MLPs, projections and the rotary table are the HF modules' own; only attention and the
 cache are ours, so numerics follow HF's eager/SDPA path in the model's dtype. Sliding-window
@@ -35,7 +38,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from .sampling import SamplingParams, sample_keyed
 
-KV_LEN_BUCKET = 128  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
+KV_LEN_BUCKET = 64  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
 SYNC_EVERY = 16  # decode steps between host reads of the sampled tokens
 COMPILE_DEVICES = ("cuda",)  # where ``compile=True`` takes effect (elsewhere the engine runs eager)
 PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward
@@ -112,6 +115,15 @@ def _compiled() -> tuple[Callable, Callable]:
     return torch.compile(_decode_layer), torch.compile(sample_keyed)
 
 
+def _dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
+    """Tell the compiler up front that these dims (rows, key length, cache sizes) vary: one dynamic
+    graph then serves every engine size and step instead of a recompile per new size (dynamo stops
+    compiling a function after ``recompile_limit`` variants and runs it eager)."""
+    for d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d)
+    return t
+
+
 def row_seed(seed: int, row: int) -> int:
     """Seed of output row ``row``'s generator: a fixed mix of the call's seed and the row index."""
     return (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63)
@@ -121,7 +133,7 @@ class Engine:
     """Generate from prompt embeddings with a static KV cache, shared prefills and continuous batching."""
 
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
-                 compile: bool = False, fuse_weights: bool = True):
+                 compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
@@ -141,6 +153,11 @@ class Engine:
         # every generate call, so optimizer steps are seen) make each decode step 3 GEMMs shorter
         self.fuse_weights = fuse_weights
         self._fused: list[tuple] | None = None
+        # copy_weights: decode from the engine's own copy of the model, refreshed from ``lm`` at every
+        # generate call, so captured graphs survive parameters that move between calls (FSDP2 gathers
+        # them into fresh memory every step); the fused q|k|v and gate|up buffers are that copy's weights
+        self.copy_weights = copy_weights
+        self._copy: torch.nn.Module | None = None
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
@@ -163,23 +180,60 @@ class Engine:
         # one tensor per layer (not views of one), so the compiled layer sees the same static cache
         # shape in every layer; zeros, not empty: masked keys get weight 0, but 0 * NaN is still NaN
         shape = (self.max_batch, self.n_kv_heads, self.max_seq_len, self.head_dim)
-        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.n_layers)]
-        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.n_layers)]
+        self._k = [_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
+        self._v = [_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
         self._state = torch.zeros(3, self.max_batch, dtype=torch.long, device=device)
         self._hist = torch.zeros(self.max_batch, SYNC_EVERY, dtype=torch.long, device=device)
         self._col = torch.zeros((), dtype=torch.long, device=device)
-        self._fused = None
+        self._fused = self._copy = None
         self._graphs.clear()
 
     def _use_graphs(self, device: torch.device) -> bool:
         if not (self.cuda_graphs and device.type == "cuda"):
             return False
         # graphs hold raw pointers: if a parameter tensor was replaced (not updated in place), recapture
-        params = tuple(p.data_ptr() for p in self.lm.parameters())
+        params = tuple(p.data_ptr() for p in self._lm.parameters())
         if params != self._graph_params:
             self._graphs.clear()
+            self._graph_pool = None  # a pool whose graphs are all gone cannot take new captures
             self._graph_params = params
         return True
+
+    @property
+    def _lm(self) -> torch.nn.Module:
+        """The model the decode reads: ``lm`` itself, or the engine's copy of it."""
+        return self._copy if self._copy is not None else self.lm
+
+    @torch.no_grad()
+    def _sync_copy(self, device: torch.device, dtype: torch.dtype, fused: bool) -> None:
+        """Refresh the engine's copy from ``lm`` (built on first use; with ``fused``, each layer's
+        q/k/v and gate/up weights are views into one concatenated buffer, no second copy)."""
+        if self._copy is None:
+            with torch.device(device):
+                copy = type(self.lm)(self.lm.config).to(dtype).eval().requires_grad_(False)
+            self._fused = [self._fuse_layer(layer) for layer in copy.model.layers] if fused else None
+            self._copy = copy
+        src = dict(self.lm.named_parameters())
+        for name, p in self._copy.named_parameters():
+            p.copy_(src[name])
+
+    @staticmethod
+    def _fuse_layer(layer: torch.nn.Module) -> tuple:
+        a, m = layer.self_attn, layer.mlp
+
+        def join(mods: list, attr: str) -> torch.Tensor | None:
+            if getattr(mods[0], attr) is None:
+                return None
+            buf = torch.cat([getattr(mod, attr) for mod in mods])
+            start = 0
+            for mod in mods:
+                n = getattr(mod, attr).shape[0]
+                setattr(mod, attr, torch.nn.Parameter(buf[start:start + n], requires_grad=False))
+                start += n
+            return buf
+
+        qkv = [a.q_proj, a.k_proj, a.v_proj]
+        return join(qkv, "weight"), join(qkv, "bias"), join([m.gate_proj, m.up_proj], "weight")
 
     @torch.no_grad()
     def _sync_fused(self) -> None:
@@ -200,9 +254,9 @@ class Engine:
                         torch.cat(p, out=buf)
 
     def release(self) -> None:
-        """Free the KV cache, fused weights and captured graphs (they are rebuilt on the next call)."""
+        """Free the KV cache, weight copies and captured graphs (they are rebuilt on the next call)."""
         self._k, self._v = [], []
-        self._state = self._hist = self._col = self._fused = None
+        self._state = self._hist = self._col = self._fused = self._copy = None
         self._graphs.clear()
 
     # ---------------------------------------------------------------- model maths
@@ -222,7 +276,7 @@ class Engine:
         return out
 
     def _prefill_batch(self, embs: list[torch.Tensor]) -> list[_Prefill]:
-        model = self.lm.model
+        model = self._lm.model
         lens = [e.shape[0] for e in embs]
         n = max(lens)
         x = embs[0].new_zeros(len(embs), n, embs[0].shape[1])
@@ -238,29 +292,32 @@ class Engine:
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
             x = _attn_out(layer, x, o.transpose(1, 2).reshape(len(embs), n, -1))
         last = x[torch.arange(len(embs), device=x.device), torch.tensor(lens, device=x.device) - 1]
-        logits = self.lm.lm_head(model.norm(last)).float()
+        logits = self._lm.lm_head(model.norm(last)).float()
         keys, values = torch.stack(keys), torch.stack(values)  # (layers, B, kv_heads, n, head_dim)
         return [_Prefill(keys[:, i, :, :m], values[:, i, :, :m], logits[i:i + 1], 0) for i, m in enumerate(lens)]
 
     def _decode_step(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One token for slots ``0..B-1``: input ids ``tok`` (B,) at positions ``pos`` (B,); returns logits (B, V)."""
-        model = self.lm.model
+        model = self._lm.model
         b = tok.shape[0]
         x = model.embed_tokens(tok)[:, None]
         cos, sin = model.rotary_emb(x, pos[:, None])
         rows = torch.arange(b, device=tok.device)
         valid = torch.arange(kv_len, device=tok.device)[None] <= pos[:, None]
         mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, float("-inf"))[:, None, None]
+        for t in (x, cos, sin, rows, pos):
+            _dynamic(t, 0)
+        _dynamic(mask, 0, 3)
         for i, layer in enumerate(model.layers):
             x = self._layer(layer, x, cos, sin, self._k[i], self._v[i], rows, pos, mask,
                             self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None)
-        return self.lm.lm_head(model.norm(x))[:, 0]
+        return self._lm.lm_head(model.norm(x))[:, 0]
 
     def _decode_sample(self, b: int, kv_len: int, params: SamplingParams) -> None:
         """One step for slots ``0..b-1`` from the state buffers: sample, record, advance (no host sync)."""
         tok, pos, seeds = self._state[0, :b], self._state[1, :b], self._state[2, :b]
         logits = self._decode_step(tok, pos, kv_len)
-        new = self._sample(logits, params, seeds, pos)
+        new = self._sample(_dynamic(logits, 0), params, _dynamic(seeds, 0), pos)
         self._hist[:b].index_copy_(1, self._col.view(1), new[:, None])
         self._col.add_(1)
         tok.copy_(new)
@@ -338,15 +395,19 @@ class Engine:
         weight = self.lm.model.embed_tokens.weight
         device, dtype = weight.device, weight.dtype
         self._ensure_cache(device, dtype)
-        graphs = self._use_graphs(device)
-        if self.compile and device.type in COMPILE_DEVICES:
+        compiled = self.compile and device.type in COMPILE_DEVICES
+        if compiled:
             self._layer, self._sample = _compiled()
-            if self.fuse_weights:
-                self._sync_fused()
+        if self.copy_weights:
+            self._sync_copy(device, dtype, fused=compiled and self.fuse_weights)
+        elif compiled and self.fuse_weights:
+            self._sync_fused()
+        graphs = self._use_graphs(device)
         if row_keys is not None and len(row_keys) != n_rows:
             raise ValueError(f"row_keys has {len(row_keys)} keys for {n_rows} output rows")
         keys = range(n_rows) if row_keys is None else row_keys
-        seeds = torch.tensor([row_seed(seed, k) for k in keys], dtype=torch.long, device=device)
+        seed_list = [row_seed(seed, k) for k in keys]
+        seeds = torch.tensor(seed_list, dtype=torch.long, device=device)
         sync_every = 4 if on_token is not None else SYNC_EVERY  # streaming wants small chunks
 
         def emit(row: int, token: int) -> bool:
@@ -373,24 +434,35 @@ class Engine:
                     for p, pre in zip(todo, self._prefill([prompts[p].to(device=device, dtype=dtype) for p in todo])):
                         pre.rows_left = num_samples
                         prefills[p] = pre
-                    for row in window:
-                        next_row = row + 1
-                        p = row // num_samples
-                        pre = prefills[p]
-                        n = pre.keys.shape[2]
-                        token = int(sample_keyed(pre.logits, params, seeds[row:row + 1],
-                                                 torch.tensor([n - 1], device=device))[0])
-                        pre.rows_left -= 1
-                        if pre.rows_left == 0:
-                            del prefills[p]
+                    # first tokens of the whole window in one draw; each prompt's keys/values copied
+                    # into all its new slots at once; the slots' decode state set in one write
+                    window = list(window)
+                    next_row = window[-1] + 1
+                    pres = [prefills[r // num_samples] for r in window]
+                    lens = [pre.keys.shape[2] for pre in pres]
+                    first = sample_keyed(torch.cat([pre.logits for pre in pres]), params, seeds[window[0]:next_row],
+                                         torch.tensor(lens, device=device) - 1).tolist()
+                    placed: dict[int, list[int]] = {}
+                    admitted = []
+                    for row, token, n in zip(window, first, lens):
                         if emit(row, token):
                             continue  # done after one token: the slot stays free for the next row
                         s = free.pop(0)
-                        for i in range(self.n_layers):
-                            self._k[i][s, :, :n] = pre.keys[i]
-                            self._v[i][s, :, :n] = pre.values[i]
-                        state[:, s] = torch.tensor([token, n, int(seeds[row])], device=device)
+                        placed.setdefault(row // num_samples, []).append(s)
+                        admitted.append((s, token, n, seed_list[row]))
                         slot_row[s], slot_pos[s] = row, n
+                    for p, slots in placed.items():
+                        pre, idx = prefills[p], torch.tensor(slots, device=device)
+                        for i in range(self.n_layers):
+                            self._k[i][idx, :, :pre.keys.shape[2]] = pre.keys[i]
+                            self._v[i][idx, :, :pre.keys.shape[2]] = pre.values[i]
+                    if admitted:
+                        s_idx, *columns = zip(*admitted)
+                        state[:, torch.tensor(s_idx, device=device)] = torch.tensor(columns, device=device)
+                    for pre, row in zip(pres, window):
+                        pre.rows_left -= 1
+                        if pre.rows_left == 0:
+                            del prefills[row // num_samples]
                 active = [s for s in range(self.max_batch) if slot_row[s] >= 0]
                 if not active:
                     break

@@ -166,22 +166,24 @@ def load_weights_into(model, ckpt: str | os.PathLike) -> None:
     _load_state(model, read_state_dict(ckpt), ckpt)
 
 
-def model_state(model) -> dict[str, torch.Tensor]:
-    """The state dict as released: contiguous tensors, ``lm_head`` dropped when tied."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def model_state(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict (``model``'s, or ``state``) as released: contiguous tensors, ``lm_head`` dropped when tied."""
+    sd = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.text_config.tie_word_embeddings:
         sd.pop(LM_HEAD, None)
     return sd
 
 
-def save_model(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
-    """Write ``model`` in the released layout, atomically (a ``.tmp`` sibling renamed into place)."""
+def save_model(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` in the released layout, atomically (a ``.tmp`` sibling renamed into place);
+    ``state`` replaces the model's own state dict (e.g. one gathered from sharded parameters)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    sd = model_state(model)
+    sd = model_state(model, state)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     sd = {k: v.cpu() for k, v in sd.items()}

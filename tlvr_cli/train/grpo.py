@@ -27,7 +27,7 @@ from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
 from . import state as S
-from .dist import init_distributed, maybe_no_sync, wrap_data_parallel
+from .dist import Parallel, init_distributed
 from .grpo_math import completion_mask, group_advantages, policy_loss
 from .metrics import plot_metrics
 from .optim import build_optimizer, build_scheduler, clip_gradients
@@ -35,7 +35,7 @@ from .policy import PolicyLogprobs, micro_batch_order, sequence_logprobs
 from .progress import TrainProgress
 from .rewards import reward_name, score_completions
 from .rollout import FeatureCache, PromptLoader, pad_completions, tower_features
-from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final, start_run
+from .setup import apply_tuning, load_skip_set_if_any, prepare_model, start_run
 
 
 def _seed(cfg: GRPOConfig, step: int, salt: int) -> int:
@@ -45,7 +45,7 @@ def _seed(cfg: GRPOConfig, step: int, salt: int) -> int:
 
 def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool = True) -> Path:
     """Run GRPO and return the final model directory (released layout)."""
-    ctx = init_distributed(cfg.model.device, cfg.dist.backend)
+    ctx = init_distributed(cfg.model.device, cfg.dist.backend, need_group=cfg.dist.strategy == "fsdp2")
     if cfg.data.prompts_per_step % ctx.world_size:
         raise TlvrError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the {ctx.world_size} processes")
     run_dir = Path(cfg.output.run_dir)
@@ -65,7 +65,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
         ref = prepare_model(type(cfg.model)(**{**cfg.model.__dict__, "path": cfg.ref_model or cfg.model.path}), ctx)
         ref.requires_grad_(False)
         ref.eval()
-    policy = wrap_data_parallel(PolicyLogprobs(model), ctx, cfg.dist.strategy)
+    par = Parallel(PolicyLogprobs(model), model, ctx, cfg.dist.strategy, prefix="model.")
     tok = model.tokenizer
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
@@ -79,8 +79,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total * cfg.algo.num_iterations)
     config_yaml = to_yaml(cfg)
-    st, logger = start_run(run_dir, resume, model, optimizer, scheduler, config_yaml, seed=cfg.seed,
-                           tensorboard=cfg.output.tensorboard, ctx=ctx)
+    st, logger = start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, seed=cfg.seed,
+                           tensorboard=cfg.output.tensorboard)
 
     cache = FeatureCache(int(8e9)) if cfg.data.feature_cache else None
     loader = PromptLoader(tok, cfg.data.question_template, cfg.video.num_frames, cfg.video.backend,
@@ -88,7 +88,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     max_prompt = max(model.config.num_queries + 512, 1024)
     engine = Engine(model.language_model, max_batch=cfg.perf.engine_max_batch,
                     max_seq_len=max_prompt + cfg.rollout.max_new_tokens, cuda_graphs=cfg.perf.cuda_graphs,
-                    compile=cfg.perf.engine_compile, fuse_weights=cfg.perf.engine_fused_weights)
+                    compile=cfg.perf.engine_compile, fuse_weights=cfg.perf.engine_fused_weights, copy_weights=par.sharded)
     params = SamplingParams(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
 
     def step_rows(step: int) -> list:
@@ -114,7 +114,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
             for err in batch.errors:
                 progress.warn(f"skipped {err}")
             skipped_total += len(batch.errors)
-            m = _grpo_step(cfg, model, ref, engine, params, batch, st.step, ctx, optimizer, scheduler, eos, pad, G, cache, policy)
+            m = _grpo_step(cfg, model, ref, engine, params, batch, st.step, ctx, optimizer, scheduler, eos, pad, G, cache, par)
             st.step += 1
             st.extra["skipped"] = skipped_total
             m["data/skipped"] = skipped_total
@@ -132,9 +132,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
                 with samples_path.open("a") as f:
                     f.write(json.dumps({"step": st.step, "samples": m["_samples"]}) + "\n")
             save_now = cfg.output.save_every and st.step % cfg.output.save_every == 0
-            if (save_now or interrupted["flag"] or st.step == total) and ctx.is_main:
-                S.save_checkpoint(run_dir, st, model, optimizer, scheduler, config_yaml, keep_last=cfg.output.keep_last)
-            ctx.barrier()
+            if save_now or interrupted["flag"] or st.step == total:
+                par.save_checkpoint(run_dir, st, optimizer, scheduler, config_yaml, cfg.output.keep_last)
             if interrupted["flag"]:
                 raise KeyboardInterrupt
     finally:
@@ -142,7 +141,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
         progress.stop()
         loader.close()
         logger.close()
-    final = save_final(model, run_dir, ctx)
+    final = par.save_final(run_dir)
     if ctx.is_main:
         reward_keys = [f"rewards/{reward_name(spec.function)}" for spec in cfg.algo.rewards]
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", ["reward", *reward_keys, "completion_length", "kl"],
@@ -150,8 +149,9 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     return final
 
 
-def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, scheduler, eos, pad, G, cache, policy=None) -> dict:
-    policy = policy if policy is not None else PolicyLogprobs(model)
+def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, scheduler, eos, pad, G, cache,
+               par: Parallel | None = None) -> dict:
+    par = par if par is not None else Parallel(PolicyLogprobs(model), model, ctx, "none", prefix="model.")
     t0 = time.perf_counter()
     device = ctx.device
     B = len(batch.rows)
@@ -164,7 +164,7 @@ def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, sch
     # 1. rollouts: G samples per prompt, sharing the prompt's prefill
     t1 = time.perf_counter()
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), par.full_params():  # fsdp2: the engine reads the gathered weights
         prompts = model.prompt_embeddings(batch.input_ids, model.connector(feats))
         # rows keyed by dataset index: the same samples however the step's prompts are split over ranks
         outs = engine.generate(prompts, params, cfg.rollout.max_new_tokens, eos, num_samples=G, seed=_seed(cfg, step, 1),
@@ -206,8 +206,8 @@ def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, sch
         if cfg.algo.num_iterations > 1:
             old_logp = torch.zeros(mask.shape, device=device)
             for rows in groups:
-                old_logp[rows] = sequence_logprobs(model, feats, batch.input_ids, seq_prompt, completions, lengths, rows,
-                                                   chunk_size=cfg.perf.logprob_chunk_size).float()
+                old_logp[rows] = par.module(feats, batch.input_ids, seq_prompt, completions, lengths, rows,
+                                            chunk_size=cfg.perf.logprob_chunk_size).float()
     timings["time/ref_logprob_s"] = time.perf_counter() - t3
     model.train()
     model.vision_tower.eval()
@@ -221,8 +221,8 @@ def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, sch
     plan = [(rows, 1.0) for rows in groups] + [(groups[0], 0.0)] * (n_micro - len(groups))
     for _ in range(cfg.algo.num_iterations):
         for j, (rows, weight) in enumerate(plan):
-            with maybe_no_sync(policy, j < len(plan) - 1):
-                logp = policy(feats, batch.input_ids, seq_prompt, completions, lengths, rows,
+            with par.no_sync(j < len(plan) - 1):
+                logp = par.module(feats, batch.input_ids, seq_prompt, completions, lengths, rows,
                               chunk_size=cfg.perf.logprob_chunk_size).float()
                 loss, stats = policy_loss(
                     logp, None if ref_logp is None else ref_logp[rows], adv[rows], mask[rows].float(),

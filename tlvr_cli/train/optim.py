@@ -125,10 +125,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer | MasterAdamW, cfg: OptimCo
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Clip the global grad norm (computed in fp32); returns the norm before clipping."""
+    """Clip the global grad norm (torch's, per-tensor norms accumulated in fp32); returns the norm
+    before clipping. Works on sharded (DTensor) gradients too: the norm is reduced over the processes."""
     params = [p for _, p in trainable_parameters(model) if p.grad is not None]
     if not params:
         return 0.0
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if hasattr(total, "full_tensor"):  # a DTensor: the norm of the local shards, reduced over the mesh
+        total = total.full_tensor()
     if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return float(total)

@@ -1,4 +1,4 @@
-"""Pieces shared by the training loops: model loading, trainable parts, run start and resume, skip lists, final save."""
+"""Pieces shared by the training loops: model loading, trainable parts, run start and resume, skip lists."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..jobs import TuneConfig
-from .dist import DistContext
+from .dist import DistContext, Parallel
 
 
 def prepare_model(cfg: ModelConfig, ctx: DistContext):
@@ -44,20 +44,9 @@ def load_skip_set_if_any(report: str) -> set[str]:
     return load_skip_set(Path(report))
 
 
-def save_final(model: nn.Module, run_dir: Path, ctx: DistContext) -> Path:
-    """Write the final model (released layout) to ``<run_dir>/final``."""
-    from ..model.checkpoint import save_model
-
-    out = Path(run_dir) / "final"
-    if ctx.is_main:
-        save_model(model, out)
-    ctx.barrier()
-    return out
-
-
-def start_run(run_dir: Path, resume: str | None, model, optimizer, scheduler, config_yaml: str, *, seed: int,
-              tensorboard: bool, ctx: DistContext):
-    """Restore model, optimizer, scheduler and trainer state from the checkpoint ``resume`` names (if any),
+def start_run(run_dir: Path, resume: str | None, par: Parallel, optimizer, scheduler, config_yaml: str, *, seed: int,
+              tensorboard: bool):
+    """Restore weights, optimizer, scheduler and trainer state from the checkpoint ``resume`` names (if any),
     write the resolved config into the run directory, and open its metrics log.
 
     Returns ``(state, logger)``.
@@ -68,12 +57,9 @@ def start_run(run_dir: Path, resume: str | None, model, optimizer, scheduler, co
     ckpt = S.resolve_resume(run_dir, resume)
     st = S.TrainState(cursor=S.DataCursor(seed=seed))
     if ckpt is not None:
-        from ..model.checkpoint import load_weights_into
-
-        load_weights_into(model, ckpt)
-        st = S.load_trainer_state(ckpt, optimizer, scheduler)
-    if ctx.is_main:
+        st = par.load_checkpoint(ckpt, optimizer, scheduler)
+    if par.ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
-    logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=tensorboard, enabled=ctx.is_main)
+    logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=tensorboard, enabled=par.ctx.is_main)
     return st, logger

@@ -27,11 +27,11 @@ from ..jobs import ColdstartConfig
 from ..video.decode import read_frames
 from ..video.preprocess import preprocess_frames
 from . import state as S
-from .dist import DistContext, init_distributed, maybe_no_sync, wrap_data_parallel
+from .dist import DistContext, Parallel, init_distributed
 from .metrics import plot_metrics
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .progress import TrainProgress
-from .setup import apply_tuning, load_skip_set_if_any, prepare_model, save_final, start_run
+from .setup import apply_tuning, load_skip_set_if_any, prepare_model, start_run
 
 
 @dataclass
@@ -85,7 +85,7 @@ def micro_batches(order: list[int], step: int, cfg: ColdstartConfig, ctx: DistCo
 
 def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progress: bool = True) -> Path:
     """Train, checkpoint and return the final model directory (released layout)."""
-    ctx = init_distributed(cfg.model.device, cfg.dist.backend)
+    ctx = init_distributed(cfg.model.device, cfg.dist.backend, need_group=cfg.dist.strategy == "fsdp2")
     run_dir = Path(cfg.output.run_dir)
     root = Path(cfg.data.root) if cfg.data.root else data_root() / "train"
     records = read_coldstart_records(root / cfg.data.annotations, root)
@@ -106,13 +106,14 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     total = steps_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps)
-    train_model = wrap_data_parallel(model, ctx, cfg.dist.strategy)
+    par = Parallel(model, model, ctx, cfg.dist.strategy)
+    train_model = par.module
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     config_yaml = to_yaml(cfg)
 
-    st, logger = start_run(run_dir, resume, model, optimizer, scheduler, config_yaml, seed=cfg.seed,
-                           tensorboard=cfg.output.tensorboard, ctx=ctx)
+    st, logger = start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, seed=cfg.seed,
+                           tensorboard=cfg.output.tensorboard)
 
     dataset = ColdstartDataset(records, tokenizer, image_size, model.config.num_queries, cfg)
     interrupted = {"flag": False}
@@ -152,7 +153,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                             continue
                         good, weight = last_good, 0.0  # keep the ranks' collective calls in step
                     last_good = good
-                    with maybe_no_sync(train_model, micro < cfg.grad_accum - 1):
+                    with par.no_sync(micro < cfg.grad_accum - 1):
                         out = train_model(
                             input_ids=[s.input_ids for s in good],
                             labels=[s.labels for s in good],
@@ -178,8 +179,8 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                     logger.log(st.step, metrics)
                 progress.update(st.step, {"loss": loss_sum, "lr": lr, "gnorm": grad_norm})
                 save_now = cfg.output.save_every and st.step % cfg.output.save_every == 0
-                if (save_now or interrupted["flag"] or st.step == total) and ctx.is_main:
-                    S.save_checkpoint(run_dir, st, model, optimizer, scheduler, config_yaml, keep_last=cfg.output.keep_last)
+                if save_now or interrupted["flag"] or st.step == total:
+                    par.save_checkpoint(run_dir, st, optimizer, scheduler, config_yaml, cfg.output.keep_last)
                 if interrupted["flag"]:
                     progress.stop()
                     raise KeyboardInterrupt
@@ -188,7 +189,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
         signal.signal(signal.SIGINT, old_handler)
         progress.stop()
         logger.close()
-    final = save_final(model, run_dir, ctx)
+    final = par.save_final(run_dir)
     if ctx.is_main:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", ["train/loss", "train/grad_norm", "train/lr"], title="cold start")
     return final

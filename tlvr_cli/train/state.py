@@ -96,14 +96,19 @@ def save_checkpoint(
     run_dir: Path,
     state: TrainState,
     model: torch.nn.Module,
-    optimizer: Any,
+    optimizer_state: dict,
     scheduler: Any,
     config_yaml: str,
     *,
     keep_last: int = 2,
-    save_model_fn: Any = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``step-N`` atomically and prune older step checkpoints beyond ``keep_last``."""
+    """Write ``step-N`` atomically and prune older step checkpoints beyond ``keep_last``.
+
+    The model goes out in the released layout (``weights`` when given, e.g. gathered from shards,
+    else ``model``'s own state, rounded to ``weights_dtype`` when given); ``optimizer_state`` is
+    what ``Parallel.optimizer_state`` returned."""
     from ..model.checkpoint import save_model
 
     final = checkpoint_dir(run_dir, state.step)
@@ -111,12 +116,12 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    (save_model_fn or save_model)(model, tmp)
+    save_model(model, tmp, state=weights, dtype=weights_dtype)
     payload = {
         "step": state.step,
         "cursor": state.cursor.__dict__,
         "extra": state.extra,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
     }
@@ -131,10 +136,13 @@ def save_checkpoint(
     return final
 
 
-def load_trainer_state(ckpt: Path, optimizer: Any, scheduler: Any) -> TrainState:
-    """Restore optimizer, scheduler and RNG from ``ckpt``; the model weights are loaded by the caller."""
-    payload = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(payload["optimizer"])
+def read_trainer_state(ckpt: Path) -> dict:
+    return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def restore_trainer_state(payload: dict, scheduler: Any) -> TrainState:
+    """Restore the scheduler and RNG from a ``trainer_state.pt`` payload; the caller restores
+    weights and optimizer (their layout depends on ``dist.strategy``)."""
     scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])
     return TrainState(step=payload["step"], cursor=DataCursor(**payload["cursor"]), extra=payload.get("extra", {}))
