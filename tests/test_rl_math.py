@@ -68,10 +68,15 @@ def test_group_advantages_unbiased_std_and_noise():
     std = torch.tensor([1.0, 2.0, 3.0, 4.0]).std()  # unbiased
     assert torch.allclose(adv[:4], (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / (std + 1e-4))
     assert torch.equal(adv[4:], torch.zeros(4))
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    n1 = group_advantages(r, 4, noise_std=0.02, generator=g1)
-    n2 = group_advantages(r, 4, noise_std=0.02, generator=g2)
-    assert torch.equal(n1, n2) and (n1[4:] != 0).all() and (n1[4:].abs() < 0.2).all()
+    n1 = group_advantages(r, 4, noise_std=0.02, noise_seeds=[3, 7])
+    assert torch.equal(n1, group_advantages(r, 4, noise_std=0.02, noise_seeds=[3, 7]))
+    assert (n1[4:] != 0).all() and (n1[4:].abs() < 0.2).all()
+    # a group's noise follows its own seed, not its place in the batch
+    alone = group_advantages(r[4:], 4, noise_std=0.02, noise_seeds=[7])
+    assert torch.equal(n1[4:], alone)
+    assert not torch.equal(n1[4:], group_advantages(r[4:], 4, noise_std=0.02, noise_seeds=[8]))
+    with pytest.raises(ValueError, match="one seed per group"):
+        group_advantages(r, 4, noise_std=0.02)
 
 
 def test_k3_kl_and_clamp():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,11 @@ SET_HELP = "Override a preset key: dotted.key=value (repeatable), e.g. --set opt
 RESUME_HELP = "Resume from 'auto' (the latest checkpoint in the run directory) or a checkpoint directory."
 
 
+def _done(final: Path) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process under torchrun
+        console.print(f"[green]done[/]: model saved to {final}")
+
+
 def coldstart(
     preset: str = typer.Option("coldstart", "--preset", "-p", help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -31,8 +37,7 @@ def coldstart(
     from ..train.sft import run_coldstart
 
     cfg = load_config(ColdstartConfig, preset, set_, extra={"output": {"run_dir": run_dir}} if run_dir else None)
-    final = run_coldstart(cfg, resume=resume)
-    console.print(f"[green]done[/]: model saved to {final}")
+    _done(run_coldstart(cfg, resume=resume))
 
 
 def grpo(
@@ -52,8 +57,7 @@ def grpo(
         return
     from ..train.grpo import run_grpo
 
-    final = run_grpo(cfg, resume=resume)
-    console.print(f"[green]done[/]: model saved to {final}")
+    _done(run_grpo(cfg, resume=resume))
 
 
 def infer(

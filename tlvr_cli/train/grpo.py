@@ -184,11 +184,10 @@ def _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, sch
                "problem": [r.problem for r in batch.rows for _ in range(G)]}
     rewards, components = score_completions(texts, columns, cfg.algo)
     rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
-    adv = group_advantages(rewards_t.cpu(), G, scale=cfg.algo.scale_rewards, eps=cfg.algo.std_eps)
-    if cfg.algo.advantage_noise_std:  # drawn per prompt (keyed by dataset index), like the rollouts
-        adv += cfg.algo.advantage_noise_std * torch.cat([
-            torch.randn(G, generator=torch.Generator().manual_seed(row_seed(_seed(cfg, step, 2), r.index))) for r in batch.rows])
-    adv = adv.to(device)
+    # noise keyed by the prompt's dataset index, like the rollouts
+    adv = group_advantages(rewards_t.cpu(), G, scale=cfg.algo.scale_rewards, eps=cfg.algo.std_eps,
+                           noise_std=cfg.algo.advantage_noise_std,
+                           noise_seeds=[row_seed(_seed(cfg, step, 2), r.index) for r in batch.rows]).to(device)
     group_std = rewards_t.view(B, G).std(dim=1)
     timings["time/score_s"] = time.perf_counter() - t2
 

@@ -14,16 +14,20 @@ def completion_mask(completions: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4,
-                     noise_std: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(r − μ_group) / (σ_group + eps)`` with the unbiased std, plus N(0, noise_std²) per sample."""
+                     noise_std: float = 0.0, noise_seeds: list[int] | None = None) -> torch.Tensor:
+    """``(r − μ_group) / (σ_group + eps)`` with the unbiased std, plus N(0, noise_std²) per sample,
+    group ``g``'s noise drawn from a generator seeded ``noise_seeds[g]`` (key it by the prompt, and
+    a group gets the same noise whichever process or batch it lands in)."""
     r = rewards.float().view(-1, group_size)
     adv = r - r.mean(1, keepdim=True)
     if scale:
         adv = adv / (r.std(1, keepdim=True) + eps)
-    adv = adv.flatten()
     if noise_std:
-        adv = adv + noise_std * torch.randn(adv.shape, generator=generator, dtype=adv.dtype, device=adv.device)
-    return adv
+        if noise_seeds is None or len(noise_seeds) != r.shape[0]:
+            raise ValueError(f"advantage noise needs one seed per group ({r.shape[0]}), got {noise_seeds!r}")
+        noise = torch.stack([torch.randn(group_size, generator=torch.Generator().manual_seed(s)) for s in noise_seeds])
+        adv = adv + noise_std * noise.to(adv.device)
+    return adv.flatten()
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", clamp: float = 100.0) -> torch.Tensor:
