@@ -44,7 +44,7 @@ QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, n
 
 
 def build(config: str, device: torch.device, dtype: torch.dtype):
-    from tlvr_cli.model.tiny import build_tiny_model, tiny_config, tiny_tokenizer
+    from tlvr_cli.model.tiny import build_tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     if config == "tiny":

@@ -12,7 +12,7 @@ import yaml
 
 from tlvr_cli import config as C
 from tlvr_cli.errors import TlvrError
-from tlvr_cli.jobs import JOBS, ColdstartConfig, EvalConfig, GRPOConfig
+from tlvr_cli.jobs import JOBS, ColdstartConfig, GRPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tlvr_cli.data.fetch import (MANIFEST, TARGETS, HfHubClient, LocalHubClient, extract_archive, extraction_marker,
-                                 fetch_targets)
+from tlvr_cli.data.archive import extract_archive, extraction_marker
+from tlvr_cli.data.fetch import MANIFEST, TARGETS, fetch_targets
+from tlvr_cli.data.hub import HfHubClient, LocalHubClient
 from tlvr_cli.errors import TlvrError
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(64))
@@ -267,7 +268,7 @@ def test_zip_members_merge_into_existing_tree(tmp_path):
 
 
 def test_hub_byte_counts_reach_the_progress_bar():
-    from tlvr_cli.data.fetch import _forwarding_tqdm
+    from tlvr_cli.data.hub import _forwarding_tqdm
 
     seen: list[int] = []
     cls = _forwarding_tqdm(seen.append)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tlvr_cli.cli import main
 from tlvr_cli.config import load_config

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import os
 import types
-import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints

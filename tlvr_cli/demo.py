@@ -4,17 +4,16 @@ before/after evaluation on the held-out synthetic split. Each stage is skipped w
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .config import load_config, to_yaml
+from .config import load_config
 from .data.records import data_root
-from .jobs import ColdstartConfig, EvalConfig, GRPOConfig, ModelConfig
+from .files import write_json_atomic
+from .jobs import ColdstartConfig, EvalConfig, GRPOConfig
 
 console = Console(stderr=True, highlight=False)
 
@@ -129,9 +128,7 @@ def _print_table(scores: list[StageScore], run_dir: Path) -> None:
                       *([_pct(s.sampled_format_rate)] if sampled else []), f"{s.format_rate:.1f}", str(s.n))
     Console(highlight=False).print(table)
     out = run_dir / "demo.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps([dataclasses.asdict(s) for s in scores], indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, [dataclasses.asdict(s) for s in scores])
     console.print(f"curves: {run_dir / 'curves.png'}   table: {out}")
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TlvrError
+from ..files import write_json_atomic
 from .records import data_root, read_coldstart_records, read_grpo_rows
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv")
@@ -103,9 +104,7 @@ def write_report(results: list[CheckResult], path: Path, target: str) -> dict:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, report, indent=1)
     return report
 
 

@@ -21,47 +21,29 @@ write ``<dest>/tlvr-manifest.json``. Layout under the data root (``--root`` / ``
 An archive is extracted into the directory holding it, through a temp dir, and then marked done with
 ``.extracted-<archive name>``; without the marker it is extracted again from scratch. When a repo wraps everything
 in one top folder (MLVU's ``MLVU/``), its entries are linked into the destination so the layout above holds.
+The hub clients live in ``hub.py``, the extraction in ``archive.py``; this module holds the targets and the run.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import hashlib
 import json
-import os
-import shutil
-import tarfile
-import tempfile
-import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Callable, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from ..errors import TlvrError
+from ..files import write_json_atomic
+from .archive import extract_archive, extraction_marker, is_archive, now_utc
+from .hub import HfHubClient, HubClient, RemoteFile
 
 MANIFEST = "tlvr-manifest.json"
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 _MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")  # spec §2: skips TensorBoard logs and training_args.bin
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str
-    size: int | None
-    sha256: str | None = None
-
-
-class HubClient(Protocol):
-    def list_files(self, repo_id: str, repo_type: str) -> list[RemoteFile]: ...
-
-    def download(self, repo_id: str, repo_type: str, filename: str, local_dir: Path,
-                 on_bytes: Callable[[int], None] | None = None) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -142,110 +124,6 @@ class FetchResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# hub clients
-
-
-class HfHubClient:
-    """The real hub: lists with ``list_repo_tree`` (sizes, LFS sha256) and downloads with ``hf_hub_download``."""
-
-    def __init__(self, token: str | None = None, timeout: float = 10.0, endpoint: str | None = None) -> None:
-        self.token = token  # None = huggingface_hub's own lookup (HF_TOKEN, `hf auth login`)
-        self.timeout = timeout
-        self.endpoint = endpoint  # None = HF_ENDPOINT or huggingface.co
-        self.revisions: dict[str, str] = {}
-
-    def list_files(self, repo_id: str, repo_type: str) -> list[RemoteFile]:
-        from huggingface_hub import HfApi
-        from huggingface_hub.hf_api import RepoFile
-
-        _raise_if_offline()
-        api = HfApi(token=self.token, endpoint=self.endpoint)
-        # Pin the revision so the listing and every download see the same commit.
-        sha = api.repo_info(repo_id, repo_type=repo_type, timeout=self.timeout).sha
-        if sha:
-            self.revisions[repo_id] = sha
-        return [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else None)
-                for e in api.list_repo_tree(repo_id, recursive=True, repo_type=repo_type, revision=sha)
-                if isinstance(e, RepoFile)]
-
-    def resolved_revision(self, repo_id: str) -> str | None:
-        return self.revisions.get(repo_id)
-
-    def download(self, repo_id: str, repo_type: str, filename: str, local_dir: Path,
-                 on_bytes: Callable[[int], None] | None = None) -> Path:
-        from huggingface_hub import hf_hub_download
-
-        _raise_if_offline()
-        # hf_hub_download resumes partial files kept under local_dir/.cache/huggingface.
-        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=self.revisions.get(repo_id),
-                                    local_dir=local_dir, token=self.token, etag_timeout=self.timeout, endpoint=self.endpoint,
-                                    tqdm_class=_forwarding_tqdm(on_bytes) if on_bytes else None))
-
-
-class LocalHubClient:
-    """A hub laid out on disk: ``<root>/<repo_type>s/<owner>/<name>/...``; downloads are copies."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def _repo(self, repo_id: str, repo_type: str) -> Path:
-        repo = self.root / f"{repo_type}s" / repo_id
-        if not repo.is_dir():
-            raise FileNotFoundError(f"{repo_id}: no such repo under {self.root}")
-        return repo
-
-    def list_files(self, repo_id: str, repo_type: str) -> list[RemoteFile]:
-        repo = self._repo(repo_id, repo_type)
-        return [RemoteFile(p.relative_to(repo).as_posix(), p.stat().st_size, _sha256(p))
-                for p in sorted(repo.rglob("*")) if p.is_file()]
-
-    def download(self, repo_id: str, repo_type: str, filename: str, local_dir: Path,
-                 on_bytes: Callable[[int], None] | None = None) -> Path:
-        src = self._repo(repo_id, repo_type) / filename
-        dst = Path(local_dir) / filename
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        if on_bytes:
-            on_bytes(dst.stat().st_size)
-        return dst
-
-
-def _raise_if_offline() -> None:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so a late setting still avoids any request.
-    from huggingface_hub import constants
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
-        raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
-
-
-def _forwarding_tqdm(on_bytes: Callable[[int], None]):
-    from tqdm.auto import tqdm
-
-    class ForwardingTqdm(tqdm):  # silent bar whose byte counts feed our rich progress
-        def __init__(self, *args, **kwargs):
-            # Xet downloads report a "reconstructing" bar beside the byte bar; count bytes once.
-            self._forward = "reconstructing" not in str(kwargs.get("desc") or "")
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-        def update(self, n=1):
-            if n and self._forward:
-                on_bytes(int(n))
-            return super().update(n)
-
-    return ForwardingTqdm
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # errors
 
 
@@ -290,77 +168,6 @@ def _hub_call(fn: Callable, target: Target, dest: Path):
         if message is None:
             raise
         raise TlvrError(message) from exc
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# archives
-
-
-def is_archive(name: str) -> bool:
-    return name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
-def extraction_marker(archive: Path) -> Path:
-    return archive.parent / f".extracted-{archive.name}"
-
-
-def _safe_member(name: str, archive: Path) -> None:
-    parts = Path(name).parts
-    if name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts or (parts and ":" in parts[0]):
-        raise TlvrError(f"{archive}: unsafe member {name!r} (it points outside the archive); nothing extracted")
-
-
-def _extract_into(archive: Path, into: Path) -> None:
-    if archive.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
-                _safe_member(name, archive)
-            zf.extractall(into)
-        return
-    with tarfile.open(archive) as tf:
-        members = tf.getmembers()
-        for m in members:
-            _safe_member(m.name, archive)
-            if m.issym() or m.islnk():
-                _safe_member(os.path.normpath(os.path.join(os.path.dirname(m.name), m.linkname))
-                             if m.issym() else m.linkname, archive)
-            elif not (m.isfile() or m.isdir()):
-                raise TlvrError(f"{archive}: member {m.name!r} is a device or fifo; nothing extracted")
-        tf.extractall(into, members=members, filter="data")
-
-
-def _merge_move(src: Path, dst: Path) -> None:
-    if src.is_dir() and not src.is_symlink() and dst.is_dir() and not dst.is_symlink():
-        for child in src.iterdir():
-            _merge_move(child, dst / child.name)
-        src.rmdir()
-        return
-    if dst.is_dir() and not dst.is_symlink():
-        shutil.rmtree(dst)
-    elif dst.exists() or dst.is_symlink():
-        dst.unlink()  # left over from an interrupted extraction
-    os.replace(src, dst)
-
-
-def extract_archive(archive: Path, size: int | None = None) -> bool:
-    """Extract ``archive`` next to itself unless its marker says it is done; True if it was extracted now."""
-    marker = extraction_marker(archive)
-    if marker.exists():
-        return False
-    into = archive.parent
-    stage = into / f".tlvr-extract-{archive.name}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
-    try:
-        _extract_into(archive, stage)
-        for entry in sorted(stage.iterdir()):
-            _merge_move(entry, into / entry.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    _write_json(marker, {"archive": archive.name, "size": size if size is not None else archive.stat().st_size,
-                         "time": _now()})
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,25 +352,10 @@ def _write_manifest(target: Target, result: FetchResult) -> None:
         return
     extracted = sorted(f.path for f in result.files
                        if is_archive(f.path) and extraction_marker(result.dest / f.path).is_file())
-    _write_json(result.dest / MANIFEST, {
+    write_json_atomic(result.dest / MANIFEST, {
         "target": target.name, "repo": target.repo_id, "repo_type": target.repo_type, "revision": result.revision,
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in result.files],
-        "extracted": extracted, "time": _now()})
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        "extracted": extracted, "time": now_utc()})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TlvrError
+from ..files import write_text_atomic
 from ..jobs import GRPO_QUESTION_TEMPLATE, SynthConfig
 
 LETTERS = "ABCDE"
@@ -227,12 +228,6 @@ def coldstart_record(q: SynthQuestion, style: str = "scene") -> dict:
     return {"video": q.video.rel, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _validate(cfg: SynthConfig) -> None:
     if not cfg.root:
         raise TlvrError("synth: root is empty (pass --root or set root=...)")
@@ -291,8 +286,8 @@ def write_synthetic_dataset(cfg: SynthConfig, *, progress: bool = True) -> Path:
     def jsonl(qs: list[SynthQuestion]) -> str:
         return "".join(json.dumps(grpo_row(i, q), ensure_ascii=False) + "\n" for i, q in enumerate(qs))
 
-    _write_atomic(root / TRAIN_FILE, jsonl(train_q))
-    _write_atomic(root / EVAL_FILE, jsonl(eval_q))
-    _write_atomic(root / COLDSTART_FILE, json.dumps([coldstart_record(q, cfg.reasoning) for q in cold_q], ensure_ascii=False, indent=1) + "\n")
-    _write_atomic(marker, digest + "\n")
+    write_text_atomic(root / TRAIN_FILE, jsonl(train_q))
+    write_text_atomic(root / EVAL_FILE, jsonl(eval_q))
+    write_text_atomic(root / COLDSTART_FILE, json.dumps([coldstart_record(q, cfg.reasoning) for q in cold_q], ensure_ascii=False, indent=1) + "\n")
+    write_text_atomic(marker, digest + "\n")
     return root

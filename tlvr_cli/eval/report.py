@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import yaml
 
 from ..errors import TlvrError
+from ..files import write_json_atomic, write_text_atomic
 from .benchmarks import get_benchmark
 
 NO_ANSWER_HOWS = ("none", "empty", "random")  # parse rules that found no letter in the text
@@ -177,18 +177,12 @@ def score_answers(rows: list[dict], benchmark: str, *, n_boot: int = 1000, seed:
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(report: Report, out_dir: Path) -> None:
     """Write ``results.json`` and ``results.md`` into ``out_dir`` (each replaced atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "results.json", json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(out_dir / "results.md", report.markdown())
+    write_json_atomic(out_dir / "results.json", report.to_json())
+    write_text_atomic(out_dir / "results.md", report.markdown())
 
 
 def read_answer_rows(path: Path) -> list[dict]:

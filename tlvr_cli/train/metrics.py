@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..files import write_text_atomic
+
 
 class MetricsLogger:
     """Appends ``{"step": N, ...}`` lines to ``metrics.jsonl`` and flushes each one.
@@ -26,9 +28,7 @@ class MetricsLogger:
         keep: list[str] = []
         if resume_step is not None and self.path.exists():
             keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
         self.file = self.path.open("a")
         if tensorboard:
             try:

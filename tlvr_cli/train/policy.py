@@ -40,7 +40,7 @@ def sequence_logprobs(
     uniq = sorted({seq_prompt[r] for r in rows})
     slot = {p: j for j, p in enumerate(uniq)}
     visual = model.connector(tower_feats[uniq])  # (U, Q, D)
-    ids, vis, prompt_lens = [], [], []
+    ids, vis = [], []
     for r in rows:
         p = seq_prompt[r]
         n = int(lengths[r])
