@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="Decode without torch.compile (CUDA graphs only).")
     ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for the no-cache estimate")
+    ap.add_argument("--engine-max-batch", type=int, default=0,
+                    help="rows the engine decodes at once (default: all of this process's completions); fewer use less memory")
+    ap.add_argument("--no-fused-weights", action="store_true", help="perf.engine_fused_weights=false (3.6 GB less at 3B)")
     ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp2"], default="auto", help="dist.strategy (auto: ddp with several processes)")
     args = ap.parse_args(argv)
 
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     ref.requires_grad_(False).eval()
     cfg = load_config(GRPOConfig, None, extra={
         "algo": {"num_generations": args.generations}, "rollout": {"max_new_tokens": args.new_tokens},
-        "perf": {"micro_batch_size": args.micro_batch, "engine_max_batch": n_local * args.generations,
+        "perf": {"micro_batch_size": args.micro_batch, "engine_max_batch": args.engine_max_batch or n_local * args.generations,
+                 "engine_fused_weights": not args.no_fused_weights,
                  "cuda_graphs": not args.no_graphs and device.type == "cuda",
                  "engine_compile": not args.no_compile, "force_max_new_tokens": True},
         "data": {"prompts_per_step": args.prompts}, "optim": {"lr": 1e-6, "scheduler": "cosine", "warmup_ratio": 0.03}})
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [prompt_ids(tok, r, cfg.data.question_template) for r in rows]
     pixels = [torch.rand(args.frames, 3, size, size) * 2 - 1 for _ in rows]
     batch = PromptBatch(rows, ids, pixels)
-    engine = Engine(model.language_model, max_batch=n_local * args.generations,
+    engine = Engine(model.language_model, max_batch=cfg.perf.engine_max_batch,
                     max_seq_len=model.config.num_queries + 512 + args.new_tokens, cuda_graphs=cfg.perf.cuda_graphs,
                     compile=cfg.perf.engine_compile, fuse_weights=cfg.perf.engine_fused_weights, copy_weights=par.sharded)
     params = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
