@@ -131,6 +131,16 @@ def test_weight_copy_decodes_the_same_and_follows_the_model(lm, prompts, referen
         with torch.no_grad():
             layer.mlp.up_proj.weight.copy_(saved["model.layers.1.mlp.up_proj.weight"])
     assert [o.tokens for o in engine.generate(prompts, GREEDY, 12, 299)] == reference
+    # a bf16 model gets a bf16 copy with the model's own buffers, and the same tokens
+    half = Qwen2ForCausalLM(lm.config).eval()
+    half.load_state_dict(lm.state_dict())
+    half = half.to(torch.bfloat16)
+    half_prompts = [p.to(torch.bfloat16) for p in prompts]
+    plain = Engine(half, max_batch=4, max_seq_len=64).generate(half_prompts, GREEDY, 6, 299)
+    copied = Engine(half, max_batch=4, max_seq_len=64, copy_weights=True)
+    assert [o.tokens for o in copied.generate(half_prompts, GREEDY, 6, 299)] == [o.tokens for o in plain]
+    assert {p.dtype for p in copied._copy.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
 
 
 def test_greedy_num_samples_share_prefill(lm, prompts, reference):

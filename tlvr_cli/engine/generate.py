@@ -209,8 +209,16 @@ class Engine:
         """Refresh the engine's copy from ``lm`` (built on first use; with ``fused``, each layer's
         q/k/v and gate/up weights are views into one concatenated buffer, no second copy)."""
         if self._copy is None:
-            with torch.device(device):
-                copy = type(self.lm)(self.lm.config).to(dtype).eval().requires_grad_(False)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)  # built in the target dtype: no transient fp32 model
+            try:
+                with torch.device(device):
+                    copy = type(self.lm)(self.lm.config).eval().requires_grad_(False)
+            finally:
+                torch.set_default_dtype(default)
+            for name, buf in self.lm.named_buffers():  # e.g. the rotary table, in the dtype the model keeps it
+                module, _, attr = name.rpartition(".")
+                copy.get_submodule(module)._buffers[attr] = buf.detach().clone()
             self._fused = [self._fuse_layer(layer) for layer in copy.model.layers] if fused else None
             self._copy = copy
         src = dict(self.lm.named_parameters())
