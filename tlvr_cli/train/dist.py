@@ -139,6 +139,11 @@ class Parallel:
         if not torch_dist.is_initialized():
             raise TlvrError("dist.strategy=fsdp2 needs a process group (init_distributed(..., need_group=True))")
         tower = set(self.model.vision_tower.parameters())
+        if any(p.requires_grad for p in tower):
+            # the tower stays replicated outside the shards (GRPO runs it on its own, once per video):
+            # its gradients would never be averaged over the processes
+            raise TlvrError("dist.strategy=fsdp2 keeps the vision tower frozen and replicated; set tune.vision_tower=false "
+                            "or train the tower with dist.strategy=ddp")
         dtype = next(p.dtype for p in self.model.language_model.parameters())
         mp = MixedPrecisionPolicy()
         if dtype in (torch.bfloat16, torch.float16):
