@@ -51,3 +51,37 @@ def test_fsdp2_refuses_a_trainable_tower(ctx):
     apply_tuning(model, TuneConfig(vision_tower=True), gradient_checkpointing=False)
     with pytest.raises(TlvrError, match="tune.vision_tower=false"):
         Parallel(model, model, ctx, "fsdp2")
+
+
+def test_fsdp2_checkpoint_keeps_the_fp32_masters(ctx, tmp_path):
+    from tlvr_cli.jobs import OptimConfig
+    from tlvr_cli.train import state as S
+    from tlvr_cli.train.optim import build_optimizer, build_scheduler
+
+    def setup():
+        torch.manual_seed(0)
+        model = build_tiny_model().to(torch.bfloat16)
+        apply_tuning(model, TuneConfig(), gradient_checkpointing=False)
+        par = Parallel(PolicyLogprobs(model), model, ctx, "fsdp2", prefix="model.")
+        opt = build_optimizer(model, OptimConfig(lr=1e-3))
+        return model, par, opt, build_scheduler(opt, OptimConfig(lr=1e-3), 10)
+
+    model, par, opt, sched = setup()
+    for p in model.parameters():  # one step on made-up gradients: the fp32 masters leave the bf16 grid
+        if p.requires_grad:
+            p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    sched.step()
+    masters = {n: p.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in masters.values())
+    par.save_checkpoint(tmp_path, S.TrainState(step=1), opt, sched, "job: grpo\n", keep_last=2)
+
+    model2, par2, opt2, sched2 = setup()
+    st = par2.load_checkpoint(S.checkpoint_dir(tmp_path, 1), opt2, sched2)
+    assert st.step == 1 and sched2.last_epoch == 1
+    for n, p in model2.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.full_tensor(), masters[n]), n
+    state = opt2.state_dict()["state"]
+    assert state and all(torch.equal(a["exp_avg"].full_tensor(), b["exp_avg"].full_tensor())
+                         for a, b in zip(state.values(), opt.state_dict()["state"].values()))

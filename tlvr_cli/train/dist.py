@@ -196,33 +196,27 @@ class Parallel:
     # ------------------------------------------------------------ checkpoints
 
     def _full_state(self) -> dict[str, torch.Tensor]:
-        """Every process: the consolidated state of ``model`` (keys without the prefix); on CPU at
-        rank 0, empty elsewhere. Collective under fsdp2."""
-        if not self.sharded:
-            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """The consolidated state of the sharded ``model`` (keys without the prefix), on CPU at rank 0
+        and empty elsewhere. Collective: every process calls it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k.removeprefix(self.prefix): v for k, v in sd.items()}
 
-    def optimizer_state(self, optimizer: Any) -> dict:
-        """The optimizer's consolidated state (collective under fsdp2; meaningful at rank 0)."""
-        if not self.sharded:
-            return {"layout": "replicated", "state": optimizer.state_dict()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        osd = get_optimizer_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        out = {"layout": "fsdp2", "state": osd}
-        if self.save_dtype is not None:  # the fp32 masters: the released weights are rounded to save_dtype
-            out["masters"] = self._full_state()
-        return out
-
     def save_checkpoint(self, run_dir: Path, st: Any, optimizer: Any, scheduler: Any, config_yaml: str, keep_last: int) -> None:
-        """Write ``step-N`` (all processes take part in gathering; rank 0 writes)."""
+        """Write ``step-N`` (all processes take part in gathering; rank 0 writes). Under fsdp2 the
+        optimizer state is gathered by parameter name, and with mixed precision the fp32 masters go
+        into ``trainer_state.pt`` beside the released weights (rounded to the model's dtype)."""
         from . import state as S
 
-        weights = self._full_state() if self.sharded else None
-        opt = self.optimizer_state(optimizer)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            weights = self._full_state()
+            osd = get_optimizer_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            opt = {"layout": "fsdp2", "state": osd, **({"masters": weights} if self.save_dtype is not None else {})}
+        else:
+            weights, opt = None, {"layout": "replicated", "state": optimizer.state_dict()}
         if self.ctx.is_main:
             S.save_checkpoint(run_dir, st, self.model, opt, scheduler, config_yaml, keep_last=keep_last,
                               weights=weights, weights_dtype=self.save_dtype)

@@ -108,7 +108,7 @@ def save_checkpoint(
 
     The model goes out in the released layout (``weights`` when given, e.g. gathered from shards,
     else ``model``'s own state, rounded to ``weights_dtype`` when given); ``optimizer_state`` is
-    what ``Parallel.optimizer_state`` returned."""
+    the layout-tagged dict ``Parallel.save_checkpoint`` builds."""
     from ..model.checkpoint import save_model
 
     final = checkpoint_dir(run_dir, state.step)
