@@ -83,7 +83,10 @@ def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     raise TlvrError(f"{ckpt}: no {WEIGHTS} or {INDEX}")
 
 
-def _load_state(model, sd: dict[str, torch.Tensor], where: Path) -> None:
+def checked_state(model, sd: dict[str, torch.Tensor], where: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``sd`` checked key for key and shape for shape against ``model`` (sharded models too: a
+    DTensor reports its whole shape), ``lm_head`` dropped when tied (it is the embedding) and
+    filled from the embedding when untied and missing; a one-line error naming ``where`` otherwise."""
     sd = dict(sd)
     tied = model.config.text_config.tie_word_embeddings
     if tied:
@@ -102,8 +105,12 @@ def _load_state(model, sd: dict[str, torch.Tensor], where: Path) -> None:
     for k, v in sd.items():
         if own[k].shape != v.shape:
             raise TlvrError(f"{where}: {k} has shape {tuple(v.shape)}, the config expects {tuple(own[k].shape)}")
-    model.load_state_dict(sd, strict=False)
-    if tied:
+    return sd
+
+
+def _load_state(model, sd: dict[str, torch.Tensor], where: Path) -> None:
+    model.load_state_dict(checked_state(model, sd, where), strict=False)
+    if model.config.text_config.tie_word_embeddings:
         model.language_model.tie_weights()
 
 

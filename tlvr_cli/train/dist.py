@@ -253,15 +253,10 @@ class Parallel:
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-            from ..model.checkpoint import EMBED, LM_HEAD
+            from ..model.checkpoint import checked_state
 
-            weights = dict(opt.get("masters") or read_state_dict(ckpt))
+            weights = checked_state(self.model, opt.get("masters") or read_state_dict(ckpt), ckpt)
             own = self.model.state_dict()
-            if LM_HEAD in own and LM_HEAD not in weights and EMBED in weights:  # tied: released without lm_head
-                weights[LM_HEAD] = weights[EMBED]
-            missing = sorted(set(own) - set(weights))
-            if missing:
-                raise TlvrError(f"{ckpt}: weights do not match the model: {len(missing)} missing (e.g. {missing[:3]})")
             full = {self.prefix + k: v.to(own[k].dtype) for k, v in weights.items()}
             set_model_state_dict(self.module, full, options=StateDictOptions(full_state_dict=True, strict=False))
             set_optimizer_state_dict(self.module, optimizer, opt["state"], options=StateDictOptions(full_state_dict=True))
