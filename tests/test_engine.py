@@ -79,7 +79,7 @@ def test_batched_prefill_in_chunks_matches_hf(lm, prompts, reference, monkeypatc
 
 
 def test_fused_weights_give_the_same_layer(lm):
-    from tlvr_cli.engine.generate import _decode_layer
+    from tlvr_cli.engine.layers import decode_layer
 
     engine = Engine(lm, max_batch=4, max_seq_len=32)
     engine._sync_fused()
@@ -92,7 +92,7 @@ def test_fused_weights_give_the_same_layer(lm):
     for fused in (None, engine._fused[1]):
         k, v = torch.randn(2, 3, 2, 16, 16, generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
-            outs.append(_decode_layer(lm.model.layers[1], x, cos, sin, k, v, torch.arange(3), pos, mask, 4, 2, 16, fused))
+            outs.append(decode_layer(lm.model.layers[1], x, cos, sin, k, v, torch.arange(3), pos, mask, 4, 2, 16, fused))
         caches.append((k, v))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*caches))
@@ -293,7 +293,7 @@ def test_compiled_layer_matches_eager_across_engines(lm, prompts, monkeypatch):
     for max_batch, max_seq_len in ((4, 64), (1, 64), (8, 96), (16, 64), (2, 128), (32, 80)):
         engine = Engine(lm, max_batch=max_batch, max_seq_len=max_seq_len, compile=True)
         outs = engine.generate(prompts, params, 12, 299, num_samples=2, seed=5)
-        assert engine._fused is not None and engine._layer is not generate._decode_layer
+        assert engine._fused is not None and engine._layer is not generate.decode_layer
         assert [o.tokens for o in outs] == want
     # rows, key length and cache sizes are dynamic from the first compile: a handful of variants
     # (one row, key length = cache length) instead of one per size, far below dynamo's recompile limit

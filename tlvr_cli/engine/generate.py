@@ -21,21 +21,21 @@ engine decodes from its own copy of the whole model (refreshed likewise; the fus
 copy's weights), so captured graphs stay valid when the model's parameters move between calls, as
 FSDP2's gathered parameters do.
 
-Norms, MLPs, projections and the rotary table are the HF modules' own; only attention and the
-cache are ours, so numerics follow HF's eager/SDPA path in the model's dtype. Sliding-window
+Norms, MLPs, projections and the rotary table are the HF modules' own (the layer maths are in
+``layers.py``); only attention and the cache are ours, so numerics follow HF's eager/SDPA path in
+the model's dtype. Sliding-window
 attention is not implemented (Qwen2.5-3B does not use it).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from .layers import attn_in, attn_out, compiled_decode, decode_layer, mark_dynamic
 from .sampling import SamplingParams, sample_keyed
 
 KV_LEN_BUCKET = 64  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
@@ -60,68 +60,12 @@ class _Prefill:
     rows_left: int  # rows of this prompt still waiting for a slot
 
 
-def _attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-             head_dim: int, fused: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decoder layer up to attention: input norm, q/k/v projections (one GEMM with ``fused`` =
-    (q|k|v weight, q|k|v bias or None, ...)), rotary; returns (B, heads, N, head_dim) tensors."""
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    b, n, _ = h.shape
-    if fused is None:
-        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-    else:
-        q, k, v = F.linear(h, fused[0], fused[1]).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = q.view(b, n, heads, head_dim).transpose(1, 2)
-    k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
-    v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
-
-
-def _attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tuple | None = None) -> torch.Tensor:
-    """The rest of a decoder layer from the attention output ``o`` (B, N, heads * head_dim); with
-    ``fused`` = (..., gate|up weight) the MLP's gate and up projections are one GEMM."""
-    x = x + layer.self_attn.o_proj(o)
-    h = layer.post_attention_layernorm(x)
-    if fused is None:
-        return x + layer.mlp(h)
-    gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
-    return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-
-
-def _decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-                  heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None) -> torch.Tensor:
-    """One decoder layer for one new token per row ``x`` (B, 1, D): writes row ``rows[j]``'s key/value at
-    ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len, head_dim) and attends over
-    their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
-    ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer."""
-    b = x.shape[0]
-    q, k, v = _attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
-    k_cache[rows, :, pos] = k[:, :, 0]
-    v_cache[rows, :, pos] = v[:, :, 0]
-    # one query per row, so a kv head's query group fits in the "sequence" dim: GQA without copying keys
-    q = q.reshape(b, kv_heads, heads // kv_heads, head_dim)
-    kv_len = mask.shape[-1]
-    o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
-    return _attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused)
-
-
-@functools.cache
-def _compiled() -> tuple[Callable, Callable]:
-    """The compiled decoder layer and sampler, shared by every engine (compiled code is cached per
-    wrapper: a new wrapper per engine would recompile and soon hit dynamo's recompile limit)."""
-    # not fullgraph: should a long-lived process exhaust dynamo's recompile limit, the layer runs eager instead of failing
-    return torch.compile(_decode_layer), torch.compile(sample_keyed)
-
-
-def _dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
-    """Tell the compiler up front that these dims (rows, key length, cache sizes) vary: one dynamic
-    graph then serves every engine size and step instead of a recompile per new size (dynamo stops
-    compiling a function after ``recompile_limit`` variants and runs it eager)."""
-    for d in dims:
-        torch._dynamo.maybe_mark_dynamic(t, d)
-    return t
+def _fused_parts(layer: torch.nn.Module) -> list[tuple[list[torch.nn.Module], str]]:
+    """What the fused weights concatenate, in the order ``layers.decode_layer`` reads them:
+    q|k|v weights, q|k|v biases (None when the projections have none), gate|up weights."""
+    a, m = layer.self_attn, layer.mlp
+    qkv = [a.q_proj, a.k_proj, a.v_proj]
+    return [(qkv, "weight"), (qkv, "bias"), ([m.gate_proj, m.up_proj], "weight")]
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -147,7 +91,7 @@ class Engine:
         # torch.compile fuses each layer's norms, rotary and residual adds into a few kernels: one
         # compiled function serves all layers (parameters are inputs, not constants)
         self.compile = compile
-        self._layer = _decode_layer
+        self._layer = decode_layer
         self._sample = sample_keyed
         # with compile: concatenated q|k|v and gate|up weights (copies, refreshed from the model at
         # every generate call, so optimizer steps are seen) make each decode step 3 GEMMs shorter
@@ -180,8 +124,8 @@ class Engine:
         # one tensor per layer (not views of one), so the compiled layer sees the same static cache
         # shape in every layer; zeros, not empty: masked keys get weight 0, but 0 * NaN is still NaN
         shape = (self.max_batch, self.n_kv_heads, self.max_seq_len, self.head_dim)
-        self._k = [_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
-        self._v = [_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
+        self._k = [mark_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
+        self._v = [mark_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
         self._state = torch.zeros(3, self.max_batch, dtype=torch.long, device=device)
         self._hist = torch.zeros(self.max_batch, SYNC_EVERY, dtype=torch.long, device=device)
         self._col = torch.zeros((), dtype=torch.long, device=device)
@@ -227,7 +171,8 @@ class Engine:
 
     @staticmethod
     def _fuse_layer(layer: torch.nn.Module) -> tuple:
-        a, m = layer.self_attn, layer.mlp
+        """Make ``layer``'s q/k/v and gate/up parameters views into one concatenated buffer per part
+        (the engine's own copy); returns the buffers as ``_fused_parts`` lists them."""
 
         def join(mods: list, attr: str) -> torch.Tensor | None:
             if getattr(mods[0], attr) is None:
@@ -240,8 +185,7 @@ class Engine:
                 start += n
             return buf
 
-        qkv = [a.q_proj, a.k_proj, a.v_proj]
-        return join(qkv, "weight"), join(qkv, "bias"), join([m.gate_proj, m.up_proj], "weight")
+        return tuple(join(mods, attr) for mods, attr in _fused_parts(layer))
 
     @torch.no_grad()
     def _sync_fused(self) -> None:
@@ -250,10 +194,8 @@ class Engine:
         if fresh:
             self._fused = [(None, None, None)] * self.n_layers
         for i, layer in enumerate(self.lm.model.layers):
-            a, m = layer.self_attn, layer.mlp
-            parts = ([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
-                     None if a.q_proj.bias is None else [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias],
-                     [m.gate_proj.weight, m.up_proj.weight])
+            parts = [None if getattr(mods[0], attr) is None else [getattr(m, attr) for m in mods]
+                     for mods, attr in _fused_parts(layer)]
             if fresh:
                 self._fused[i] = tuple(None if p is None else torch.cat(p) for p in parts)
             else:
@@ -294,11 +236,11 @@ class Engine:
         rep = self.n_heads // self.n_kv_heads
         keys, values = [], []
         for layer in model.layers:
-            q, k, v = _attn_in(layer, x, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
+            q, k, v = attn_in(layer, x, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
             keys.append(k)
             values.append(v)
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
-            x = _attn_out(layer, x, o.transpose(1, 2).reshape(len(embs), n, -1))
+            x = attn_out(layer, x, o.transpose(1, 2).reshape(len(embs), n, -1))
         last = x[torch.arange(len(embs), device=x.device), torch.tensor(lens, device=x.device) - 1]
         logits = self._lm.lm_head(model.norm(last)).float()
         keys, values = torch.stack(keys), torch.stack(values)  # (layers, B, kv_heads, n, head_dim)
@@ -314,8 +256,8 @@ class Engine:
         valid = torch.arange(kv_len, device=tok.device)[None] <= pos[:, None]
         mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, float("-inf"))[:, None, None]
         for t in (x, cos, sin, rows, pos):
-            _dynamic(t, 0)
-        _dynamic(mask, 0, 3)
+            mark_dynamic(t, 0)
+        mark_dynamic(mask, 0, 3)
         for i, layer in enumerate(model.layers):
             x = self._layer(layer, x, cos, sin, self._k[i], self._v[i], rows, pos, mask,
                             self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None)
@@ -325,7 +267,7 @@ class Engine:
         """One step for slots ``0..b-1`` from the state buffers: sample, record, advance (no host sync)."""
         tok, pos, seeds = self._state[0, :b], self._state[1, :b], self._state[2, :b]
         logits = self._decode_step(tok, pos, kv_len)
-        new = self._sample(_dynamic(logits, 0), params, _dynamic(seeds, 0), pos)
+        new = self._sample(mark_dynamic(logits, 0), params, mark_dynamic(seeds, 0), pos)
         self._hist[:b].index_copy_(1, self._col.view(1), new[:, None])
         self._col.add_(1)
         tok.copy_(new)
@@ -405,7 +347,7 @@ class Engine:
         self._ensure_cache(device, dtype)
         compiled = self.compile and device.type in COMPILE_DEVICES
         if compiled:
-            self._layer, self._sample = _compiled()
+            self._layer, self._sample = compiled_decode()
         if self.copy_weights:
             self._sync_copy(device, dtype, fused=compiled and self.fuse_weights)
         elif compiled and self.fuse_weights:

@@ -1,0 +1,79 @@
+"""The maths of one Qwen2 decoder layer over a Hugging Face layer's own modules, as the engine runs
+it: prefill halves (``attn_in`` / ``attn_out``, attention in between) and the one-token decode step
+(``decode_layer``: cache write, GQA attention under an additive mask), optionally on concatenated
+q|k|v and gate|up weights; plus the shared ``torch.compile`` of the decode step."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+from .sampling import sample_keyed
+
+
+def attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+            head_dim: int, fused: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer up to attention: input norm, q/k/v projections (one GEMM with ``fused`` =
+    (q|k|v weight, q|k|v bias or None, ...)), rotary; returns (B, heads, N, head_dim) tensors."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    b, n, _ = h.shape
+    if fused is None:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    else:
+        q, k, v = F.linear(h, fused[0], fused[1]).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(b, n, heads, head_dim).transpose(1, 2)
+    k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tuple | None = None) -> torch.Tensor:
+    """The rest of a decoder layer from the attention output ``o`` (B, N, heads * head_dim); with
+    ``fused`` = (..., gate|up weight) the MLP's gate and up projections are one GEMM."""
+    x = x + layer.self_attn.o_proj(o)
+    h = layer.post_attention_layernorm(x)
+    if fused is None:
+        return x + layer.mlp(h)
+    gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
+    return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+
+def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                 heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None) -> torch.Tensor:
+    """One decoder layer for one new token per row ``x`` (B, 1, D): writes row ``rows[j]``'s key/value at
+    ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len, head_dim) and attends over
+    their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
+    ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer."""
+    b = x.shape[0]
+    q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
+    k_cache[rows, :, pos] = k[:, :, 0]
+    v_cache[rows, :, pos] = v[:, :, 0]
+    # one query per row, so a kv head's query group fits in the "sequence" dim: GQA without copying keys
+    q = q.reshape(b, kv_heads, heads // kv_heads, head_dim)
+    kv_len = mask.shape[-1]
+    o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
+    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused)
+
+
+@functools.cache
+def compiled_decode() -> tuple[Callable, Callable]:
+    """The compiled decoder layer and sampler, shared by every engine (compiled code is cached per
+    wrapper: a new wrapper per engine would recompile and soon hit dynamo's recompile limit)."""
+    # not fullgraph: should a long-lived process exhaust dynamo's recompile limit, the layer runs eager instead of failing
+    return torch.compile(decode_layer), torch.compile(sample_keyed)
+
+
+def mark_dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
+    """Tell the compiler up front that these dims (rows, key length, cache sizes) vary: one dynamic
+    graph then serves every engine size and step instead of a recompile per new size (dynamo stops
+    compiling a function after ``recompile_limit`` variants and runs it eager)."""
+    for d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d)
+    return t
