@@ -15,7 +15,6 @@ the reference way (sequential sampling without a KV cache), extrapolated from ti
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from tlvr_cli.engine.sampling import SamplingParams  # noqa: E402
 from tlvr_cli.jobs import GRPOConfig, TuneConfig  # noqa: E402
 from tlvr_cli.model.config import TinyLlavaConfig  # noqa: E402
 from tlvr_cli.model.tinyllava import TinyLlava  # noqa: E402
-from tlvr_cli.train.dist import DistContext, Parallel, init_distributed, shutdown_distributed  # noqa: E402
+from tlvr_cli.train.dist import Parallel, init_distributed, shutdown_distributed  # noqa: E402
 from tlvr_cli.train.grpo import _grpo_step  # noqa: E402
 from tlvr_cli.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from tlvr_cli.train.policy import PolicyLogprobs  # noqa: E402
@@ -76,8 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp2"], default="auto", help="dist.strategy (auto: ddp with several processes)")
     args = ap.parse_args(argv)
 
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.strategy == "fsdp2"
-    ctx = init_distributed(args.device, need_group=args.strategy == "fsdp2") if several else DistContext(device=torch.device(args.device))
+    ctx = init_distributed(args.device, need_group=args.strategy == "fsdp2")  # no group for one plain process
     device = ctx.device
     dtype = getattr(torch, args.dtype)
     if args.prompts % ctx.world_size:

@@ -139,8 +139,6 @@ def _questions(videos: list[SynthVideo], n: int, rng: random.Random, order: str,
     return out
 
 
-
-
 def reasoning(q: SynthQuestion, style: str = "scene") -> str:
     """The written-out ``<think>`` text of a cold-start answer, ending with the letter it answers.
 

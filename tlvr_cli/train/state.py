@@ -137,6 +137,7 @@ def save_checkpoint(
 
 
 def read_trainer_state(ckpt: Path) -> dict:
+    """The ``trainer_state.pt`` payload of a checkpoint directory (on CPU)."""
     return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
