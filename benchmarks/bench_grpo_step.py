@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py   # data-parallel: the same 8 prompts split over 2 GPUs
     torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py --strategy fsdp2   # the same, FSDP2-sharded
 
-Runs the real training step (``tlvr_cli.train.grpo._grpo_step``): 8 prompts × G 8 completions of
+Runs the real training step (``tlvr_cli.train.grpo_step.GRPOStep``): 8 prompts × G 8 completions of
 ``--new-tokens`` forced tokens (eos ignored so every step costs the same), 16-frame videos, policy
 and reference log-probs, k3 KL, backward with gradient checkpointing, AdamW on fp32 masters.
 Prints s/step with its breakdown, peak memory and tokens/s, and an estimate of the same step done
@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tlvr_cli.config import load_config  # noqa: E402
 from tlvr_cli.data.records import GRPORow  # noqa: E402
 from tlvr_cli.engine.generate import Engine  # noqa: E402
-from tlvr_cli.engine.sampling import SamplingParams  # noqa: E402
 from tlvr_cli.jobs import GRPOConfig, TuneConfig  # noqa: E402
 from tlvr_cli.model.config import TinyLlavaConfig  # noqa: E402
 from tlvr_cli.model.tinyllava import TinyLlava  # noqa: E402
-from tlvr_cli.train.dist import Parallel, init_distributed, shutdown_distributed  # noqa: E402
-from tlvr_cli.train.grpo import _grpo_step  # noqa: E402
+from tlvr_cli.runtime import init_distributed, shutdown_distributed  # noqa: E402
+from tlvr_cli.train.grpo_step import GRPOStep  # noqa: E402
 from tlvr_cli.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from tlvr_cli.train.parallel import Parallel  # noqa: E402
 from tlvr_cli.train.policy import PolicyLogprobs  # noqa: E402
 from tlvr_cli.train.rollout import PromptBatch, prompt_ids  # noqa: E402
 from tlvr_cli.train.setup import apply_tuning  # noqa: E402
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for the no-cache estimate")
     ap.add_argument("--engine-max-batch", type=int, default=0,
                     help="rows the engine decodes at once (default: all of this process's completions); fewer use less memory")
-    ap.add_argument("--no-fused-weights", action="store_true", help="perf.engine_fused_weights=false (3.6 GB less at 3B)")
+    ap.add_argument("--no-fused-weights", action="store_true", help="engine.fused_weights=false (3.6 GB less at 3B)")
     ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp2"], default="auto", help="dist.strategy (auto: ddp with several processes)")
     args = ap.parse_args(argv)
 
@@ -88,10 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     ref.requires_grad_(False).eval()
     cfg = load_config(GRPOConfig, None, extra={
         "algo": {"num_generations": args.generations}, "rollout": {"max_new_tokens": args.new_tokens},
-        "perf": {"micro_batch_size": args.micro_batch, "engine_max_batch": args.engine_max_batch or n_local * args.generations,
-                 "engine_fused_weights": not args.no_fused_weights,
-                 "cuda_graphs": not args.no_graphs and device.type == "cuda",
-                 "engine_compile": not args.no_compile, "force_max_new_tokens": True},
+        "perf": {"micro_batch_size": args.micro_batch, "force_max_new_tokens": True},
+        "engine": {"max_batch": args.engine_max_batch or n_local * args.generations, "fused_weights": not args.no_fused_weights,
+                   "cuda_graphs": not args.no_graphs and device.type == "cuda", "compile": not args.no_compile},
         "data": {"prompts_per_step": args.prompts}, "optim": {"lr": 1e-6, "scheduler": "cosine", "warmup_ratio": 0.03}})
     apply_tuning(model, TuneConfig(), gradient_checkpointing=True)
     par = Parallel(PolicyLogprobs(model), model, ctx, args.strategy, prefix="model.")  # before the optimizer: fsdp2 swaps the parameters
@@ -105,12 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [prompt_ids(tok, r, cfg.data.question_template) for r in rows]
     pixels = [torch.rand(args.frames, 3, size, size) * 2 - 1 for _ in rows]
     batch = PromptBatch(rows, ids, pixels)
-    engine = Engine(model.language_model, max_batch=cfg.perf.engine_max_batch,
-                    max_seq_len=model.config.num_queries + 512 + args.new_tokens, cuda_graphs=cfg.perf.cuda_graphs,
-                    compile=cfg.perf.engine_compile, fuse_weights=cfg.perf.engine_fused_weights, copy_weights=par.sharded)
-    params = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
-    eos = tok.eos_token_id
     prompt_len = len(ids[0]) - 1 + model.config.num_queries
+    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=prompt_len + args.new_tokens,
+                    cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
+                    copy_weights=par.sharded)
+    grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine)
 
     def sync():
         if device.type == "cuda":
@@ -120,15 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"model {args.config}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, prompt {prompt_len} "
               f"embeddings, {args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, {args.frames} frames, {device} {dtype}, "
               f"{ctx.world_size} process(es), {par.strategy}")
-    _grpo_step(cfg, model, ref, engine, params, batch, 0, ctx, optimizer, scheduler, eos, eos, args.generations, None, par)  # warm-up
+    grpo_step(batch, 0)  # warm-up: compiles and captures the engine
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, parts = [], {}
     for step in range(1, args.steps + 1):
         sync()
         t = time.perf_counter()
-        m = _grpo_step(cfg, model, ref, engine, params, batch, step, ctx, optimizer, scheduler, eos, eos, args.generations, None,
-                       par)
+        m = grpo_step(batch, step).metrics
         ctx.barrier()
         sync()
         times.append(time.perf_counter() - t)

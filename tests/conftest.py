@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +49,3 @@ def make_video(tmp_path):
         return write_video(tmp_path / name, frames, fps)
 
     return make
-
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()

@@ -1,5 +1,6 @@
-"""The embedded demo behind ``tlvr grpo --preset demo``: synthetic data → tiny cold start → GRPO →
-before/after evaluation on the held-out synthetic split. Each stage is skipped when its output exists."""
+"""The embedded demo (``tlvr demo``, also ``tlvr grpo --preset demo``): synthetic data → tiny cold start
+→ GRPO → before/after evaluation on the held-out synthetic split. Each stage is skipped when its
+output exists."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import load_config
-from .data.records import data_root
 from .files import write_json_atomic
-from .jobs import ColdstartConfig, EvalConfig, GRPOConfig
+from .jobs import ColdstartConfig, DemoConfig, EvalConfig
+from .runtime import resolve_root
 
 console = Console(stderr=True, highlight=False)
 
@@ -29,22 +30,18 @@ class StageScore:
     sampled_format_rate: float | None = None
 
 
-def synthetic_root(cfg: GRPOConfig) -> Path:
-    return Path(cfg.data.root) if cfg.data.root else data_root() / "synthetic"
-
-
-def ensure_synthetic(cfg: GRPOConfig) -> Path:
+def ensure_synthetic(cfg: DemoConfig) -> Path:
     """Write the synthetic set unless a complete one is there (the writer itself is idempotent)."""
-    from .data.synth import write_synthetic_dataset
+    from .synth import write_synthetic_dataset
 
-    root = synthetic_root(cfg)
+    root = resolve_root(cfg.data.root, "synthetic")
     synth = dataclasses.replace(cfg.prepare.synth, root=str(root))
     console.rule("[bold]1/4 synthetic data")
     write_synthetic_dataset(synth)
     return root
 
 
-def ensure_coldstart(cfg: GRPOConfig, data: Path) -> Path:
+def ensure_coldstart(cfg: DemoConfig, data: Path) -> Path:
     """Cold-start the tiny model with ``prepare.coldstart_preset`` unless ``model.path`` exists."""
     target = Path(cfg.model.path)
     console.rule("[bold]2/4 cold start")
@@ -62,16 +59,17 @@ def ensure_coldstart(cfg: GRPOConfig, data: Path) -> Path:
     return final
 
 
-def _evaluate(model_path: str, data: Path, out_dir: Path, cfg: GRPOConfig, protocol: str) -> tuple[float, float, int, int]:
+def _evaluate(model_path: str, data: Path, out_dir: Path, cfg: DemoConfig, protocol: str) -> tuple[float, float, int, int]:
     """(accuracy %, format %, unparseable, items) on the synthetic eval split with ``protocol``."""
-    from .eval.runner import read_answers, run_eval
+    from .eval.answers import read_answers
+    from .eval.runner import run_eval
     from .train.rewards import format_reward
 
     ev = load_config(EvalConfig, None, extra={
         "benchmark": "synthetic", "data_dir": str(data), "protocol": protocol, "output_dir": str(out_dir),
-        "model": {**dataclasses.asdict(cfg.model), "path": model_path}, "max_new_tokens": cfg.rollout.max_new_tokens,
-        "sampling": {**dataclasses.asdict(cfg.rollout), "max_new_tokens": cfg.rollout.max_new_tokens},
-        "limit": cfg.prepare.eval_limit, "video": dataclasses.asdict(cfg.video), "batch_size": 32, "seed": cfg.seed})
+        "model": {**dataclasses.asdict(cfg.model), "path": model_path}, "sampling": dataclasses.asdict(cfg.rollout),
+        "limit": cfg.prepare.eval_limit, "video": dataclasses.asdict(cfg.video),
+        "engine": {"max_batch": cfg.prepare.eval_batch_size}, "seed": cfg.seed})
     report = run_eval(ev)
     rows = [r for r in read_answers(out_dir / "answers.jsonl") if not r.get("skipped")]
     fmt = format_reward([r["output"] for r in rows]) if rows else []
@@ -79,7 +77,7 @@ def _evaluate(model_path: str, data: Path, out_dir: Path, cfg: GRPOConfig, proto
             sum(r["parsed"] is None for r in rows), len(rows))
 
 
-def evaluate_synthetic(model_path: str, data: Path, out_dir: Path, cfg: GRPOConfig, label: str) -> StageScore:
+def evaluate_synthetic(model_path: str, data: Path, out_dir: Path, cfg: DemoConfig, label: str) -> StageScore:
     """Greedy accuracy and format rate on the synthetic eval split (in ``out_dir``), and with
     ``prepare.eval_sampled`` the same for answers sampled as the rollouts are (in ``<out_dir>-sampled``;
     an unparseable sampled answer counts as a random letter, as in the paper protocol)."""
@@ -91,7 +89,7 @@ def evaluate_synthetic(model_path: str, data: Path, out_dir: Path, cfg: GRPOConf
     return score
 
 
-def run_demo(cfg: GRPOConfig, *, preset: str, resume: str | None = None) -> list[StageScore]:
+def run_demo(cfg: DemoConfig, *, resume: str | None = None) -> list[StageScore]:
     """Prepare what is missing, run GRPO, and print the before/after table."""
     from .train.grpo import run_grpo
 

@@ -10,8 +10,10 @@ from typing import Callable
 
 import torch
 
-from .data.template import build_prompt, tokenize_with_image
-from .jobs import REASON_INSTRUCTION, InferConfig
+from .data.template import REASON_INSTRUCTION, build_prompt, tokenize_with_image, video_question
+from .jobs import InferConfig
+
+STREAM_SYNC_EVERY = 4  # decode steps between streamed chunks: small enough to read as it is written
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -33,8 +35,7 @@ class InferResult:
 
 def inference_prompt(question: str, reason: bool) -> str:
     """The §3.1 prompt for a question; ``reason`` appends the §3.3 instruction after a newline (as the evaluators)."""
-    text = question.strip() + ("\n" + REASON_INSTRUCTION if reason else "")
-    return build_prompt("<image>\n" + text)
+    return build_prompt(video_question(question.strip(), REASON_INSTRUCTION if reason else None))
 
 
 def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model=None,
@@ -49,11 +50,10 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if model is None:
-        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
-                           attn_implementation=cfg.model.attn_implementation)
+        model = load_model(cfg.model)
     model.eval()
     timings["load_s"] = time.perf_counter() - t
-    device = next(model.parameters()).device
+    device = model.device
     dtype = next(model.vision_tower.parameters()).dtype
 
     t = time.perf_counter()
@@ -84,7 +84,8 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
             shown[0] = text
 
     t = time.perf_counter()
-    out = engine.generate(prompt, params, cfg.sampling.max_new_tokens, tok.eos_token_id, seed=cfg.seed, on_token=on_token)[0]
+    out = engine.generate(prompt, params, cfg.sampling.max_new_tokens, tok.eos_token_id, seed=cfg.seed, on_token=on_token,
+                          sync_every=STREAM_SYNC_EVERY)[0]
     timings["generate_s"] = time.perf_counter() - t
     text = tok.decode(out.tokens, skip_special_tokens=True).strip()
     think = THINK_RE.search(text)

@@ -1,20 +1,63 @@
-"""The typed config of every job. Each field's default is the reference value (spec section cited)."""
+"""The typed config of every job, and of the sections they share. Each field's default is the
+reference value (spec section cited); ``tlvr presets show NAME`` prints them with their help."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import ModelConfig, SamplingConfig, VideoConfig, option
+from .config import option
+from .data.template import GRPO_QUESTION_TEMPLATE
 
 R1_MODEL = "Zhang199/TinyLLaVA-Video-R1"
 COLDSTART_MODEL = "Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16"
 BASE_MODEL = "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512"
 
-# spec §3.3: the GRPO prompt suffix; evaluators append the instruction after a newline instead.
-REASON_INSTRUCTION = "Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
-OPTION_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-GRPO_QUESTION_TEMPLATE = "{Question} " + REASON_INSTRUCTION
+
+# ----------------------------------------------------------------------------- shared sections
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to load and how."""
+
+    path: str = option(R1_MODEL, "Checkpoint directory, hub id (local HF cache only) or 'tiny' for the embedded tiny model.")
+    dtype: str = option("auto", "float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU).")
+    device: str = option("auto", "cuda | cpu | cuda:N | auto (cuda when available).")
+    attn_implementation: str = option("sdpa", "LLM attention kernel: sdpa | flash_attention_2 | eager.")
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding parameters; temperature 0 means greedy."""
+
+    temperature: float = option(1.0, "Sampling temperature; 0 decodes greedily.")
+    top_k: int = option(50, "Keep the k most likely tokens (0 disables); 50 is the transformers default the reference ran with.")
+    top_p: float = option(1.0, "Nucleus sampling mass (1.0 disables).")
+    max_new_tokens: int = option(512, "Most tokens generated per completion.")
+
+
+@dataclass
+class VideoConfig:
+    """How frames are taken from a video."""
+
+    num_frames: int = option(16, "Frames sampled per video (16 everywhere in the reference).")
+    backend: str = option("auto", "Decoder: auto (decord, PyAV fallback) | decord | pyav.")
+
+
+@dataclass
+class EngineConfig:
+    """The generation engine (shared by GRPO rollouts, evaluation and inference)."""
+
+    max_batch: int = option(64, "Rows the engine decodes at once.")
+    cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
+    compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, cache writes); "
+                           "the first generate call spends ~20-40 s compiling.")
+    fused_weights: bool = option(True, "With compile: decode from concatenated q|k|v and gate|up weight copies (3.6 GB "
+                                 "for Qwen2.5-3B, refreshed before every rollout); off saves that memory.")
+
+
+# ----------------------------------------------------------------------------- training sections
 
 
 @dataclass
@@ -59,6 +102,11 @@ class DistConfig:
 
     strategy: Literal["auto", "ddp", "fsdp2", "none"] = option("auto", "auto/ddp: DistributedDataParallel replicas when launched with several processes; fsdp2: fully_shard (FSDP2) parameters, gradients and optimizer state over the processes (fp32 shards, compute in model.dtype; also with one process); none: no gradient sync (debugging). Resume with the strategy a run was started with, at any number of processes.")
     backend: str = option("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo.")
+    timeout_minutes: float = option(30.0, "How long a collective waits for the slowest process (a long video, a "
+                                    "checkpoint being written) before the run fails instead of hanging.")
+
+
+# ----------------------------------------------------------------------------- cold start
 
 
 @dataclass
@@ -85,6 +133,9 @@ class ColdstartConfig:
     seed: int = option(42, "Seed for data order, init and dropout (HF default 42).")
     output: OutputConfig = option(OutputConfig(run_dir="runs/coldstart"), "Outputs.")
     dist: DistConfig = option(DistConfig(), "Distributed settings.")
+
+
+# ----------------------------------------------------------------------------- GRPO
 
 
 @dataclass
@@ -125,24 +176,43 @@ class GRPODataConfig:
     annotations: str = option("nextqa_0-30s.jsonl", "GRPO rows (problem, solution, video_filename), relative to root (spec §5.1).")
     question_template: str = option(GRPO_QUESTION_TEMPLATE, "Prompt text; {Question} is the row's problem (spec §3.3).")
     prompts_per_step: int = option(8, "Prompts per optimizer step, global (reference: 8 GPUs x 1).")
-    num_workers: int = option(2, "Worker processes decoding the next batch's videos.")
-    feature_cache: bool = option(False, "Cache the frozen tower's features per video (off = reference cost model).")
+    num_workers: int = option(2, "Worker threads decoding the next step's videos.")
+    feature_cache_gb: float = option(0.0, "Keep the frozen tower's features of up to this many GB of videos in CPU "
+                                     "memory, reused when a video comes again (0: off, the reference's cost model).")
     skip_report: str = option("", "A `tlvr data check` report; its bad videos are skipped up front.")
 
 
 @dataclass
 class GRPOPerfConfig:
-    """Memory/speed knobs that do not change the maths."""
+    """Memory/speed knobs of the training forward that do not change the maths."""
 
     micro_batch_size: int = option(16, "Sequences per forward/backward chunk of the loss.")
     logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).")
-    engine_max_batch: int = option(64, "Rows the rollout engine decodes at once.")
-    cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
-    engine_compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, "
-                                  "cache writes); the first rollout spends ~20-40 s compiling.")
-    engine_fused_weights: bool = option(True, "With engine_compile: decode from concatenated q|k|v and gate|up weight "
-                                        "copies (3.6 GB for Qwen2.5-3B, refreshed before every rollout); off saves that memory.")
     force_max_new_tokens: bool = option(False, "Benchmarking only: ignore eos so every completion is max_new_tokens long.")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO on NextQA (spec §5)."""
+
+    JOB = "grpo"
+    model: ModelConfig = option(ModelConfig(path=COLDSTART_MODEL, dtype="bfloat16"), "Policy start checkpoint.")
+    ref_model: str = option("", "Reference model checkpoint ('' = the policy's start checkpoint).")
+    data: GRPODataConfig = option(GRPODataConfig(), "Prompts and videos.")
+    video: VideoConfig = option(VideoConfig(), "Frame sampling.")
+    rollout: SamplingConfig = option(SamplingConfig(), "Rollout sampling (spec §5.2: T 1.0, top-k 50, top-p 1.0, 512 tokens).")
+    algo: GRPOAlgoConfig = option(GRPOAlgoConfig(), "Objective.")
+    optim: OptimConfig = option(OptimConfig(lr=1e-6, scheduler="cosine", warmup_ratio=0.03), "Optimizer (spec §5.4).")
+    tune: TuneConfig = option(TuneConfig(), "Trainable parts.")
+    engine: EngineConfig = option(EngineConfig(max_batch=64), "Rollout engine.")
+    perf: GRPOPerfConfig = option(GRPOPerfConfig(), "Speed and memory of the training forward.")
+    seed: int = option(42, "Seed for data order, sampling and advantage noise.")
+    sample_every: int = option(10, "Write a sample of completions to samples.jsonl every N steps (0 disables).")
+    output: OutputConfig = option(OutputConfig(run_dir="runs/grpo"), "Outputs.")
+    dist: DistConfig = option(DistConfig(), "Distributed settings.")
+
+
+# ----------------------------------------------------------------------------- synthetic set and demo
 
 
 @dataclass
@@ -174,37 +244,27 @@ class SynthConfig:
 
 
 @dataclass
-class PrepareConfig:
-    """What `tlvr grpo` creates first when it is missing (the embedded demo)."""
+class DemoPrepareConfig:
+    """What the demo creates first when it is missing, and how it evaluates."""
 
-    enabled: bool = option(False, "Create missing inputs: the synthetic set and a cold-started tiny model.")
     coldstart_preset: str = option("demo-coldstart", "Cold-start preset run when model.path does not exist yet.")
     synth: SynthConfig = option(SynthConfig(), "Synthetic set written when the data root lacks it.")
     evaluate: bool = option(True, "Evaluate the cold-start and the GRPO model on the synthetic eval split (before/after table).")
     eval_limit: int = option(0, "Evaluate only the first N eval items (0: all).")
+    eval_batch_size: int = option(32, "Eval items the engine decodes at once.")
     eval_sampled: bool = option(True, "Besides greedy, evaluate by sampling as the rollouts do (the paper protocol with "
                                 "the rollout.* temperature/top-k/top-p, seeded): the policy GRPO optimises.")
 
 
 @dataclass
-class GRPOConfig:
-    """GRPO on NextQA (spec §5)."""
+class DemoConfig(GRPOConfig):
+    """The embedded demo: synthetic set → tiny cold start → GRPO → before/after evaluation."""
 
-    JOB = "grpo"
-    model: ModelConfig = option(ModelConfig(path=COLDSTART_MODEL, dtype="bfloat16"), "Policy start checkpoint.")
-    ref_model: str = option("", "Reference model checkpoint ('' = the policy's start checkpoint).")
-    data: GRPODataConfig = option(GRPODataConfig(), "Prompts and videos.")
-    video: VideoConfig = option(VideoConfig(), "Frame sampling.")
-    rollout: SamplingConfig = option(SamplingConfig(), "Rollout sampling (spec §5.2: T 1.0, top-k 50, top-p 1.0, 512 tokens).")
-    algo: GRPOAlgoConfig = option(GRPOAlgoConfig(), "Objective.")
-    optim: OptimConfig = option(OptimConfig(lr=1e-6, scheduler="cosine", warmup_ratio=0.03), "Optimizer (spec §5.4).")
-    tune: TuneConfig = option(TuneConfig(), "Trainable parts.")
-    perf: GRPOPerfConfig = option(GRPOPerfConfig(), "Speed and memory.")
-    seed: int = option(42, "Seed for data order, sampling and advantage noise.")
-    sample_every: int = option(10, "Write a sample of completions to samples.jsonl every N steps (0 disables).")
-    output: OutputConfig = option(OutputConfig(run_dir="runs/grpo"), "Outputs.")
-    dist: DistConfig = option(DistConfig(), "Distributed settings.")
-    prepare: PrepareConfig = option(PrepareConfig(), "Create missing inputs first (the embedded demo).")
+    JOB = "demo"
+    prepare: DemoPrepareConfig = option(DemoPrepareConfig(), "Create missing inputs first, evaluate after.")
+
+
+# ----------------------------------------------------------------------------- evaluation and inference
 
 
 @dataclass
@@ -220,11 +280,10 @@ class EvalConfig:
     protocol: Literal["greedy", "paper"] = option("greedy", "greedy: deterministic, unparseable = wrong; paper: T 1.0 / top-k 50, random fallback, seeded.")
     frame_protocol: Literal["paper", "uniform"] = option("paper", "paper: the reference's per-benchmark frame paths; uniform: path A everywhere (MVBench bounds honoured).")
     video: VideoConfig = option(VideoConfig(), "Frame sampling.")
-    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=1024), "Sampling for the paper protocol (spec §6: T 1.0, top-k 50, 1024 tokens).")
-    max_new_tokens: int = option(1024, "Most new tokens per answer (both protocols).")
-    batch_size: int = option(8, "Items decoded together by the engine.")
-    cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
-    compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (~20-40 s once per run).")
+    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=1024), "Decoding: temperature/top-k/top-p for the paper "
+                                      "protocol (spec §6: T 1.0, top-k 50); max_new_tokens for both protocols (1024).")
+    engine: EngineConfig = option(EngineConfig(max_batch=8), "Generation engine (max_batch: items decoded together).")
+    decode_workers: int = option(4, "Threads decoding the next items' videos while the engine generates.")
     limit: int = option(0, "Evaluate only the first N items (0: all).")
     seed: int = option(0, "Seed for sampling and the random fallback.")
     bootstrap: int = option(1000, "Bootstrap resamples for the 95% confidence intervals.")
@@ -243,10 +302,4 @@ class InferConfig:
     seed: int = option(0, "Sampling seed.")
 
 
-JOBS = {
-    "coldstart": ColdstartConfig,
-    "grpo": GRPOConfig,
-    "eval": EvalConfig,
-    "infer": InferConfig,
-    "synth": SynthConfig,
-}
+JOBS = {cls.JOB: cls for cls in (ColdstartConfig, GRPOConfig, DemoConfig, EvalConfig, InferConfig, SynthConfig)}

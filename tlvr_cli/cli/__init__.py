@@ -9,6 +9,7 @@ from rich.console import Console
 
 from .. import __version__
 from ..errors import TlvrError
+from . import data, eval, presets, run
 
 app = typer.Typer(
     name="tlvr",
@@ -33,16 +34,13 @@ def _root(
     """TinyLLaVA-Video-R1, fast and faithful."""
 
 
-def _register() -> None:
-    # Each module adds its commands; heavy imports (torch, transformers) happen inside the commands.
-    from . import data, eval, presets, run  # noqa: F401
-
-    for module in (presets, data, run, eval):
-        module.register(app)
+presets.register(app)
+app.add_typer(data.data_app, name="data")
+run.register(app)
+eval.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register()
     try:
         app(args=argv, standalone_mode=False)
     except TlvrError as e:

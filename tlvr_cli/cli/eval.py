@@ -37,7 +37,7 @@ def _make_command(name: str):
         frames: Optional[int] = typer.Option(None, "--frames", help="Frames per video (default 16)."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the authors) | bfloat16 | float16 | auto."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | auto."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Items decoded together."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Items decoded together (engine.max_batch)."),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most new tokens per answer."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N items."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling and the random fallback."),
@@ -46,17 +46,15 @@ def _make_command(name: str):
         from ..eval.distributed import run_eval_sharded
         from ..jobs import EvalConfig
 
-        extra: dict = {"benchmark": name, "model": {}, "video": {}}
-        for key, value in (("data_dir", data_dir), ("duration", duration), ("mode", mode), ("protocol", protocol),
-                           ("frame_protocol", frame_protocol), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
-                           ("limit", limit), ("seed", seed), ("output_dir", output_dir)):
+        extra: dict = {"benchmark": name, "model": {}, "video": {}, "engine": {}, "sampling": {}}
+        for section, key, value in ((None, "data_dir", data_dir), (None, "duration", duration), (None, "mode", mode),
+                                    (None, "protocol", protocol), (None, "frame_protocol", frame_protocol),
+                                    (None, "limit", limit), (None, "seed", seed), (None, "output_dir", output_dir),
+                                    ("engine", "max_batch", batch_size), ("sampling", "max_new_tokens", max_new_tokens),
+                                    ("model", "path", model), ("model", "dtype", dtype), ("model", "device", device),
+                                    ("video", "num_frames", frames)):
             if value is not None:
-                extra[key] = value
-        for key, value in (("path", model), ("dtype", dtype), ("device", device)):
-            if value is not None:
-                extra["model"][key] = value
-        if frames is not None:
-            extra["video"]["num_frames"] = frames
+                (extra[section] if section else extra)[key] = value
         cfg = load_config(EvalConfig, preset, set_, extra=extra)
         report = run_eval_sharded(cfg)
         if report is not None:
@@ -69,7 +67,7 @@ def _make_command(name: str):
 def score(
     answers: Path = typer.Argument(..., help="An answers.jsonl written by `tlvr eval`."),
     benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: read from config.yaml beside the file)."),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples."),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Bootstrap resamples (default: the eval config's, 1000)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     write: bool = typer.Option(True, "--write/--no-write", help="Write results.json and results.md beside the answers."),
 ) -> None:
@@ -84,13 +82,14 @@ def compare(
     a: Path = typer.Argument(..., help="Answers file A (baseline)."),
     b: Path = typer.Argument(..., help="Answers file B."),
     benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: from config.yaml beside A)."),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired bootstrap resamples."),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Paired bootstrap resamples (default 1000)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
 ) -> None:
     """Per-task difference B - A with a paired bootstrap 95% CI."""
     from ..eval.report import compare_answer_files
 
-    console.print(Markdown(compare_answer_files(a, b, benchmark, n_boot=bootstrap, seed=seed).markdown()))
+    report = compare_answer_files(a, b, benchmark, n_boot=bootstrap, seed=seed)
+    console.print(Markdown(report.markdown()))
 
 
 def register(app: typer.Typer) -> None:

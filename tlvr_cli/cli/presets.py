@@ -6,7 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import config as C
+from ..config import list_presets, load_config, load_preset_dict, read_yaml, to_yaml
+from ..errors import TlvrError
 from ..jobs import JOBS
 
 presets_app = typer.Typer(help="List and show the YAML presets.", no_args_is_help=True)
@@ -17,8 +18,8 @@ console = Console(highlight=False)
 def list_() -> None:
     """List every preset with its job and the command that runs it."""
     table = Table("preset", "job", "runs with", "file")
-    for name, path in C.list_presets().items():
-        data = C.read_yaml(path)
+    for name, path in list_presets().items():
+        data = read_yaml(path)
         first = path.read_text().splitlines()[0] if path.read_text() else ""
         command = first.lstrip("# ").strip() if first.startswith("#") else ""
         table.add_row(name, str(data.get("job", "?")), command, str(path))
@@ -32,11 +33,11 @@ def show(
     help_: bool = typer.Option(True, "--help-comments/--no-help-comments", help="Annotate each key with its help text."),
 ) -> None:
     """Print the resolved preset (defaults, base presets and overrides merged) as YAML."""
-    job = C.load_preset_dict(name).get("job")
+    job = load_preset_dict(name).get("job")
     if job not in JOBS:
-        raise C.TlvrError(f"preset {name}: 'job' must be one of {', '.join(JOBS)}, got {job!r}")
-    cfg = C.load_config(JOBS[job], name, set_)
-    print(C.to_yaml(cfg, with_help=help_), end="")
+        raise TlvrError(f"preset {name}: 'job' must be one of {', '.join(JOBS)}, got {job!r}")
+    cfg = load_config(JOBS[job], name, set_)
+    print(to_yaml(cfg, with_help=help_), end="")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,9 +1,8 @@
-"""``tlvr coldstart``, ``tlvr grpo``, ``tlvr infer`` and ``tlvr plot``."""
+"""``tlvr coldstart``, ``tlvr grpo``, ``tlvr demo``, ``tlvr infer`` and ``tlvr plot``."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,17 +11,16 @@ import typer
 from rich.console import Console
 
 from ..config import load_config
+from .common import PRESET_HELP, RESUME_HELP, SET_HELP
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
-PRESET_HELP = "Preset name (see `tlvr presets list`) or path to a YAML file."
-SET_HELP = "Override a preset key: dotted.key=value (repeatable), e.g. --set optim.lr=1e-6."
-RESUME_HELP = "Resume from 'auto' (the latest checkpoint in the run directory) or a checkpoint directory."
-
 
 def _done(final: Path) -> None:
-    if os.environ.get("RANK", "0") == "0":  # once, not once per process under torchrun
+    from ..runtime import launch_rank
+
+    if launch_rank() == 0:  # once, not once per process under torchrun
         console.print(f"[green]done[/]: model saved to {final}")
 
 
@@ -46,18 +44,30 @@ def grpo(
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Output directory (overrides output.run_dir)."),
 ) -> None:
-    """GRPO (spec §5): 8 prompts x 8 completions per step, k3 KL, the R1 reward."""
-    from ..jobs import GRPOConfig
+    """GRPO (spec §5): 8 prompts x 8 completions per step, k3 KL, the R1 reward (a demo preset runs the demo)."""
+    from ..jobs import DemoConfig, GRPOConfig
 
     cfg = load_config(GRPOConfig, preset, set_, extra={"output": {"run_dir": run_dir}} if run_dir else None)
-    if cfg.prepare.enabled:
+    if isinstance(cfg, DemoConfig):  # `tlvr grpo --preset demo` is `tlvr demo`
         from ..demo import run_demo
 
-        run_demo(cfg, preset=preset, resume=resume)
+        run_demo(cfg, resume=resume)
         return
     from ..train.grpo import run_grpo
 
     _done(run_grpo(cfg, resume=resume))
+
+
+def demo(
+    preset: str = typer.Option("demo", "--preset", "-p", help=PRESET_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+) -> None:
+    """The embedded demo on a CPU in minutes: synthetic set, tiny cold start, GRPO, before/after table."""
+    from ..demo import run_demo
+    from ..jobs import DemoConfig
+
+    run_demo(load_config(DemoConfig, preset, set_), resume=resume)
 
 
 def infer(
@@ -106,22 +116,17 @@ def infer(
 def plot(run_dir: Path = typer.Argument(..., help="A coldstart or grpo run directory.")) -> None:
     """Write the PNG of a run's training curves (reward, accuracy, format, length, KL or loss)."""
     from ..errors import TlvrError
-    from ..train.metrics import plot_metrics, read_metrics
+    from ..train.metrics import plot_run
 
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        raise TlvrError(f"{metrics}: not found (is {run_dir} a run directory?)")
-    reward_keys = sorted({k for row in read_metrics(metrics) for k in row if k.startswith("rewards/")})
-    keys = ["reward", *reward_keys, "completion_length", "kl", "train/loss", "train/grad_norm"]
+    if not (run_dir / "metrics.jsonl").exists():
+        raise TlvrError(f"{run_dir / 'metrics.jsonl'}: not found (is {run_dir} a run directory?)")
     try:
-        out = plot_metrics(metrics, run_dir / "curves.png", keys, title=run_dir.name)
+        out = plot_run(run_dir)
     except ValueError as e:
         raise TlvrError(str(e)) from None
     console.print(f"wrote {out}")
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(coldstart)
-    app.command()(grpo)
-    app.command()(infer)
-    app.command()(plot)
+    for command in (coldstart, grpo, demo, infer, plot):
+        app.command()(command)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..errors import TlvrError
 from ..files import write_json_atomic
-from .records import data_root, read_coldstart_records, read_grpo_rows
+from ..runtime import resolve_root
+from .records import read_coldstart_records, read_grpo_rows
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv")
 NAMED_TARGETS = {
@@ -139,12 +140,12 @@ def _videos_in_annotations(path: Path, root: Path) -> list[Path]:
 def videos_for_target(target: str, root: Path | None = None) -> list[Path]:
     """The unique videos a target names: nextqa, coldstart, synthetic, an annotation file, or a directory.
 
-    ``root`` defaults to ``data_root()/train`` (``/synthetic`` for the synthetic set) for named targets
+    ``root`` defaults to ``$TLVR_DATA/train`` (``/synthetic`` for the synthetic set) for named targets
     and to the annotation file's folder for a file.
     """
     if target in NAMED_TARGETS:
         sub, files = NAMED_TARGETS[target]
-        base = Path(root) if root is not None else data_root() / sub
+        base = resolve_root(root, sub)
         paths: list[Path] = []
         for name in files:
             paths += _videos_in_annotations(base / name, base)
@@ -158,3 +159,12 @@ def videos_for_target(target: str, root: Path | None = None) -> list[Path]:
         raise TlvrError(f"{target}: not found")
     names = ", ".join(NAMED_TARGETS)
     raise TlvrError(f"unknown check target {target!r}: expected one of {names}, an annotation file (.jsonl/.json) or a directory")
+
+
+def default_report_path(target: str, root: Path | None = None) -> Path:
+    """Where ``tlvr data check`` writes its report unless told: beside the data it checked (the
+    named target's root, the annotation file's folder, or the video directory itself)."""
+    if target in NAMED_TARGETS:
+        return resolve_root(root, NAMED_TARGETS[target][0]) / f"check-{target}.json"
+    p = Path(target)
+    return (p if p.is_dir() else p.parent) / f"check-{p.stem or 'videos'}.json"

@@ -17,12 +17,7 @@ from pathlib import Path
 from ..errors import TlvrError
 
 GRPO_REQUIRED = ("problem", "solution", "video_filename")
-_OPTION_LINE = re.compile(r"^\s*([A-Z])\.\s")
-
-
-def data_root() -> Path:
-    """Where datasets and fetched models live: ``$TLVR_DATA``, else ``~/.cache/tlvr``."""
-    return Path(os.environ.get("TLVR_DATA") or Path.home() / ".cache" / "tlvr")
+_OPTION_LINE = re.compile(r"^\s*([A-Z])\.\s?(.*)$")
 
 
 @dataclass
@@ -60,14 +55,14 @@ def resolve_under_root(root: Path, rel: str) -> Path:
     return Path(root) / norm
 
 
-def option_letters(problem: str) -> list[str]:
-    """The letters of the option lines (``"A. text"``) in a problem, in order, without repeats."""
-    letters: list[str] = []
+def problem_options(problem: str) -> dict[str, str]:
+    """The option lines (``"A. text"``) of a problem as letter → text, in order; a repeated letter keeps its first line."""
+    options: dict[str, str] = {}
     for line in problem.splitlines():
         m = _OPTION_LINE.match(line)
-        if m and m.group(1) not in letters:
-            letters.append(m.group(1))
-    return letters
+        if m:
+            options.setdefault(m.group(1), m.group(2))
+    return options
 
 
 def _read_text(path: Path, what: str) -> str:

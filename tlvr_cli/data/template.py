@@ -1,19 +1,32 @@
-"""The ``qwen2_base`` conversation template, ``<image>`` tokenization and SFT label masking (spec §3.1–3.2)."""
+"""The ``qwen2_base`` conversation template, the reasoning instructions, ``<image>`` tokenization and
+SFT label masking (spec §3.1–3.3). Every prompt tlvr builds is assembled here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..model.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
 IMAGE = "<image>"
-EOS = "<|endoftext|>"
+EOS = "<|endoftext|>"  # Qwen2.5 base: eos and pad (spec §1.1)
 SEP = " ASSISTANT: "
+IMAGE_TOKEN_INDEX = -200  # the id "<image>" takes in input_ids; the splice replaces it by the visual tokens (spec §1.5)
+IGNORE_INDEX = -100  # label of tokens without loss
 
-__all__ = ["SYSTEM", "IMAGE", "EOS", "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "build_prompt", "build_conversation",
-           "tokenize_with_image", "build_sft_example", "SFTExample"]
+# spec §3.3: the GRPO prompt suffix (after a space); the evaluators append the instruction after a newline instead
+REASON_INSTRUCTION = "Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+OPTION_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+GRPO_QUESTION_TEMPLATE = "{Question} " + REASON_INSTRUCTION
+
+__all__ = ["SYSTEM", "IMAGE", "EOS", "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "REASON_INSTRUCTION", "OPTION_INSTRUCTION",
+           "GRPO_QUESTION_TEMPLATE", "video_question", "build_prompt", "build_conversation", "tokenize_with_image",
+           "build_sft_example", "SFTExample"]
+
+
+def video_question(question: str, instruction: str | None = None) -> str:
+    """The user message about a video: the ``<image>`` placeholder, the question and, after a newline,
+    the instruction (as the evaluators write it, spec §3.3)."""
+    return IMAGE + "\n" + question + ("\n" + instruction if instruction else "")
 
 
 def _user(text: str) -> str:

@@ -320,13 +320,18 @@ class Engine:
         on_token: Callable[[int, int], None] | None = None,
         ignore_eos: bool = False,
         row_keys: Sequence[int] | None = None,
+        sync_every: int = SYNC_EVERY,
     ) -> list[Completion]:
         """Complete each prompt embedding (L_i, D) ``num_samples`` times; results are prompt-major.
 
         ``on_token(row, token)`` sees every sampled token, eos included. Output row ``r`` samples
         with ``row_seed(seed, row_keys[r])`` (default ``r``): give rows keys that do not depend on
         how work is split (e.g. dataset index) and they draw the same tokens in any split.
+        ``sync_every`` (at most ``SYNC_EVERY``) decode steps run between host reads of the tokens:
+        fewer reads are faster, streaming (``on_token``) wants smaller chunks.
         """
+        if not 1 <= sync_every <= SYNC_EVERY:
+            raise ValueError(f"sync_every must be in 1..{SYNC_EVERY}, got {sync_every}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         for i, p in enumerate(prompts):
@@ -358,7 +363,6 @@ class Engine:
         keys = range(n_rows) if row_keys is None else row_keys
         seed_list = [row_seed(seed, k) for k in keys]
         seeds = torch.tensor(seed_list, dtype=torch.long, device=device)
-        sync_every = 4 if on_token is not None else SYNC_EVERY  # streaming wants small chunks
 
         def emit(row: int, token: int) -> bool:
             """Record one token; True when the row is done."""

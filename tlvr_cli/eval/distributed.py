@@ -3,24 +3,18 @@ and rank 0 merges them in benchmark order and scores — the same report as one 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from ..jobs import EvalConfig
+from ..runtime import init_distributed, launch_world_size, shutdown_distributed
+from .answers import merge_rank_answers
+from .report import Report, score_answers, write_report
+from .runner import load_eval_items, output_dir, run_eval
 
 
-def run_eval_sharded(cfg: EvalConfig, *, model=None, show_progress: bool = True):
-    """Run ``run_eval`` on this process's shard when launched with several processes; else plainly."""
-    from .runner import default_output_dir, merge_rank_answers, run_eval
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+def run_eval_sharded(cfg: EvalConfig, *, model=None, show_progress: bool = True) -> Report | None:
+    """Run ``run_eval`` on this process's shard when launched with several processes; else plainly.
+    Returns the report on rank 0 (None on the other ranks)."""
+    if launch_world_size() == 1:
         return run_eval(cfg, model=model, show_progress=show_progress)
-    from ..data.records import data_root
-    from ..train.dist import init_distributed, shutdown_distributed
-    from .benchmarks import get_benchmark
-    from .report import score_answers, write_report
-
     ctx = init_distributed(cfg.model.device)
     if cfg.model.device in ("auto", "cuda"):
         cfg.model.device = str(ctx.device)
@@ -28,12 +22,8 @@ def run_eval_sharded(cfg: EvalConfig, *, model=None, show_progress: bool = True)
     ctx.barrier()
     report = None
     if ctx.is_main:
-        data_dir = Path(cfg.data_dir) if cfg.data_dir else data_root() / cfg.benchmark
-        items = get_benchmark(cfg.benchmark).load_items(data_dir, cfg)
-        if cfg.limit:
-            items = items[: cfg.limit]
-        out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
-        rows = merge_rank_answers(out_dir, ctx.world_size, [it.item_id for it in items])
+        out_dir = output_dir(cfg)
+        rows = merge_rank_answers(out_dir, ctx.world_size, [it.item_id for it in load_eval_items(cfg)])
         report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed)
         write_report(report, out_dir)
     ctx.barrier()

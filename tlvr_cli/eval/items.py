@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.template import OPTION_INSTRUCTION, REASON_INSTRUCTION, video_question
 from ..errors import TlvrError
-from ..jobs import OPTION_INSTRUCTION, REASON_INSTRUCTION
 from ..video.decode import FrameSpec
 
-IMAGE_PREFIX = "<image>\n"
 # spec §6.2: a gold answer missing from the candidates keeps index -1, i.e. chr(ord('A') - 1).
 GOLD_NOT_IN_CANDIDATES = "@"
 
@@ -32,7 +31,8 @@ class EvalItem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def option_letters(n: int) -> list[str]:
+def choice_letters(n: int) -> list[str]:
+    """The letters of ``n`` candidates: A, B, C, ..."""
     return [chr(ord("A") + i) for i in range(n)]
 
 
@@ -45,9 +45,8 @@ def gold_letter(candidates: list[str], answer: str) -> str:
 
 
 def finish_prompt(body: str, mode: str) -> str:
-    """"<image>\\n" + body + "\\n" + the reason (spec §3.3) or option instruction."""
-    instruction = REASON_INSTRUCTION if mode == "reason" else OPTION_INSTRUCTION
-    return IMAGE_PREFIX + body + "\n" + instruction
+    """The user message: the video, ``body`` and the reason (spec §3.3) or option instruction."""
+    return video_question(body, REASON_INSTRUCTION if mode == "reason" else OPTION_INSTRUCTION)
 
 
 def require_file(path: Path, what: str) -> Path:

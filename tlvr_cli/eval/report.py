@@ -10,7 +10,6 @@ each task so task sizes stay fixed.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -21,9 +20,12 @@ import yaml
 
 from ..errors import TlvrError
 from ..files import write_json_atomic, write_text_atomic
+from ..jobs import EvalConfig
+from .answers import read_answers
 from .benchmarks import get_benchmark
 
 NO_ANSWER_HOWS = ("none", "empty", "random")  # parse rules that found no letter in the text
+BOOTSTRAP = EvalConfig.bootstrap  # resamples for the 95% CIs: the eval config's default
 
 
 @dataclass
@@ -138,7 +140,7 @@ def _group_stats(values: np.ndarray, labels: list[str], n_boot: int, seed: int) 
     return out
 
 
-def score_answers(rows: list[dict], benchmark: str, *, n_boot: int = 1000, seed: int = 0) -> Report:
+def score_answers(rows: list[dict], benchmark: str, *, n_boot: int = BOOTSTRAP, seed: int = 0) -> Report:
     """Report for answers.jsonl rows ``{item_id, task, gold, parsed, correct, skipped?, ...}``."""
     bench = get_benchmark(benchmark)
     rows = _dedupe(rows)
@@ -185,22 +187,6 @@ def write_report(report: Report, out_dir: Path) -> None:
     write_text_atomic(out_dir / "results.md", report.markdown())
 
 
-def read_answer_rows(path: Path) -> list[dict]:
-    """Rows of an answers file; blank or torn lines (a run killed mid-write) are ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise TlvrError(f"answers file not found: {path}")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "item_id" in row:
-            rows.append(row)
-    return rows
-
-
 def infer_benchmark(answers: Path) -> str:
     """The ``benchmark:`` key of the config.yaml written beside an answers file."""
     cfg = Path(answers).parent / "config.yaml"
@@ -211,12 +197,12 @@ def infer_benchmark(answers: Path) -> str:
     raise TlvrError(f"cannot tell the benchmark of {answers}: no config.yaml with 'benchmark:' beside it (pass --benchmark)")
 
 
-def score_answers_file(path: Path, benchmark: str | None = None, *, n_boot: int = 1000, seed: int = 0,
+def score_answers_file(path: Path, benchmark: str | None = None, *, n_boot: int | None = None, seed: int = 0,
                        write: bool = False) -> Report:
-    """Score an answers.jsonl; with ``write`` the results go beside it."""
+    """Score an answers.jsonl (``n_boot`` None: the default resamples); with ``write`` the results go beside it."""
     path = Path(path)
-    rows = read_answer_rows(path)
-    report = score_answers(rows, benchmark or infer_benchmark(path), n_boot=n_boot, seed=seed)
+    rows = read_answers(path, missing_ok=False)
+    report = score_answers(rows, benchmark or infer_benchmark(path), n_boot=BOOTSTRAP if n_boot is None else n_boot, seed=seed)
     if write:
         write_report(report, path.parent)
     return report
@@ -262,7 +248,7 @@ class ComparisonReport:
         return "\n".join(lines) + "\n"
 
 
-def compare_answers(rows_a: list[dict], rows_b: list[dict], benchmark: str, *, n_boot: int = 1000,
+def compare_answers(rows_a: list[dict], rows_b: list[dict], benchmark: str, *, n_boot: int = BOOTSTRAP,
                     seed: int = 0) -> ComparisonReport:
     """Paired comparison on the items scored (not skipped) in both row lists."""
     bench = get_benchmark(benchmark)
@@ -295,8 +281,9 @@ def compare_answers(rows_a: list[dict], rows_b: list[dict], benchmark: str, *, n
     )
 
 
-def compare_answer_files(a: Path, b: Path, benchmark: str | None = None, *, n_boot: int = 1000,
+def compare_answer_files(a: Path, b: Path, benchmark: str | None = None, *, n_boot: int | None = None,
                          seed: int = 0) -> ComparisonReport:
     """Compare two answers files (benchmark from the config.yaml beside ``a`` when not given)."""
     name = benchmark or infer_benchmark(Path(a))
-    return compare_answers(read_answer_rows(Path(a)), read_answer_rows(Path(b)), name, n_boot=n_boot, seed=seed)
+    return compare_answers(read_answers(Path(a), missing_ok=False), read_answers(Path(b), missing_ok=False), name,
+                           n_boot=BOOTSTRAP if n_boot is None else n_boot, seed=seed)

@@ -13,11 +13,14 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.template import EOS
 from ..errors import TlvrError
+from ..runtime import data_root, resolve_device, resolve_dtype
 from .config import TinyLlavaConfig
 
 WEIGHTS = "model.safetensors"
@@ -26,25 +29,6 @@ LM_HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
 SHARD_BYTES = 5 * 1024**3
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TlvrError(f"model.device={name!r} but CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise TlvrError(f"model.dtype={name!r}: expected one of float32, bfloat16, float16, auto")
-    return _DTYPES[name]
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -55,8 +39,6 @@ def resolve_checkpoint(path: str) -> Path:
             raise TlvrError(f"{p}: not a checkpoint directory (no config.json)")
         return p
     if HUB_ID.fullmatch(path) and not p.exists():
-        from ..data.records import data_root
-
         fetched = data_root() / "models" / path.split("/")[-1]
         if (fetched / "config.json").exists():
             return fetched
@@ -108,7 +90,8 @@ def checked_state(model, sd: dict[str, torch.Tensor], where: str | os.PathLike) 
     return sd
 
 
-def _load_state(model, sd: dict[str, torch.Tensor], where: Path) -> None:
+def load_weights(model, sd: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Copy the state dict ``sd`` into ``model`` after ``checked_state``'s key and shape check (ties ``lm_head``)."""
     model.load_state_dict(checked_state(model, sd, where), strict=False)
     if model.config.text_config.tie_word_embeddings:
         model.language_model.tie_weights()
@@ -126,18 +109,29 @@ def load_tokenizer(ckpt: Path):
         raise TlvrError(f"{ckpt}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
     finally:
         hf_logging.set_verbosity(level)
-    eos = "<|endoftext|>"
     if tok.pad_token is None:
-        tok.pad_token = eos
+        tok.pad_token = EOS
     tok.unk_token = tok.pad_token  # as the reference
     tok.padding_side = "right"
     return tok
 
 
-def load_model(path: str, *, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa"):
-    """A TinyLLaVA model with its tokenizer; ``path`` 'tiny' gives the embedded random-init tiny model."""
+class ModelSpec(Protocol):
+    """What to load and how (``jobs.ModelConfig`` is one)."""
+
+    path: str
+    dtype: str
+    device: str
+    attn_implementation: str
+
+
+def load_model(path: str | ModelSpec, *, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa"):
+    """A TinyLLaVA model with its tokenizer, from a checkpoint path or a model config (``cfg.model``,
+    whose dtype/device/attention then apply); ``path`` 'tiny' gives the embedded random-init tiny model."""
     from .tinyllava import TinyLlava
 
+    if not isinstance(path, str):
+        path, dtype, device, attn_implementation = path.path, path.dtype, path.device, path.attn_implementation
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     attn = _check_attn(attn_implementation, dev)
@@ -150,7 +144,7 @@ def load_model(path: str, *, dtype: str = "auto", device: str = "auto", attn_imp
     tok = load_tokenizer(ckpt)
     with torch.device(dev):
         model = TinyLlava(config, tok, attn_implementation=attn)
-    _load_state(model, read_state_dict(ckpt), ckpt)
+    load_weights(model, read_state_dict(ckpt), ckpt)
     return model.to(dtype=dt)
 
 
@@ -165,12 +159,6 @@ def _check_attn(name: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise TlvrError("flash_attention_2 needs a CUDA device (use sdpa on CPU)")
     return name
-
-
-def load_weights_into(model, ckpt: str | os.PathLike) -> None:
-    """Overwrite ``model``'s weights with those saved in ``ckpt`` (used by resume)."""
-    ckpt = Path(ckpt)
-    _load_state(model, read_state_dict(ckpt), ckpt)
 
 
 def model_state(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

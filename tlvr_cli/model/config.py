@@ -15,10 +15,8 @@ from typing import Any
 
 from transformers import Qwen2Config, SiglipVisionConfig
 
+from ..data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..errors import TlvrError
-
-IGNORE_INDEX = -100
-IMAGE_TOKEN_INDEX = -200
 
 # google/siglip-so400m-patch14-384 vision config (spec §1.1)
 SIGLIP_SO400M = {

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from ..data.template import EOS
 from .config import TinyLlavaConfig
 
 TOKENIZER_FILE = Path(__file__).with_name("tiny_tokenizer") / "tokenizer.json"
-EOS = "<|endoftext|>"
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from transformers import Qwen2ForCausalLM
 
-from .config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLlavaConfig
+from ..data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .config import TinyLlavaConfig
 from .connector import Connector
 from .vision import VisionTower
 

@@ -99,3 +99,16 @@ def plot_metrics(metrics_path: Path, out_png: Path, keys: Sequence[str], title: 
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
+
+
+RUN_CURVES = ("reward", "rewards/*", "completion_length", "kl", "train/loss", "train/grad_norm", "train/lr")
+
+
+def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) -> Path:
+    """The PNG of a run's training curves (GRPO: reward, each reward function, length, KL; cold start:
+    loss, gradient norm, learning rate), from the metrics it logged."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    logged = {k for row in read_metrics(metrics) for k in row}
+    keys = [k for pattern in RUN_CURVES for k in (sorted(x for x in logged if x.startswith(pattern[:-1]))
+                                                    if pattern.endswith("*") else [pattern])]
+    return plot_metrics(metrics, Path(run_dir) / name, keys, title=Path(run_dir).name if title is None else title)

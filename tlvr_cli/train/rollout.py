@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections import OrderedDict
 
 import torch
 
 from ..data.records import GRPORow
-from ..data.template import build_prompt, tokenize_with_image
+from ..data.template import build_prompt, tokenize_with_image, video_question
 from ..errors import TlvrError
 from ..video.decode import read_frames
 from ..video.preprocess import preprocess_frames
@@ -26,9 +26,9 @@ class PromptBatch:
 
 
 def prompt_ids(tokenizer, row: GRPORow, question_template: str) -> list[int]:
-    # spec §5.2 step 1: "<image>" + filled template, one human turn, inference prompt ending in "ASSISTANT:"
-    text = "<image>" + question_template.format(Question=row.problem)
-    return tokenize_with_image(tokenizer, build_prompt(text))
+    """spec §5.2 step 1: the filled template after the video, one human turn, the inference prompt
+    ending in "ASSISTANT:" (the reference writes "<image>" + text; the template puts the image first)."""
+    return tokenize_with_image(tokenizer, build_prompt(video_question(question_template.format(Question=row.problem))))
 
 
 def _decode(row: GRPORow, num_frames: int, backend: str, image_size: int) -> torch.Tensor:

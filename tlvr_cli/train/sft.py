@@ -13,25 +13,27 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import to_yaml
-from ..data.records import ColdstartRecord, data_root, read_coldstart_records
+from ..data.records import ColdstartRecord, read_coldstart_records
 from ..data.template import build_sft_example
 from ..errors import TlvrError
 from ..jobs import ColdstartConfig
+from ..model.checkpoint import load_model
+from ..progress import JobProgress
+from ..runtime import DistContext, init_distributed, resolve_root
 from ..video.decode import read_frames
 from ..video.preprocess import preprocess_frames
-from . import state as S
-from .dist import DistContext, Parallel, init_distributed
-from .metrics import plot_metrics
+from . import run_dir as R
+from .metrics import plot_run
 from .optim import build_optimizer, build_scheduler, clip_gradients
-from .progress import TrainProgress
-from .setup import apply_tuning, load_skip_set_if_any, prepare_model, start_run
+from .parallel import Parallel
+from .setup import apply_tuning, load_skip_set_if_any
 
 
 @dataclass
@@ -72,10 +74,8 @@ def _collate(samples: list[SFTSample]) -> list[SFTSample]:
     return samples
 
 
-def micro_batches(order: list[int], step: int, cfg: ColdstartConfig, ctx: DistContext) -> list[list[int]]:
-    """The micro-batches this rank runs for optimizer step ``step`` (global order, rank-strided)."""
-    per_step = cfg.batch_size * cfg.grad_accum * ctx.world_size
-    chunk = order[step * per_step:(step + 1) * per_step]
+def micro_batches(chunk: list[int], cfg: ColdstartConfig, ctx: DistContext) -> list[list[int]]:
+    """This rank's micro-batches of one optimizer step's samples ``chunk`` (the global batch, rank-strided)."""
     out = []
     for j in range(cfg.grad_accum):
         start = (j * ctx.world_size + ctx.rank) * cfg.batch_size
@@ -85,9 +85,10 @@ def micro_batches(order: list[int], step: int, cfg: ColdstartConfig, ctx: DistCo
 
 def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progress: bool = True) -> Path:
     """Train, checkpoint and return the final model directory (released layout)."""
-    ctx = init_distributed(cfg.model.device, cfg.dist.backend, need_group=cfg.dist.strategy == "fsdp2")
+    ctx = init_distributed(cfg.model.device, cfg.dist.backend, need_group=cfg.dist.strategy == "fsdp2",
+                           timeout_minutes=cfg.dist.timeout_minutes)
     run_dir = Path(cfg.output.run_dir)
-    root = Path(cfg.data.root) if cfg.data.root else data_root() / "train"
+    root = resolve_root(cfg.data.root, "train")
     records = read_coldstart_records(root / cfg.data.annotations, root)
     skip = load_skip_set_if_any(cfg.data.skip_report)
     skipped_bad = [r for r in records if str(r.video_path) in skip]
@@ -95,12 +96,11 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     if not records:
         raise TlvrError(f"{root / cfg.data.annotations}: no usable records")
 
-    S.seed_everything(cfg.seed)
-    model = prepare_model(cfg.model, ctx)
+    R.seed_everything(cfg.seed)
+    model = load_model(replace(cfg.model, device=str(ctx.device)))
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
-    tokenizer = model.tokenizer
-    image_size = model.config.vision_config.image_size
 
+    # the global batch: batch_size samples x grad_accum micro-batches x processes
     per_step = cfg.batch_size * cfg.grad_accum * ctx.world_size
     steps_per_epoch = math.ceil(len(records) / per_step)
     total = steps_per_epoch * cfg.optim.epochs
@@ -111,30 +111,29 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     config_yaml = to_yaml(cfg)
+    st, logger = R.start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, tensorboard=cfg.output.tensorboard)
 
-    st, logger = start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, seed=cfg.seed,
-                           tensorboard=cfg.output.tensorboard)
-
-    dataset = ColdstartDataset(records, tokenizer, image_size, model.config.num_queries, cfg)
+    dataset = ColdstartDataset(records, model.tokenizer, model.config.vision_config.image_size, model.config.num_queries, cfg)
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-    progress = TrainProgress("cold start", total, enabled=show_progress and ctx.is_main)
+    progress = JobProgress("cold start", total, enabled=show_progress and ctx.is_main)
     progress.start(st.step)
     skipped_total = int(st.extra.get("skipped", 0)) + len(skipped_bad)
     last_good = None
     try:
         while st.step < total:
-            epoch = st.step // steps_per_epoch
-            order = S.epoch_order(len(records), cfg.seed, epoch)
-            step_in_epoch = st.step % steps_per_epoch
-            # one DataLoader per epoch remainder, fed the exact micro-batches each step needs
-            n_steps = min(steps_per_epoch - step_in_epoch, total - st.step)
-            plan = [mb for k in range(step_in_epoch, step_in_epoch + n_steps) for mb in micro_batches(order, k, cfg, ctx)]
-            loader = DataLoader(dataset, batch_sampler=[b for b in plan], collate_fn=_collate,
-                                num_workers=cfg.data.num_workers, persistent_workers=False,
+            # plan the rest of this epoch from the data cursor: each step's global batch, then this rank's
+            # micro-batches of it; one DataLoader decodes exactly those samples, in that order
+            plan_steps, cursor, epoch = [], st.cursor, st.cursor.epoch
+            while cursor.epoch == epoch and st.step + len(plan_steps) < total:
+                chunk, cursor = cursor.take(len(records), per_step, cfg.seed)
+                plan_steps.append((chunk, cursor))
+            plan = [mb for chunk, _ in plan_steps for mb in micro_batches(chunk, cfg, ctx)]
+            loader = DataLoader(dataset, batch_sampler=plan, collate_fn=_collate, num_workers=cfg.data.num_workers,
+                                persistent_workers=False,
                                 multiprocessing_context="fork" if cfg.data.num_workers and os.name == "posix" else None)
             it = iter(loader)
-            for _ in range(n_steps):
+            for _, after in plan_steps:
                 t0 = time.perf_counter()
                 loss_sum, tokens, skipped = 0.0, 0, 0
                 train_model.train()
@@ -153,6 +152,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                             continue
                         good, weight = last_good, 0.0  # keep the ranks' collective calls in step
                     last_good = good
+                    # gradients are reduced across processes only on the step's last micro-batch
                     with par.no_sync(micro < cfg.grad_accum - 1):
                         out = train_model(
                             input_ids=[s.input_ids for s in good],
@@ -169,7 +169,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                st.step += 1
+                st.step, st.cursor = st.step + 1, after
                 skipped_total += skipped
                 st.extra["skipped"] = skipped_total
                 dt = time.perf_counter() - t0
@@ -180,7 +180,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                 progress.update(st.step, {"loss": loss_sum, "lr": lr, "gnorm": grad_norm})
                 save_now = cfg.output.save_every and st.step % cfg.output.save_every == 0
                 if save_now or interrupted["flag"] or st.step == total:
-                    par.save_checkpoint(run_dir, st, optimizer, scheduler, config_yaml, cfg.output.keep_last)
+                    R.save_checkpoint(run_dir, st, par, optimizer, scheduler, config_yaml, cfg.output.keep_last)
                 if interrupted["flag"]:
                     progress.stop()
                     raise KeyboardInterrupt
@@ -189,7 +189,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
         signal.signal(signal.SIGINT, old_handler)
         progress.stop()
         logger.close()
-    final = par.save_final(run_dir)
+    final = R.save_final(run_dir, par)
     if ctx.is_main:
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", ["train/loss", "train/grad_norm", "train/lr"], title="cold start")
+        plot_run(run_dir, "loss.png", title="cold start")
     return final

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, finish_prompt, gold_letter, option_letters, read_json, require_dir, require_keys
+from ..items import EvalItem, finish_prompt, gold_letter, choice_letters, read_json, require_dir, require_keys
 
 NAME = "mlvu"
 AGGREGATE = "macro"  # spec §6.3: Avg = mean of the 7 task accuracies
@@ -29,7 +29,7 @@ TASKS: list[tuple[str, str]] = [
 
 def build_prompt(question: str, candidates: list[str], mode: str) -> str:
     # spec §6.3: no "Options:" header, options written "(A) text", right-stripped (both modes)
-    letters = option_letters(len(candidates))
+    letters = choice_letters(len(candidates))
     body = question + "\n" + "".join(f"({l}) {c}\n" for l, c in zip(letters, candidates))
     return finish_prompt(body.rstrip(), mode)
 
@@ -44,7 +44,7 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
         for i, rec in enumerate(records):
             require_keys(rec, ("video", "question", "candidates", "answer"), f"{json_dir / stem}.json item {i}")
             candidates = [str(c) for c in rec["candidates"]]
-            letters = option_letters(len(candidates))
+            letters = choice_letters(len(candidates))
             items.append(EvalItem(
                 item_id=f"{stem}/{i}",
                 task=task,

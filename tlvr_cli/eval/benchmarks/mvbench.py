@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, finish_prompt, gold_letter, option_letters, read_json, require_dir, require_keys
+from ..items import EvalItem, finish_prompt, gold_letter, choice_letters, read_json, require_dir, require_keys
 
 NAME = "mvbench"
 AGGREGATE = "micro"  # spec §6.2: Avg = correct / total over all items
@@ -58,7 +58,7 @@ def frame_spec(reader: str, bound: tuple[float, float] | None, frame_protocol: s
 
 
 def build_prompt(question: str, candidates: list[str], mode: str) -> str:
-    letters = option_letters(len(candidates))
+    letters = choice_letters(len(candidates))
     if mode == "reason":
         body = question + "\nOptions:\n" + "".join(f"{l}. {c}\n" for l, c in zip(letters, candidates))
     else:  # spec §3.3: the TV evaluator writes "(A) cand" without a header
@@ -87,7 +87,7 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
             require_keys(rec, ("video", "question", "candidates", "answer") + (("start", "end") if has_bound else ()), where)
             candidates = [str(c) for c in rec["candidates"]]
             bound = (float(rec["start"]), float(rec["end"])) if has_bound else None
-            letters = option_letters(len(candidates))
+            letters = choice_letters(len(candidates))
             items.append(EvalItem(
                 item_id=f"{json_name[:-5]}/{i}",
                 task=task,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ...data.records import problem_options
 from ...errors import TlvrError
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
@@ -14,7 +15,6 @@ from ..items import EvalItem, finish_prompt, read_jsonl, require_keys
 
 NAME = "synthetic"
 AGGREGATE = "micro"
-_OPTION_LINE = re.compile(r"^([A-Z])\.\s?(.*)$", re.MULTILINE)
 _SOLUTION = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 
 
@@ -25,7 +25,7 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
     for i, row in enumerate(read_jsonl(path, "synthetic eval split")):
         where = f"{path} line {i + 1}"
         require_keys(row, ("problem", "solution", "video_filename"), where)
-        options = dict(_OPTION_LINE.findall(row["problem"]))
+        options = problem_options(row["problem"])
         match = _SOLUTION.search(row["solution"])
         if not options or match is None:
             raise TlvrError(f"{where}: expected 'A. …' option lines in problem and '<answer>X</answer>' in solution")

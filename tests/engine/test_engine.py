@@ -324,7 +324,7 @@ def test_cuda_graphs_match_eager(lm, prompts, reference):
 
 
 def test_bench_generate_smoke(capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_generate.py"
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from tlvr_cli.model.checkpoint import read_state_dict
+from tlvr_cli.train.run_dir import read_trainer_state
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ def launch(script: str, nprocs: int, tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tlvr_cli.data.synth import write_synthetic_dataset
+    from tlvr_cli.synth import write_synthetic_dataset
     from tlvr_cli.jobs import SynthConfig
     from tlvr_cli.model.checkpoint import save_model
     from tlvr_cli.model.tiny import build_tiny_model
@@ -68,10 +69,10 @@ run_coldstart(cs, show_progress=False)
 g = load_config(GRPOConfig, None, extra={{"model": model, "algo": {{"num_generations": 2}},
     "data": {{"root": tmp + "/synth", "prompts_per_step": 2, "num_workers": 0}}, "rollout": {{"max_new_tokens": 6}},
     "optim": {{"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False, "max_steps": 2}},
-    "perf": {{"micro_batch_size": 2, "cuda_graphs": False}}, "output": {{"run_dir": tmp + "/grpo-" + tag}}}})
+    "perf": {{"micro_batch_size": 2}}, "engine": {{"cuda_graphs": False}}, "output": {{"run_dir": tmp + "/grpo-" + tag}}}})
 run_grpo(g, show_progress=False)
 ev = load_config(EvalConfig, None, extra={{"model": model, "benchmark": "synthetic", "data_dir": tmp + "/synth",
-    "max_new_tokens": 6, "batch_size": 2, "bootstrap": 50, "output_dir": tmp + "/eval-" + tag}})
+    "sampling": {{"max_new_tokens": 6}}, "engine": {{"max_batch": 2}}, "bootstrap": 50, "output_dir": tmp + "/eval-" + tag}})
 run_eval_sharded(ev, show_progress=False)
 """
 
@@ -121,7 +122,7 @@ def grpo(strategy, max_steps):
     return load_config(GRPOConfig, None, extra={{"model": model, "algo": {{"num_generations": 2}},
         "data": {{"root": tmp + "/synth", "prompts_per_step": 2, "num_workers": 0}}, "rollout": {{"max_new_tokens": 6}},
         "optim": {{"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False, "max_steps": max_steps}},
-        "dist": {{"strategy": strategy}}, "perf": {{"micro_batch_size": 2, "cuda_graphs": False}},
+        "dist": {{"strategy": strategy}}, "perf": {{"micro_batch_size": 2}}, "engine": {{"cuda_graphs": False}},
         "output": {{"run_dir": tmp + "/grpo-fsdp"}}}})
 run_grpo(grpo("fsdp2", steps), resume="auto", show_progress=False)
 if nproc == 1:  # an fsdp2 checkpoint does not resume as replicas: said plainly, before any step
@@ -141,7 +142,7 @@ def test_fsdp2_matches_replicas_and_resumes_with_more_processes(single):
             assert torch.allclose(a[k], b[k], atol=1e-5), (stage, k)
     logs = [[json.loads(l) for l in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "fsdp")]
     assert [m["step"] for m in logs[1]] == [1, 2]
-    state = torch.load(tmp / "grpo-fsdp" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
+    state, _ = read_trainer_state(tmp / "grpo-fsdp" / "checkpoints" / "step-000002")
     assert state["optimizer"]["layout"] == "fsdp2"
     for key in ("reward", "kl", "grad_norm"):
         assert [m[key] for m in logs[0]] == pytest.approx([m[key] for m in logs[1]], abs=1e-5), key

@@ -291,7 +291,6 @@ def test_cli_dry_run_and_list(hub, tmp_path, monkeypatch):
 
     import tlvr_cli.data.fetch as fetch_mod
     from tlvr_cli.cli.data import data_app
-    from tlvr_cli.cli import data_fetch  # noqa: F401  (adds `fetch` to data_app)
 
     monkeypatch.setattr(fetch_mod, "HfHubClient", lambda: LocalHubClient(hub))
     app = typer.Typer()

@@ -11,7 +11,7 @@ import torch
 
 from tlvr_cli.data.template import SYSTEM, build_prompt, build_sft_example, tokenize_with_image
 from tlvr_cli.errors import TlvrError
-from tlvr_cli.model.checkpoint import load_model, load_weights_into, save_model
+from tlvr_cli.model.checkpoint import load_model, load_weights, read_state_dict, save_model
 from tlvr_cli.model.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLlavaConfig
 from tlvr_cli.model.connector import PerceiverResampler, group_bounds, sinusoidal_encoding
 
@@ -211,7 +211,7 @@ def test_save_is_atomic_and_replaces(tmp_path, tiny_model):
     out = save_model(tiny_model, tmp_path / "ck")
     save_model(tiny_model, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-    load_weights_into(tiny_model, out)
+    load_weights(tiny_model, read_state_dict(out), out)
 
 
 # ---------------------------------------------------------------------------- template

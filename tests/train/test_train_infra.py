@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tlvr_cli.jobs import OptimConfig
-from tlvr_cli.train import state as S
+from tlvr_cli.train.run_dir import STATE_FILE, checkpoint_dir, epoch_order, resolve_resume
 from tlvr_cli.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from tlvr_cli.train.optim import MasterAdamW, build_optimizer, build_scheduler, lr_factor, warmup_steps
 
@@ -72,24 +72,23 @@ def test_master_weights_match_fp32_adamw():
 
 
 def test_epoch_order_is_seeded():
-    a, b = S.epoch_order(50, 42, 0), S.epoch_order(50, 42, 0)
+    a, b = epoch_order(50, 42, 0), epoch_order(50, 42, 0)
     assert a == b and sorted(a) == list(range(50))
-    assert S.epoch_order(50, 42, 1) != a
-    assert S.epoch_order(5, 1, 0, shuffle=False) == [0, 1, 2, 3, 4]
+    assert epoch_order(50, 42, 1) != a
 
 
 def test_resolve_resume_ignores_partial_checkpoints(tmp_path):
-    assert S.resolve_resume(tmp_path, "auto") is None
-    done = S.checkpoint_dir(tmp_path, 4)
+    assert resolve_resume(tmp_path, "auto") is None
+    done = checkpoint_dir(tmp_path, 4)
     done.mkdir(parents=True)
-    (done / S.STATE_FILE).write_bytes(b"x")
-    partial = S.checkpoint_dir(tmp_path, 8).with_name("step-000008.tmp")
+    (done / STATE_FILE).write_bytes(b"x")
+    partial = checkpoint_dir(tmp_path, 8).with_name("step-000008.tmp")
     partial.mkdir()
-    (partial / S.STATE_FILE).write_bytes(b"x")
-    assert S.resolve_resume(tmp_path, "auto") == done
-    assert S.resolve_resume(tmp_path, None) is None
+    (partial / STATE_FILE).write_bytes(b"x")
+    assert resolve_resume(tmp_path, "auto") == done
+    assert resolve_resume(tmp_path, None) is None
     with pytest.raises(Exception, match="not a checkpoint directory"):
-        S.resolve_resume(tmp_path, str(tmp_path / "nope"))
+        resolve_resume(tmp_path, str(tmp_path / "nope"))
 
 
 def test_metrics_truncate_on_resume_and_plot(tmp_path):

@@ -1,4 +1,5 @@
-"""A small synthetic video-QA set in exactly the NextQA training formats (spec formats §1).
+"""The synthetic video-QA set (``tlvr data synth``, the demo's data), in exactly the NextQA training
+formats (spec formats §1).
 
 Each video is a flat background with a coloured square that slides left, right, up, down, or stays
 put, through the middle or along one of ``lanes`` parallel paths. Three multiple-choice questions
@@ -28,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TlvrError
-from ..files import write_text_atomic
-from ..jobs import GRPO_QUESTION_TEMPLATE, SynthConfig
+from .data.template import GRPO_QUESTION_TEMPLATE, video_question
+from .errors import TlvrError
+from .files import write_text_atomic
+from .jobs import SynthConfig
 
 LETTERS = "ABCDE"
 # Well-separated colours survive yuv420 compression, and every name is one short common word. Five of
@@ -221,7 +223,7 @@ def grpo_row(problem_id: int, q: SynthQuestion) -> dict:
 
 
 def coldstart_record(q: SynthQuestion, style: str = "scene") -> dict:
-    human = "<image>\n" + GRPO_QUESTION_TEMPLATE.format(Question=q.problem)
+    human = video_question(GRPO_QUESTION_TEMPLATE.format(Question=q.problem))
     gpt = f"<think>{reasoning(q, style)}</think>\n<answer>{q.letter}</answer>"
     return {"video": q.video.rel, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
 

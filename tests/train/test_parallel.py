@@ -10,8 +10,10 @@ from tlvr_cli.errors import TlvrError
 from tlvr_cli.jobs import TuneConfig
 from tlvr_cli.model.checkpoint import read_state_dict
 from tlvr_cli.model.tiny import build_tiny_model
-from tlvr_cli.train.dist import Parallel, init_distributed, shutdown_distributed
+from tlvr_cli.runtime import init_distributed, shutdown_distributed
+from tlvr_cli.train.parallel import Parallel
 from tlvr_cli.train.policy import PolicyLogprobs
+from tlvr_cli.train.run_dir import save_final
 from tlvr_cli.train.setup import apply_tuning
 
 
@@ -39,7 +41,7 @@ def test_fsdp2_shards_fp32_masters_and_saves_the_released_dtype(ctx, tmp_path):
         assert not isinstance(q.weight, DTensor) and q.weight.dtype == torch.bfloat16
         assert torch.equal(q.weight, before["language_model.model.layers.0.self_attn.q_proj.weight"])
     assert isinstance(q.weight, DTensor)
-    out = par.save_final(tmp_path)
+    out = save_final(tmp_path, par)
     saved = read_state_dict(out)
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}
     for k, v in saved.items():
@@ -55,7 +57,7 @@ def test_fsdp2_refuses_a_trainable_tower(ctx):
 
 def test_fsdp2_checkpoint_keeps_the_fp32_masters(ctx, tmp_path):
     from tlvr_cli.jobs import OptimConfig
-    from tlvr_cli.train import state as S
+    from tlvr_cli.train.run_dir import TrainState, checkpoint_dir, load_checkpoint, save_checkpoint
     from tlvr_cli.train.optim import build_optimizer, build_scheduler
 
     def setup():
@@ -74,10 +76,10 @@ def test_fsdp2_checkpoint_keeps_the_fp32_masters(ctx, tmp_path):
     sched.step()
     masters = {n: p.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in masters.values())
-    par.save_checkpoint(tmp_path, S.TrainState(step=1), opt, sched, "job: grpo\n", keep_last=2)
+    save_checkpoint(tmp_path, TrainState(step=1), par, opt, sched, "job: grpo\n", keep_last=2)
 
     model2, par2, opt2, sched2 = setup()
-    st = par2.load_checkpoint(S.checkpoint_dir(tmp_path, 1), opt2, sched2)
+    st = load_checkpoint(checkpoint_dir(tmp_path, 1), par2, opt2, sched2)
     assert st.step == 1 and sched2.last_epoch == 1
     for n, p in model2.named_parameters():
         if p.requires_grad:

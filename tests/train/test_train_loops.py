@@ -16,7 +16,7 @@ from tlvr_cli.model.checkpoint import load_model, read_state_dict, save_model
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
-    from tlvr_cli.data.synth import write_synthetic_dataset
+    from tlvr_cli.synth import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synth")
     write_synthetic_dataset(SynthConfig(root=str(root), train=16, eval=8, coldstart=8, size=32, seed=0))
@@ -43,7 +43,7 @@ def grpo_cfg(root: Path, run: Path, ckpt: Path, **extra) -> GRPOConfig:
             "data": {"root": str(root), "prompts_per_step": 2, "num_workers": 1},
             "rollout": {"max_new_tokens": 8}, "algo": {"num_generations": 4},
             "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False},
-            "perf": {"micro_batch_size": 3, "engine_max_batch": 8, "cuda_graphs": False},
+            "perf": {"micro_batch_size": 3}, "engine": {"max_batch": 8, "cuda_graphs": False},
             "sample_every": 1, "output": {"run_dir": str(run)}}
     return load_config(GRPOConfig, None, extra=_merge(base, extra))
 

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from tlvr_cli.data.check import check_videos, load_skip_set, videos_for_target, write_report
-from tlvr_cli.data.records import (data_root, option_letters, read_coldstart_records, read_grpo_rows,
+from tlvr_cli.data.records import (problem_options, read_coldstart_records, read_grpo_rows,
                                    resolve_under_root)
-from tlvr_cli.data.synth import COLORS, write_synthetic_dataset
+from tlvr_cli.data.template import REASON_INSTRUCTION
 from tlvr_cli.errors import TlvrError
-from tlvr_cli.jobs import REASON_INSTRUCTION, SynthConfig
+from tlvr_cli.jobs import SynthConfig
+from tlvr_cli.runtime import data_root
+from tlvr_cli.synth import COLORS, write_synthetic_dataset
 
 SMALL = dict(train=12, eval=6, coldstart=4, size=32)
 
@@ -49,7 +51,7 @@ def test_grpo_rows_resolve_and_filter(tmp_path):
     assert rows[0].video_path == tmp_path / "root" / "NextQA/NExTVideo/1150/6233408665.mp4"
     assert rows[0].solution == "<answer>B</answer>" and rows[0].extra["problem_type"] == "multiple choice"
     assert rows[1].video_path == Path("/abs/v.mp4")
-    assert option_letters(rows[0].problem) == list("ABCDE")
+    assert list(problem_options(rows[0].problem)) == list("ABCDE")
 
 
 def test_grpo_rows_errors_name_file_line_and_field(tmp_path):
@@ -110,7 +112,7 @@ def test_synth_counts_format_and_split(synth_root):
     cold = read_coldstart_records(synth_root / "coldstart.json", synth_root)
     assert (len(train), len(evals), len(cold)) == (12, 6, 4)
     for r in train + evals:
-        assert option_letters(r.problem) == list("ABCDE")
+        assert list(problem_options(r.problem)) == list("ABCDE")
         assert re.fullmatch(r"<answer>[A-E]</answer>", r.solution)
         assert r.video_filename.startswith("./NextQA/NExTVideo/") and r.video_path.is_file()
         assert re.fullmatch(r"\./NextQA/NExTVideo/\d{4}/\d+\.mp4", r.video_filename)
@@ -126,7 +128,7 @@ def test_synth_counts_format_and_split(synth_root):
 
 
 def test_synth_kinds_and_fixed_option_order(tmp_path):
-    from tlvr_cli.data.synth import COLORS
+    from tlvr_cli.synth import COLORS
 
     cfg = SynthConfig(root=str(tmp_path / "k"), **{**SMALL, "kinds": ["square"], "coldstart_kinds": ["background"],
                                                   "option_order": "fixed"})
@@ -147,7 +149,7 @@ def test_synth_kinds_and_fixed_option_order(tmp_path):
 
 
 def test_synth_lanes_one_video_per_kind_and_asked_reasoning(tmp_path):
-    from tlvr_cli.data.synth import SynthVideo, render_frames
+    from tlvr_cli.synth import SynthVideo, render_frames
 
     cfg = SynthConfig(root=str(tmp_path / "l"), **{**SMALL, "kinds": ["background"], "coldstart_kinds": ["background"],
                                                   "option_order": "fixed", "coldstart_option_order": "fixed", "lanes": 3,
@@ -265,7 +267,6 @@ def test_cli_synth_and_check(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from tlvr_cli.cli import data_video  # noqa: F401  (adds `synth` and `check` to data_app)
     from tlvr_cli.cli.data import data_app
 
     app = typer.Typer()
@@ -293,7 +294,6 @@ def test_cli_synth_and_check(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    pytest.importorskip("tlvr_cli.cli.data_fetch")
     from tlvr_cli.cli import main
 
     with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,5 @@
-"""Rich progress for training loops: one bar with step, fixed metric keys, s/step and ETA."""
+"""Rich progress for long jobs (training loops, evaluation): one bar with the count, fixed metric
+keys, elapsed time and ETA."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-class TrainProgress:
+class JobProgress:
+    """A bar over ``total`` units (steps, items) that shows a fixed set of metrics; ``warn`` prints
+    above it (the first 20 warnings; the rest are only counted)."""
+
     def __init__(self, title: str, total: int, *, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
         self.console = console or Console(stderr=True, highlight=False)

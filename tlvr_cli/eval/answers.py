@@ -1,0 +1,48 @@
+"""The answers file of an evaluation: one JSON object per item (``item_id`` first), appended and
+flushed as each item is answered, so a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import TlvrError
+from ..files import write_text_atomic
+
+ANSWERS = "answers.jsonl"
+
+
+def read_answers(path: Path, *, missing_ok: bool = True) -> list[dict]:
+    """The rows of an answers file, in file order; blank or torn lines (a run killed mid-write) and
+    lines that are not answer rows are ignored. A missing file is empty unless ``missing_ok`` is off."""
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return []
+        raise TlvrError(f"answers file not found: {path}")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "item_id" in row:
+            rows.append(row)
+    return rows
+
+
+def rank_answers_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    """Each process of a sharded evaluation appends to its own file; one process writes answers.jsonl."""
+    return Path(out_dir) / (ANSWERS if world_size == 1 else f"answers.rank{rank}.jsonl")
+
+
+def merge_rank_answers(out_dir: Path, world_size: int, item_order: list[str]) -> list[dict]:
+    """Merge ``answers.rank*.jsonl`` into one ``answers.jsonl`` in benchmark order (written atomically)."""
+    order = {k: i for i, k in enumerate(item_order)}
+    rows = {}
+    for r in range(world_size):
+        for row in read_answers(rank_answers_path(out_dir, r, world_size)):
+            rows[row["item_id"]] = row
+    merged = sorted(rows.values(), key=lambda row: order.get(row["item_id"], len(order)))
+    write_text_atomic(Path(out_dir) / ANSWERS, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
+    return merged

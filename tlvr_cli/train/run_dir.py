@@ -1,0 +1,253 @@
+"""The run directory: everything a training run writes, and the rule by which it resumes.
+
+    <run_dir>/config.yaml                  the resolved config of the run
+    <run_dir>/metrics.jsonl                one line per logged step (``metrics.MetricsLogger``)
+    <run_dir>/checkpoints/step-000040/     the model in the released layout (loadable by ``tlvr infer``
+                                           and by the reference code), trainer_state.json (step, data
+                                           cursor, scheduler, RNG, optimizer structure),
+                                           trainer_state.safetensors (optimizer moments, fp32 masters,
+                                           torch RNG) and the config.yaml it ran with
+    <run_dir>/final/                       the released-layout model at the end
+
+The trainer state is JSON and safetensors only: loading it cannot run code (a pickle could).
+Checkpoint directories are written under a temporary name and renamed, so a crash never leaves a
+half checkpoint that ``--resume auto`` would pick. Every process calls the save and load functions
+(sharded weights are gathered collectively); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import TlvrError
+from ..files import write_json_atomic, write_text_atomic
+from .parallel import Parallel
+
+STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "trainer_state.safetensors"
+LEGACY_STATE_FILE = "trainer_state.pt"
+
+
+# ----------------------------------------------------------------------------- data position
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a seeded permutation, reproducible on resume."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+@dataclass
+class DataCursor:
+    """Where the data order stands: the epoch and the position in that epoch's permutation. The one
+    source of the data position: steps draw their samples from it, and it is saved with the state."""
+
+    epoch: int = 0
+    position: int = 0
+
+    def take(self, n: int, size: int, seed: int) -> tuple[list[int], DataCursor]:
+        """The next ``size`` dataset indices of a dataset of ``n`` (fewer at the end of an epoch) and the
+        cursor after them; an epoch's last draw moves the cursor to the start of the next epoch."""
+        order = epoch_order(n, seed, self.epoch)
+        taken = order[self.position:self.position + size]
+        position = self.position + len(taken)
+        after = DataCursor(self.epoch + 1, 0) if position >= n else DataCursor(self.epoch, position)
+        return taken, after
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    cursor: DataCursor = field(default_factory=DataCursor)
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(tensors: dict[str, torch.Tensor]) -> dict:
+    """Python's and numpy's generator states as plain JSON; torch's (byte tensors) into ``tensors``."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return {"python": [version, list(internal), gauss], "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss),
+                                                                  float(cached)]}
+
+
+def _set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------- JSON + tensors codec
+
+
+def _pack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON with every tensor moved into ``tensors`` (referenced by key); non-string dict
+    keys (optimizer state is keyed by parameter index) and tuples are tagged so they come back."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _pack(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_pack(k, tensors), _pack(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_pack(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_pack(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in the trainer state")
+
+
+def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {_unpack(k, tensors): _unpack(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_unpack(v, tensors) for v in obj["__tuple__"])
+        return {k: _unpack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """``None``/'' → start fresh; 'auto' → the latest checkpoint if any; else an explicit directory."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        if (path / LEGACY_STATE_FILE).exists():
+            raise TlvrError(f"--resume {resume}: {LEGACY_STATE_FILE} is a pickle written by an older tlvr; it is not "
+                            f"loaded (a pickle can run code): restart the run")
+        raise TlvrError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, par: Parallel, optimizer: Any, scheduler: Any, config_yaml: str,
+                    keep_last: int = 2) -> Path:
+    """Write ``step-N`` (collective: sharded weights and optimizer state are gathered on every
+    process; rank 0 writes) and prune older step checkpoints beyond ``keep_last``."""
+    from ..model.checkpoint import save_model
+
+    weights = par.full_state()
+    opt = par.optimizer_state(optimizer, weights)
+    final = checkpoint_dir(run_dir, state.step)
+    if par.ctx.is_main:
+        tmp = final.with_name(final.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        save_model(par.model, tmp, state=weights, dtype=par.save_dtype)
+        tensors: dict[str, torch.Tensor] = {}
+        payload = {"step": state.step, "cursor": asdict(state.cursor), "extra": state.extra,
+                   "scheduler": scheduler.state_dict(), "rng": _rng_state(tensors), "optimizer": _pack(opt, tensors)}
+        save_file(tensors, str(tmp / TENSORS_FILE))
+        write_json_atomic(tmp / STATE_FILE, payload)
+        write_text_atomic(tmp / "config.yaml", config_yaml)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep_last > 0:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    par.ctx.barrier()
+    return final
+
+
+def read_trainer_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON payload and the tensors of a checkpoint's trainer state (on CPU); no code runs."""
+    ckpt = Path(ckpt)
+    try:
+        payload = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(str(ckpt / TENSORS_FILE))
+    except (OSError, ValueError) as e:
+        raise TlvrError(f"{ckpt}: unreadable trainer state ({type(e).__name__}: {e})") from None
+    return payload, tensors
+
+
+def load_checkpoint(ckpt: Path, par: Parallel, optimizer: Any, scheduler: Any) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG from ``ckpt``; returns the ``TrainState``."""
+    from ..model.checkpoint import read_state_dict
+
+    payload, tensors = read_trainer_state(ckpt)
+    opt = _unpack(payload["optimizer"], tensors)
+    weights = opt.get("masters") or read_state_dict(Path(ckpt))
+    par.load_state(weights, optimizer, opt, where=ckpt)
+    scheduler.load_state_dict(payload["scheduler"])
+    _set_rng_state(payload["rng"], tensors)
+    return TrainState(step=payload["step"], cursor=DataCursor(**payload["cursor"]), extra=payload.get("extra", {}))
+
+
+def save_final(run_dir: Path, par: Parallel) -> Path:
+    """Write the final model (released layout) to ``<run_dir>/final`` (collective, like a checkpoint)."""
+    from ..model.checkpoint import save_model
+
+    out = Path(run_dir) / "final"
+    weights = par.full_state()
+    if par.ctx.is_main:
+        save_model(par.model, out, state=weights, dtype=par.save_dtype)
+    par.ctx.barrier()
+    return out
+
+
+def start_run(run_dir: Path, resume: str | None, par: Parallel, optimizer: Any, scheduler: Any, config_yaml: str, *,
+              tensorboard: bool):
+    """Restore the checkpoint ``resume`` names (if any), write the resolved config into the run
+    directory and open its metrics log (truncated to the resumed step). Returns ``(state, logger)``."""
+    from .metrics import MetricsLogger
+
+    ckpt = resolve_resume(run_dir, resume)
+    st = load_checkpoint(ckpt, par, optimizer, scheduler) if ckpt is not None else TrainState()
+    if par.ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", config_yaml)
+    logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=tensorboard, enabled=par.ctx.is_main)
+    return st, logger
