@@ -80,7 +80,7 @@ class SynthQuestion:
         return "\n".join(lines)
 
 
-FORMAT_VERSION = 4  # bump when the written content changes for the same config
+FORMAT_VERSION = 5  # bump when the written content changes for the same config
 
 
 def config_hash(cfg: SynthConfig) -> str:
@@ -187,8 +187,16 @@ def render_frames(video: SynthVideo, frames: int, size: int, lanes: int = 1) -> 
     return out
 
 
+# Fixed x264 options, so the same frames always encode to the same bytes. Single-threaded: thread timing
+# would otherwise shape the output. No macroblock tree: x264's AVX-512 mbtree_propagate_list handles 8
+# macroblocks per step, so on frames not a multiple of 128 px wide (64 px: 4 macroblocks) it reads
+# past the end of the lowres cost/motion arrays into uninitialised heap memory, and the qp offsets
+# (hence pixels) of some videos varied with the process's allocation history.
+X264_OPTIONS = {"preset": "veryfast", "crf": "12", "threads": "1", "mbtree": "0"}
+
+
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Encode frames as an H.264 (else MPEG-4 part 2) mp4, single-threaded so the bytes are reproducible."""
+    """Encode frames as an H.264 (else MPEG-4 part 2) mp4; the same frames give the same bytes."""
     import av
 
     tmp = path.with_name(path.name + ".tmp")
@@ -197,7 +205,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         with av.open(str(tmp), "w", format="mp4") as out:
             try:
                 stream = out.add_stream("libx264", rate=fps)
-                stream.options = {"preset": "veryfast", "crf": "12", "threads": "1"}
+                stream.options = dict(X264_OPTIONS)
             except Exception:  # an FFmpeg build without x264
                 stream = out.add_stream("mpeg4", rate=fps)
                 stream.options = {"qscale": "2"}
