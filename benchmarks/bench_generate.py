@@ -25,7 +25,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tlvr_cli.engine.generate import Engine  # noqa: E402
-from tlvr_cli.engine.sampling import SamplingParams, sample  # noqa: E402
+from tlvr_cli.engine.sampling import SamplingParams, sample_keyed  # noqa: E402
 
 CONFIGS = {
     "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -115,8 +115,8 @@ def time_hf(lm, prompts, params, args, device, static: bool = False) -> float:
 def estimate_no_cache(lm, prompts, params, args, device) -> tuple[float, int]:
     """Seconds the reference loop would take for all rows, from a few timed full forwards."""
     embed = lm.get_input_embeddings()
-    gen = torch.Generator(device=device).manual_seed(0)
     x = prompts[0][None]
+    seed = torch.zeros(1, dtype=torch.long, device=device)
     lm(inputs_embeds=x, use_cache=False)  # warm-up
     n = max(1, min(args.reference_tokens, args.new_tokens))
 
@@ -124,7 +124,7 @@ def estimate_no_cache(lm, prompts, params, args, device) -> tuple[float, int]:
         nonlocal x
         for _ in range(n):
             logits = lm(inputs_embeds=x, use_cache=False).logits[:, -1].float()
-            tok = sample(logits, params, gen)
+            tok = sample_keyed(logits, params, seed, torch.full_like(seed, x.shape[1]))
             x = torch.cat([x, embed(tok)[:, None]], dim=1)
 
     t_start = timed(loop, device) / n

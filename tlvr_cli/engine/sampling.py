@@ -1,8 +1,8 @@
 """Next-token sampling with HF ``generate`` semantics: temperature, then top-k, then top-p, then a draw.
 
-The filters are batched; the draw can use one generator for the whole batch (``sample``) or one
-generator per row (``sample_rows``), so that a sequence's draws do not depend on which other
-sequences happen to share its decode step.
+Each row draws with its own counter-based uniform (``keyed_uniform(seed, position)``), so a
+sequence's draws do not depend on which other sequences share its decode step, on the device, or
+on how a batch is split across processes; everything runs inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -23,44 +23,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """HF ``TopKLogitsWarper``: every logit below the k-th largest becomes -inf (ties survive)."""
-    if top_k <= 0:
-        return logits
-    k = min(top_k, logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1, None]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """HF ``TopPLogitsWarper`` (min_tokens_to_keep=1): drop the low tail whose mass is at most 1 - top_p."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cum <= (1 - top_p)
-    remove_sorted[..., -1:] = False  # the most likely token always stays
-    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Apply temperature, top-k and top-p in HF's order to float32 logits (B, V)."""
-    logits = logits.float()
-    if params.temperature != 1.0:
-        logits = logits / params.temperature
-    logits = top_k_filter(logits, params.top_k)
-    return top_p_filter(logits, params.top_p)
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token per row of ``logits`` (B, V) with a single generator; returns (B,) long."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, params).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 TIE_MARGIN = 16  # extra candidates taken by top-k so that logits tied with the k-th one survive, as in HF
