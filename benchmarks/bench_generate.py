@@ -24,8 +24,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tlvr_cli.engine.generate import Engine  # noqa: E402
-from tlvr_cli.engine.sampling import SamplingParams, sample_keyed  # noqa: E402
+from tlvr_cli.engine.generate import Engine
+from tlvr_cli.engine.sampling import SamplingParams, sample_keyed
 
 CONFIGS = {
     "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -89,8 +89,12 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float
     dst = torch.empty_like(src)
     dst.copy_(src)
     reps = 10
-    t = timed(lambda: [dst.copy_(src) for _ in range(reps)], device)
-    del src, dst
+
+    def copies() -> None:
+        for _ in range(reps):
+            dst.copy_(src)
+
+    t = timed(copies, device)
     return 2 * nbytes * reps / t
 
 
@@ -151,7 +155,7 @@ def greedy_agreement(lm, prompts, args, device) -> tuple[float, float]:
     return sum(p == 1.0 for p in prefixes) / len(prefixes), sum(prefixes) / len(prefixes)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -209,9 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"extrapolated linearly to {rows} rows x {args.new_tokens} tokens)")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    result = {"tokens_per_s": {name: tokens / s for name, s in seconds.items()}}
     if args.agreement:
         with torch.no_grad():
             same, prefix = greedy_agreement(lm, prompts, args, device)
+        result["agreement"] = {"rows_identical": same, "prefix": prefix}
         print(f"greedy agreement with HF generate over {args.agreement} tokens, {len(prompts)} prompts: {same:.0%} of rows "
               f"identical, {prefix:.1%} of tokens before the first difference")
     if args.rows_sweep:
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             fl = (weight_bytes + kv) / args.bandwidth
             print(f"{rows_n:>6}{rows_n * args.new_tokens / t:>12.0f}{t / args.new_tokens * 1e3:>10.2f}{fl * 1e3:>10.2f}"
                   f"{fl * args.new_tokens / t:>10.1%}")
-    return {name: tokens / s for name, s in seconds.items()}
+    return result
 
 
 if __name__ == "__main__":

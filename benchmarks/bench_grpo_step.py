@@ -23,19 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tlvr_cli.config import load_config  # noqa: E402
-from tlvr_cli.data.records import GRPORow  # noqa: E402
-from tlvr_cli.engine.generate import Engine  # noqa: E402
-from tlvr_cli.jobs import GRPOConfig, TuneConfig  # noqa: E402
-from tlvr_cli.model.config import TinyLlavaConfig  # noqa: E402
-from tlvr_cli.model.tinyllava import TinyLlava  # noqa: E402
-from tlvr_cli.runtime import init_distributed, shutdown_distributed  # noqa: E402
-from tlvr_cli.train.grpo_step import GRPOStep  # noqa: E402
-from tlvr_cli.train.optim import build_optimizer, build_scheduler  # noqa: E402
-from tlvr_cli.train.parallel import Parallel  # noqa: E402
-from tlvr_cli.train.policy import PolicyLogprobs  # noqa: E402
-from tlvr_cli.train.rollout import PromptBatch, prompt_ids  # noqa: E402
-from tlvr_cli.train.setup import apply_tuning  # noqa: E402
+from tlvr_cli.config import load_config
+from tlvr_cli.data.records import GRPORow
+from tlvr_cli.engine.generate import Engine
+from tlvr_cli.jobs import GRPOConfig, TuneConfig
+from tlvr_cli.model.config import TinyLlavaConfig
+from tlvr_cli.model.tinyllava import TinyLlava
+from tlvr_cli.runtime import init_distributed, shutdown_distributed
+from tlvr_cli.train.grpo_step import GRPOStep
+from tlvr_cli.train.optim import build_optimizer, build_scheduler
+from tlvr_cli.train.parallel import Parallel
+from tlvr_cli.train.policy import PolicyLogprobs
+from tlvr_cli.train.rollout import PromptBatch, prompt_ids
+from tlvr_cli.train.setup import apply_tuning
 
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,

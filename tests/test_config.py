@@ -95,7 +95,9 @@ def test_every_field_has_help():
 
 
 def test_cli_presets_show_and_errors():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "tlvr_cli", *a], capture_output=True, text=True, cwd=REPO)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "tlvr_cli", *a], capture_output=True, text=True, cwd=REPO)
+
     shown = run("presets", "show", "nextqa", "--set", "algo.beta=0.05")
     assert shown.returncode == 0, shown.stderr
     assert yaml.safe_load(shown.stdout)["algo"]["beta"] == 0.05

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-
 from tlvr_cli.cli import main
 from tlvr_cli.config import load_config
-from tlvr_cli.infer import answer_question, inference_prompt
 from tlvr_cli.data.template import REASON_INSTRUCTION
+from tlvr_cli.infer import answer_question, inference_prompt
 from tlvr_cli.jobs import InferConfig
 from tlvr_cli.model.checkpoint import save_model
 

@@ -13,9 +13,10 @@ import dataclasses
 import difflib
 import os
 import types
+from collections.abc import Sequence
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 

@@ -15,9 +15,9 @@ OUT = Path(__file__).resolve().parents[1] / "tlvr_cli" / "model" / "tiny_tokeniz
 EOS = "<|endoftext|>"
 VOCAB = 1024
 
-COLORS = "red green blue yellow purple orange white black gray cyan pink brown".split()
-DIRECTIONS = "left right up down nowhere".split()
-SHAPES = "square circle ball box object".split()
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "cyan", "pink", "brown"]
+DIRECTIONS = ["left", "right", "up", "down", "nowhere"]
+SHAPES = ["square", "circle", "ball", "box", "object"]
 
 
 def corpus() -> list[str]:
@@ -42,11 +42,7 @@ def corpus() -> list[str]:
         "What did the man do after he picked up the cup? What is the woman holding at the beginning of the video?",
         "Why did the boy run? How many people are in the video? Where are the people? When does the dog jump?",
     ]
-    words = ("the a an of to in on and is it this that with for from as at by be are was were what which who why how "
-             "first last then after before while during frame frames video clip scene person man woman boy girl child "
-             "dog cat car table cup hand hold holding pick picked walk run jump sit stand look looks see seen shows "
-             "moving moves move stays same color background answer option question think reason because so yes no "
-             "starts ends bottom top middle every").split()
+    words = ["the", "a", "an", "of", "to", "in", "on", "and", "is", "it", "this", "that", "with", "for", "from", "as", "at", "by", "be", "are", "was", "were", "what", "which", "who", "why", "how", "first", "last", "then", "after", "before", "while", "during", "frame", "frames", "video", "clip", "scene", "person", "man", "woman", "boy", "girl", "child", "dog", "cat", "car", "table", "cup", "hand", "hold", "holding", "pick", "picked", "walk", "run", "jump", "sit", "stand", "look", "looks", "see", "seen", "shows", "moving", "moves", "move", "stays", "same", "color", "background", "answer", "option", "question", "think", "reason", "because", "so", "yes", "no", "starts", "ends", "bottom", "top", "middle", "every"]
     lines.append(" ".join(words))
     return lines * 4
 

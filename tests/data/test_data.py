@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from tlvr_cli.data.check import check_videos, load_skip_set, videos_for_target, write_report
-from tlvr_cli.data.records import (problem_options, read_coldstart_records, read_grpo_rows,
-                                   resolve_under_root)
+from tlvr_cli.data.records import problem_options, read_coldstart_records, read_grpo_rows, resolve_under_root
 from tlvr_cli.data.template import REASON_INSTRUCTION
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.jobs import SynthConfig
@@ -128,7 +127,7 @@ def test_synth_counts_format_and_split(synth_root):
     for rec in cold:
         human, gpt = rec.conversations
         assert human["value"].startswith("<image>\n") and human["value"].endswith(" " + REASON_INSTRUCTION)
-        assert re.fullmatch(r"<think>.+</think>\n<answer>[A-E]</answer>", gpt["value"], flags=re.S)
+        assert re.fullmatch(r"<think>.+</think>\n<answer>[A-E]</answer>", gpt["value"], flags=re.DOTALL)
         assert rec.video_path.is_file()
 
 
@@ -145,7 +144,7 @@ def test_synth_kinds_and_fixed_option_order(tmp_path):
         human, gpt = rec.conversations
         assert "What color is the background?" in human["value"]
         # the reasoning describes the whole scene whatever is asked, and names the letter it answers
-        think = re.search(r"<think>(.+)</think>\n<answer>([A-E])</answer>", gpt["value"], flags=re.S)
+        think = re.search(r"<think>(.+)</think>\n<answer>([A-E])</answer>", gpt["value"], flags=re.DOTALL)
         assert "square on a" in think.group(1) and think.group(1).endswith(f"so the answer is {think.group(2)}.")
     for bad, msg in [({"kinds": ["size"]}, "kinds="), ({"coldstart_kinds": []}, "coldstart_kinds="),
                      ({"option_order": "sorted"}, "option_order=")]:

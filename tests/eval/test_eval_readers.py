@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import fixtures_eval as fx
 import pytest
 
-import fixtures_eval as fx
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.eval.benchmarks import BENCHMARKS, get_benchmark
 from tlvr_cli.jobs import EvalConfig

@@ -9,8 +9,14 @@ import pytest
 
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.eval.answer import parse_option_answer, parse_reason_answer
-from tlvr_cli.eval.report import (compare_answer_files, compare_answers, mcnemar_p, score_answers,
-                                  score_answers_file, write_report)
+from tlvr_cli.eval.report import (
+    compare_answer_files,
+    compare_answers,
+    mcnemar_p,
+    score_answers,
+    score_answers_file,
+    write_report,
+)
 
 ABCD = ["A", "B", "C", "D"]
 

@@ -109,7 +109,7 @@ def test_splice_inserts_visual_tokens_and_masks_them(tiny_model):
     q, d = tiny_model.config.num_queries, tiny_model.config.hidden_size
     visual = torch.randn(2, q, d)
     labels = [list(ids_a), list(ids_b)]
-    batch = tiny_model.embed_inputs([ids_a, ids_b], visual, [[t if t >= 0 else 7 for t in l] for l in labels])
+    batch = tiny_model.embed_inputs([ids_a, ids_b], visual, [[t if t >= 0 else 7 for t in row] for row in labels])
     k = ids_a.index(IMAGE_TOKEN_INDEX)
     assert batch.lengths == [len(ids_a) - 1 + q, len(ids_b)]
     assert torch.equal(batch.inputs_embeds[0, k:k + q], visual[0])
@@ -232,7 +232,7 @@ def test_labels_cover_answer_and_final_eos_only(tiny_tokenizer):
             {"from": "gpt", "value": "<think>It is red.</think>\n<answer>A</answer>"}]
     ex = build_sft_example(tiny_tokenizer, conv, 3072, 64)
     assert ex.ok and not ex.truncated
-    sup = [t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX]
+    sup = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
     assert tiny_tokenizer.decode(sup) == " <think>It is red.</think>\n<answer>A</answer><|endoftext|>"
     assert ex.labels[-1] == tiny_tokenizer.eos_token_id
 
@@ -241,7 +241,7 @@ def test_multi_round_and_bad_records(tiny_tokenizer):
     conv = [{"from": "human", "value": "<image>\nq1"}, {"from": "gpt", "value": "a1"},
             {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]
     ex = build_sft_example(tiny_tokenizer, conv, 3072)
-    sup = tiny_tokenizer.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX])
+    sup = tiny_tokenizer.decode([t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX])
     assert ex.ok and sup == " a1<|endoftext|> a2<|endoftext|>"
     bad = build_sft_example(tiny_tokenizer, [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x ASSISTANT: y"}], 3072)
     assert not bad.ok and "label mask" in bad.reason

@@ -41,10 +41,10 @@ def launch(script: str, nprocs: int, tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tlvr_cli.synth import write_synthetic_dataset
     from tlvr_cli.jobs import SynthConfig
     from tlvr_cli.model.checkpoint import save_model
     from tlvr_cli.model.tiny import build_tiny_model
+    from tlvr_cli.synth import write_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("dist")
     write_synthetic_dataset(SynthConfig(root=str(tmp / "synth"), train=8, eval=6, coldstart=4, size=32, seed=1))
@@ -88,15 +88,15 @@ def test_two_processes_match_one(single):
     tmp = single
     launch(JOB.format(tmp=str(tmp), tag="two", accum=1), 2, tmp)
     # rollouts and advantage noise are keyed by dataset row: both runs sample the same completions
-    logs = [[json.loads(l) for l in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "two")]
+    logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "two")]
     for key in ("reward", "completion_length", "kl", "grad_norm"):
         assert [m[key] for m in logs[0]] == pytest.approx([m[key] for m in logs[1]], abs=1e-5), key
     for stage in ("cs", "grpo"):
         a, b = read_state_dict(tmp / f"{stage}-one" / "final"), read_state_dict(tmp / f"{stage}-two" / "final")
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5), (stage, k)
-    one = [json.loads(l) for l in (tmp / "eval-one" / "answers.jsonl").read_text().splitlines()]
-    two = [json.loads(l) for l in (tmp / "eval-two" / "answers.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (tmp / "eval-one" / "answers.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp / "eval-two" / "answers.jsonl").read_text().splitlines()]
     assert [(r["item_id"], r["output"]) for r in one] == [(r["item_id"], r["output"]) for r in two]
     ra = json.loads((tmp / "eval-one" / "results.json").read_text())
     rb = json.loads((tmp / "eval-two" / "results.json").read_text())
@@ -140,7 +140,7 @@ def test_fsdp2_matches_replicas_and_resumes_with_more_processes(single):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5), (stage, k)
-    logs = [[json.loads(l) for l in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "fsdp")]
+    logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "fsdp")]
     assert [m["step"] for m in logs[1]] == [1, 2]
     state, _ = read_trainer_state(tmp / "grpo-fsdp" / "checkpoints" / "step-000002")
     assert state["optimizer"]["layout"] == "fsdp2"

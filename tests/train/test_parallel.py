@@ -57,8 +57,8 @@ def test_fsdp2_refuses_a_trainable_tower(ctx):
 
 def test_fsdp2_checkpoint_keeps_the_fp32_masters(ctx, tmp_path):
     from tlvr_cli.jobs import OptimConfig
-    from tlvr_cli.train.run_dir import TrainState, checkpoint_dir, load_checkpoint, save_checkpoint
     from tlvr_cli.train.optim import build_optimizer, build_scheduler
+    from tlvr_cli.train.run_dir import TrainState, checkpoint_dir, load_checkpoint, save_checkpoint
 
     def setup():
         torch.manual_seed(0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlvr_cli.jobs import GRPOAlgoConfig, RewardSpec
 from tlvr_cli.errors import TlvrError
+from tlvr_cli.jobs import GRPOAlgoConfig, RewardSpec
 from tlvr_cli.train.grpo_math import completion_mask, group_advantages, kl_penalty, policy_loss
 from tlvr_cli.train.logprobs import token_logprobs
 from tlvr_cli.train.rewards import accuracy_reward, combine_r1, format_reward, load_reward_fn, score_completions

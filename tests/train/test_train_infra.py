@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from tlvr_cli.jobs import OptimConfig
-from tlvr_cli.train.run_dir import STATE_FILE, checkpoint_dir, epoch_order, resolve_resume
 from tlvr_cli.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from tlvr_cli.train.optim import MasterAdamW, build_optimizer, build_scheduler, lr_factor, warmup_steps
+from tlvr_cli.train.run_dir import STATE_FILE, checkpoint_dir, epoch_order, resolve_resume
 
 
 def test_warmup_and_cosine_follow_hf():

@@ -306,7 +306,7 @@ def test_video_without_frames(tmp_path):
 
 
 def test_auto_backend_falls_back_to_pyav(mp4, monkeypatch):
-    import tlvr_cli.video.decode as decode
+    from tlvr_cli.video import decode
 
     def broken(path, choose):
         raise VideoError(path, "unreadable", "decord cannot read this file")

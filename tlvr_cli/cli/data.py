@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import PRESET_HELP, SET_HELP
+from .common import PRESET_HELP
 
 data_app = typer.Typer(help="Fetch weights and datasets, write the synthetic set, scan videos.", no_args_is_help=True)
 console = Console(highlight=False)
@@ -17,8 +16,8 @@ console = Console(highlight=False)
 
 @data_app.command("fetch")
 def fetch(
-    targets: Optional[list[str]] = typer.Argument(None, help="r1, coldstart, base, nextqa, videomme, mvbench, mlvu, mmvu."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Data root (default $TLVR_DATA or ~/.cache/tlvr)."),
+    targets: list[str] | None = typer.Argument(None, help="r1, coldstart, base, nextqa, videomme, mvbench, mlvu, mmvu."),
+    root: Path | None = typer.Option(None, "--root", help="Data root (default $TLVR_DATA or ~/.cache/tlvr)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be downloaded and its size; download nothing."),
     list_targets: bool = typer.Option(False, "--list", help="Show the targets and where each one goes."),
     delete_archives: bool = typer.Option(False, "--delete-archives", help="Remove each archive once extracted."),
@@ -44,9 +43,9 @@ def fetch(
 
 @data_app.command()
 def synth(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=PRESET_HELP),
+    preset: str | None = typer.Option(None, "--preset", "-p", help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help="Override a key: key=value (repeatable), e.g. --set train=512 --set seed=1."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Output directory (default $TLVR_DATA/synthetic)."),
+    root: Path | None = typer.Option(None, "--root", help="Output directory (default $TLVR_DATA/synthetic)."),
 ) -> None:
     """Write the synthetic video-QA set in the NextQA GRPO and cold-start formats."""
     from ..config import load_config
@@ -65,12 +64,12 @@ def synth(
 @data_app.command()
 def check(
     target: str = typer.Argument(..., help="nextqa | coldstart | synthetic | an annotation file (.jsonl/.json) | a directory of videos."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Data root the annotations resolve against (default: $TLVR_DATA/train, /synthetic, or the file's folder)."),
+    root: Path | None = typer.Option(None, "--root", help="Data root the annotations resolve against (default: $TLVR_DATA/train, /synthetic, or the file's folder)."),
     frames: int = typer.Option(16, "--frames", help="Frames sampled per video (linspace, as training does)."),
     workers: int = typer.Option(4, "--workers", help="Videos decoded in parallel."),
     min_frames: int = typer.Option(1, "--min-frames", help="Videos with fewer frames are reported as too_short."),
     backend: str = typer.Option("auto", "--backend", help="Decoder: auto | decord | pyav."),
-    report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: beside the data, check-<target>.json)."),
+    report: Path | None = typer.Option(None, "--report", help="JSON report path (default: beside the data, check-<target>.json)."),
 ) -> None:
     """Decode-scan every video a target uses; exit 1 if any is bad (pass the report as data.skip_report to skip them)."""
     from ..data.check import check_videos, default_report_path, videos_for_target, write_report

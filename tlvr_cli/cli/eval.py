@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -26,22 +25,22 @@ BENCHMARKS = {
 
 def _make_command(name: str):
     def command(
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or 'tiny'."),
-        preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Eval preset (e.g. eval-paper)."),
+        model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or 'tiny'."),
+        preset: str | None = typer.Option(None, "--preset", "-p", help="Eval preset (e.g. eval-paper)."),
         set_: list[str] = typer.Option([], "--set", help="dotted.key=value override (repeatable)."),
-        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Benchmark root (default $TLVR_DATA/<benchmark>)."),
-        duration: Optional[str] = typer.Option(None, "--duration", help="Video-MME: short | medium | long | all."),
-        mode: Optional[str] = typer.Option(None, "--mode", help="reason (default) | option."),
-        protocol: Optional[str] = typer.Option(None, "--protocol", help="greedy (default) | paper."),
-        frame_protocol: Optional[str] = typer.Option(None, "--frame-protocol", help="paper (default) | uniform."),
-        frames: Optional[int] = typer.Option(None, "--frames", help="Frames per video (default 16)."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the authors) | bfloat16 | float16 | auto."),
-        device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | auto."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Items decoded together (engine.max_batch)."),
-        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most new tokens per answer."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N items."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling and the random fallback."),
-        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where answers.jsonl and results.* go."),
+        data_dir: str | None = typer.Option(None, "--data-dir", help="Benchmark root (default $TLVR_DATA/<benchmark>)."),
+        duration: str | None = typer.Option(None, "--duration", help="Video-MME: short | medium | long | all."),
+        mode: str | None = typer.Option(None, "--mode", help="reason (default) | option."),
+        protocol: str | None = typer.Option(None, "--protocol", help="greedy (default) | paper."),
+        frame_protocol: str | None = typer.Option(None, "--frame-protocol", help="paper (default) | uniform."),
+        frames: int | None = typer.Option(None, "--frames", help="Frames per video (default 16)."),
+        dtype: str | None = typer.Option(None, "--dtype", help="float32 (the authors) | bfloat16 | float16 | auto."),
+        device: str | None = typer.Option(None, "--device", help="cuda | cpu | auto."),
+        batch_size: int | None = typer.Option(None, "--batch-size", help="Items decoded together (engine.max_batch)."),
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Most new tokens per answer."),
+        limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed for sampling and the random fallback."),
+        output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where answers.jsonl and results.* go."),
     ) -> None:
         from ..eval.distributed import run_eval_sharded
         from ..jobs import EvalConfig
@@ -66,8 +65,8 @@ def _make_command(name: str):
 
 def score(
     answers: Path = typer.Argument(..., help="An answers.jsonl written by `tlvr eval`."),
-    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: read from config.yaml beside the file)."),
-    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Bootstrap resamples (default: the eval config's, 1000)."),
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: read from config.yaml beside the file)."),
+    bootstrap: int | None = typer.Option(None, "--bootstrap", help="Bootstrap resamples (default: the eval config's, 1000)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     write: bool = typer.Option(True, "--write/--no-write", help="Write results.json and results.md beside the answers."),
 ) -> None:
@@ -81,8 +80,8 @@ def score(
 def compare(
     a: Path = typer.Argument(..., help="Answers file A (baseline)."),
     b: Path = typer.Argument(..., help="Answers file B."),
-    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: from config.yaml beside A)."),
-    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Paired bootstrap resamples (default 1000)."),
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: from config.yaml beside A)."),
+    bootstrap: int | None = typer.Option(None, "--bootstrap", help="Paired bootstrap resamples (default 1000)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
 ) -> None:
     """Per-task difference B - A with a paired bootstrap 95% CI."""

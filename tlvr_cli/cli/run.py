@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -27,8 +26,8 @@ def _done(final: Path) -> None:
 def coldstart(
     preset: str = typer.Option("coldstart", "--preset", "-p", help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Output directory (overrides output.run_dir)."),
+    resume: str | None = typer.Option(None, "--resume", help=RESUME_HELP),
+    run_dir: str | None = typer.Option(None, "--run-dir", help="Output directory (overrides output.run_dir)."),
 ) -> None:
     """Supervised cold start (spec §4): the 16 reasoning samples, 1 epoch, lr 1e-5."""
     from ..jobs import ColdstartConfig
@@ -41,8 +40,8 @@ def coldstart(
 def grpo(
     preset: str = typer.Option("nextqa", "--preset", "-p", help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Output directory (overrides output.run_dir)."),
+    resume: str | None = typer.Option(None, "--resume", help=RESUME_HELP),
+    run_dir: str | None = typer.Option(None, "--run-dir", help="Output directory (overrides output.run_dir)."),
 ) -> None:
     """GRPO (spec §5): 8 prompts x 8 completions per step, k3 KL, the R1 reward (a demo preset runs the demo)."""
     from ..jobs import DemoConfig, GRPOConfig
@@ -61,7 +60,7 @@ def grpo(
 def demo(
     preset: str = typer.Option("demo", "--preset", "-p", help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
+    resume: str | None = typer.Option(None, "--resume", help=RESUME_HELP),
 ) -> None:
     """The embedded demo on a CPU in minutes: synthetic set, tiny cold start, GRPO, before/after table."""
     from ..demo import run_demo
@@ -73,19 +72,19 @@ def demo(
 def infer(
     video: Path = typer.Argument(..., help="Video file."),
     question: str = typer.Argument(..., help="Question (include the options for multiple choice)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or 'tiny'."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=PRESET_HELP),
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or 'tiny'."),
+    preset: str | None = typer.Option(None, "--preset", "-p", help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    reason: Optional[bool] = typer.Option(None, "--reason/--no-reason", help="Append the <think>/<answer> instruction (default on)."),
+    reason: bool | None = typer.Option(None, "--reason/--no-reason", help="Append the <think>/<answer> instruction (default on)."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default unless --temperature is given)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k when sampling."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p when sampling."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens to generate."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frames sampled from the video."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | auto."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | auto."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sample at this temperature."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Top-k when sampling."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Top-p when sampling."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Most tokens to generate."),
+    frames: int | None = typer.Option(None, "--frames", help="Frames sampled from the video."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | auto."),
+    device: str | None = typer.Option(None, "--device", help="cuda | cpu | auto."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (output, think, answer, timings)."),
 ) -> None:
     """Answer a question about a video, streaming the answer."""

@@ -29,9 +29,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -129,8 +130,7 @@ class FetchResult:
 
 def hub_error_message(exc: BaseException, target: Target, dest: Path) -> str | None:
     """One line naming the repo, the cause and the by-hand fallback; None when ``exc`` is not a hub/network failure."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     by_hand = f"download it by hand from {target.url} and place its files under {dest}"
     terms = f"accept its terms at {target.url} while logged in, set HF_TOKEN, and retry; or " if target.gated else ""
@@ -344,7 +344,7 @@ def _check_nextqa_videos(result: FetchResult) -> None:
 
 
 def _strip_dot(video_filename: str) -> str:
-    return (video_filename[1:] if video_filename.startswith(".") else video_filename).lstrip("/")
+    return (video_filename.removeprefix(".")).lstrip("/")
 
 
 def _write_manifest(target: Target, result: FetchResult) -> None:

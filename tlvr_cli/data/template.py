@@ -18,9 +18,22 @@ REASON_INSTRUCTION = "Output the thinking process in <think> </think> and final 
 OPTION_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 GRPO_QUESTION_TEMPLATE = "{Question} " + REASON_INSTRUCTION
 
-__all__ = ["SYSTEM", "IMAGE", "EOS", "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "REASON_INSTRUCTION", "OPTION_INSTRUCTION",
-           "GRPO_QUESTION_TEMPLATE", "video_question", "build_prompt", "build_conversation", "tokenize_with_image",
-           "build_sft_example", "SFTExample"]
+__all__ = [
+    "EOS",
+    "GRPO_QUESTION_TEMPLATE",
+    "IGNORE_INDEX",
+    "IMAGE",
+    "IMAGE_TOKEN_INDEX",
+    "OPTION_INSTRUCTION",
+    "REASON_INSTRUCTION",
+    "SYSTEM",
+    "SFTExample",
+    "build_conversation",
+    "build_prompt",
+    "build_sft_example",
+    "tokenize_with_image",
+    "video_question",
+]
 
 
 def video_question(question: str, instruction: str | None = None) -> str:
@@ -101,15 +114,15 @@ def build_sft_example(tokenizer, conversations: list[dict], max_length: int, vis
         labels[cur:cur + instruction] = [IGNORE_INDEX] * max(0, min(instruction, len(labels) - cur))
         cur += len(tokenize_with_image(tokenizer, rnd)) + eos_len
     labels[cur:] = [IGNORE_INDEX] * max(0, len(labels) - cur)
-    labels = [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else l for t, l in zip(ids, labels)]
+    labels = [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else label for t, label in zip(ids, labels)]
     if cur != len(ids):
         return SFTExample(False, reason=f"label mask covers {cur} tokens but the sample has {len(ids)}", text=text)
-    if all(l == IGNORE_INDEX for l in labels):
+    if all(label == IGNORE_INDEX for label in labels):
         return SFTExample(False, reason="no supervised tokens", text=text)
     limit = max_length - (visual_tokens - 1) * ids.count(IMAGE_TOKEN_INDEX)
     truncated = len(ids) > limit
     if truncated:
         ids, labels = ids[:limit], labels[:limit]
-        if all(l == IGNORE_INDEX for l in labels):
+        if all(label == IGNORE_INDEX for label in labels):
             return SFTExample(False, reason=f"nothing supervised is left after truncation to {max_length} tokens", text=text)
     return SFTExample(True, ids, labels, truncated=truncated, text=text)

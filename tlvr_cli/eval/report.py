@@ -133,10 +133,10 @@ def _dedupe(rows: list[dict]) -> list[dict]:
 def _group_stats(values: np.ndarray, labels: list[str], n_boot: int, seed: int) -> dict[str, dict]:
     out = {}
     for label in dict.fromkeys(labels):
-        v = values[np.array([l == label for l in labels])]
+        v = values[np.array([x == label for x in labels])]
         ones = np.zeros(len(v), dtype=int)
         lo, hi = bootstrap_ci(v, ones, "micro", n_boot, _task_seed(seed, label))
-        out[label] = {"acc": float(v.mean() * 100), "n": int(len(v)), "ci95": [lo, hi]}
+        out[label] = {"acc": float(v.mean() * 100), "n": len(v), "ci95": [lo, hi]}
     return out
 
 

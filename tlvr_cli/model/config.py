@@ -95,7 +95,7 @@ class TinyLlavaConfig:
         return patches - 1 if self.vision_feature_select_strategy == "patch" else patches
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TinyLlavaConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TinyLlavaConfig:
         data = dict(data)
         if data.get("model_type", "tinyllava") != "tinyllava":
             raise TlvrError(f"config model_type is {data['model_type']!r}, expected 'tinyllava'")
@@ -110,7 +110,7 @@ class TinyLlavaConfig:
         return cls(**kwargs, extra=extra)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "TinyLlavaConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> TinyLlavaConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())

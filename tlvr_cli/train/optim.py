@@ -9,7 +9,7 @@ rounded result back into the bf16 parameters. fp32 models use plain ``torch.opti
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

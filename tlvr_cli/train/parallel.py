@@ -153,7 +153,11 @@ class Parallel:
             load_weights(self.model, weights, where)
             optimizer.load_state_dict(opt["state"])
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         weights = checked_state(self.model, weights, where)
         own = self.model.state_dict()

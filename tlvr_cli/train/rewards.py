@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import TlvrError
 

@@ -3,8 +3,8 @@ says how its headline number aggregates (``micro``: item mean; ``macro``: mean o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ...errors import TlvrError
 from . import mlvu, mmvu, mvbench, synthetic, videomme
@@ -36,4 +36,4 @@ def get_benchmark(name: str) -> Benchmark:
         raise TlvrError(f"unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})") from None
 
 
-__all__ = ["Benchmark", "BENCHMARKS", "get_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "get_benchmark"]

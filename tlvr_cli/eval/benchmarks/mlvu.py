@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, finish_prompt, gold_letter, choice_letters, read_json, require_dir, require_keys
+from ..items import EvalItem, choice_letters, finish_prompt, gold_letter, read_json, require_dir, require_keys
 
 NAME = "mlvu"
 AGGREGATE = "macro"  # spec §6.3: Avg = mean of the 7 task accuracies
@@ -30,7 +30,7 @@ TASKS: list[tuple[str, str]] = [
 def build_prompt(question: str, candidates: list[str], mode: str) -> str:
     # spec §6.3: no "Options:" header, options written "(A) text", right-stripped (both modes)
     letters = choice_letters(len(candidates))
-    body = question + "\n" + "".join(f"({l}) {c}\n" for l, c in zip(letters, candidates))
+    body = question + "\n" + "".join(f"({k}) {c}\n" for k, c in zip(letters, candidates))
     return finish_prompt(body.rstrip(), mode)
 
 

@@ -26,7 +26,7 @@ def build_prompt(question: str, choices: dict[str, str], mode: str) -> str:
 
 
 def _video_path(root: Path, video: str) -> Path:
-    rel = video[len(URL_PREFIX):] if video.startswith(URL_PREFIX) else video
+    rel = video.removeprefix(URL_PREFIX)
     return root / rel.lstrip("/")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, finish_prompt, gold_letter, choice_letters, read_json, require_dir, require_keys
+from ..items import EvalItem, choice_letters, finish_prompt, gold_letter, read_json, require_dir, require_keys
 
 NAME = "mvbench"
 AGGREGATE = "micro"  # spec §6.2: Avg = correct / total over all items
@@ -60,9 +60,9 @@ def frame_spec(reader: str, bound: tuple[float, float] | None, frame_protocol: s
 def build_prompt(question: str, candidates: list[str], mode: str) -> str:
     letters = choice_letters(len(candidates))
     if mode == "reason":
-        body = question + "\nOptions:\n" + "".join(f"{l}. {c}\n" for l, c in zip(letters, candidates))
+        body = question + "\nOptions:\n" + "".join(f"{k}. {c}\n" for k, c in zip(letters, candidates))
     else:  # spec §3.3: the TV evaluator writes "(A) cand" without a header
-        body = question + "\n" + "".join(f"({l}) {c}\n" for l, c in zip(letters, candidates))
+        body = question + "\n" + "".join(f"({k}) {c}\n" for k, c in zip(letters, candidates))
     return finish_prompt(body.rstrip(), mode)
 
 

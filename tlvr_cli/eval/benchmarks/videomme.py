@@ -33,7 +33,7 @@ def _video_path(root: Path, video_id: str) -> Path:
 def _option_text(option: str) -> str:
     # "A. Apples." -> "Apples" (the text the option-mode parser matches on)
     text = option.split(". ", 1)[1] if ". " in option else option
-    return text[:-1] if text.endswith(".") else text
+    return text.removesuffix(".")
 
 
 def build_prompt(question: str, options: list[str], mode: str) -> str:
