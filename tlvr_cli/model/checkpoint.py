@@ -3,17 +3,20 @@
 A checkpoint directory holds ``config.json`` (``model_type`` tinyllava), the full-model weights as
 ``model.safetensors`` or shards with ``model.safetensors.index.json`` (keys ``language_model.*``,
 ``vision_tower._vision_tower.vision_model.*``, ``connector._connector.*``; ``lm_head`` absent when
-tied), the tokenizer files and ``generation_config.json``.
+tied), the tokenizer files (``tokenizer.json`` and the slow ``vocab.json``/``merges.txt``, see
+``tokenizer_files``) and ``generation_config.json`` (bos/eos as released, plus any recorded sampling
+settings). ``config.json`` is written in the transformers 4.x names the reference reads (``config``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,6 +25,7 @@ from ..data.template import EOS
 from ..errors import TlvrError
 from ..runtime import data_root, resolve_device, resolve_dtype
 from .config import TinyLlavaConfig
+from .tokenizer_files import save_tokenizer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -29,6 +33,9 @@ LM_HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
 SHARD_BYTES = 5 * 1024**3
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+GENERATION = "generation_config.json"
+# sampling settings generation_config.json may record, in transformers' GenerationConfig names
+GENERATION_KEYS = {"do_sample": bool, "temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int}
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -145,6 +152,7 @@ def load_model(path: str | ModelSpec, *, dtype: str = "auto", device: str = "aut
     with torch.device(dev):
         model = TinyLlava(config, tok, attn_implementation=attn)
     load_weights(model, read_state_dict(ckpt), ckpt)
+    model.generation_settings = read_generation_settings(ckpt)
     return model.to(dtype=dt)
 
 
@@ -169,10 +177,47 @@ def model_state(model, state: dict[str, torch.Tensor] | None = None) -> dict[str
     return sd
 
 
+def generation_from_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> dict[str, Any]:
+    """Sampling settings (tlvr's convention: temperature 0 decodes greedily) in GenerationConfig names."""
+    if temperature == 0:
+        return {"do_sample": False, "max_new_tokens": max_new_tokens}
+    return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
+
+
+def read_generation_settings(ckpt: Path) -> dict[str, Any]:
+    """The sampling settings recorded in ``ckpt``'s generation_config.json (none in the released ones)."""
+    path = ckpt / GENERATION
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TlvrError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
+    return {k: v for k, v in data.items() if k in GENERATION_KEYS}
+
+
+def generation_config(model, generation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """generation_config.json: bos/eos/use_cache as released, plus the sampling settings of
+    ``generation`` (or those ``model`` was loaded with)."""
+    settings = dict(model.generation_settings if generation is None else generation)
+    for k, v in settings.items():
+        kind = GENERATION_KEYS.get(k)
+        if kind is None:
+            raise TlvrError(f"generation setting {k!r} is not recorded; expected some of {sorted(GENERATION_KEYS)}")
+        numbers = (int, float) if kind is float else (kind,)
+        if not isinstance(v, numbers) or isinstance(v, bool) != (kind is bool):
+            raise TlvrError(f"generation setting {k}={v!r}: expected a {kind.__name__}")
+    eos = model.config.text_config.eos_token_id
+    # as the reference's files: bos is eos (Qwen2.5-base has no bos), use_cache false
+    return dict(sorted({"bos_token_id": eos, "eos_token_id": eos, "use_cache": False, **settings}.items()))
+
+
 def save_model(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
-               state: dict[str, torch.Tensor] | None = None) -> Path:
+               state: dict[str, torch.Tensor] | None = None, generation: dict[str, Any] | None = None) -> Path:
     """Write ``model`` in the released layout, atomically (a ``.tmp`` sibling renamed into place);
-    ``state`` replaces the model's own state dict (e.g. one gathered from sharded parameters)."""
+    ``state`` replaces the model's own state dict (e.g. one gathered from sharded parameters);
+    ``generation`` records sampling settings in generation_config.json (see ``generation_config``)."""
+    gen = generation_config(model, generation)
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -183,14 +228,12 @@ def save_model(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None =
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     sd = {k: v.cpu() for k, v in sd.items()}
     _write_weights(sd, tmp)
-    cfg = model.config.to_dict()
-    cfg["use_cache"] = True  # as the reference's save
-    cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    eos = model.config.text_config.eos_token_id
-    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos, "use_cache": False}, indent=2) + "\n")
+    saved_dtype = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    config = dataclasses.replace(model.config, use_cache=True, torch_dtype=saved_dtype)  # use_cache as the reference's save
+    (tmp / "config.json").write_text(config.to_json_string())
+    (tmp / GENERATION).write_text(json.dumps(gen, indent=2) + "\n")
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(model.tokenizer, tmp)
     if out.exists():
         old = out.with_name(out.name + ".old")
         if old.exists():

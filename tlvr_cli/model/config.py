@@ -3,6 +3,11 @@
 The reference builds its text and vision sub-configs by downloading the named base models and
 overlaying the saved dicts. Here the sub-configs come from the embedded ``text_config`` /
 ``vision_config`` alone; vision fields the file leaves out fall back to SigLIP-so400m-patch14-384.
+
+Files are written in the released (transformers 4.x) form, which the reference's pin (4.49) reads:
+``Qwen2Config.from_dict`` there takes ``rope_theta`` / ``rope_scaling`` and silently ignores
+transformers 5's ``rope_parameters``, so a file with only the latter runs at rope base 10000.
+The 5.x keys are kept alongside (4.x stores unknown keys as inert attributes). Reading accepts both.
 """
 
 from __future__ import annotations
@@ -64,6 +69,12 @@ class TinyLlavaConfig:
     resampler_heads: int = 8
     resampler_head_dim: int = 64
     use_cache: bool = False
+    cache_dir: str | None = None
+    # the reference's training-recipe bookkeeping: no effect on the model, kept so the file is complete
+    tune_type_llm: str = "frozen"
+    tune_type_connector: str = "frozen"
+    tune_type_vision_tower: str = "frozen"
+    tune_vision_tower_from_layer: int = -1
     torch_dtype: str | None = None
     text_config: Qwen2Config = field(default_factory=Qwen2Config)
     vision_config: SiglipVisionConfig = field(default_factory=lambda: SiglipVisionConfig(**SIGLIP_SO400M))
@@ -78,6 +89,7 @@ class TinyLlavaConfig:
             self.text_config = text_config_from_dict(self.text_config)
         if isinstance(self.vision_config, dict):
             self.vision_config = vision_config_from_dict(self.vision_config)
+        self.tokenizer_name_or_path = self.tokenizer_name_or_path or self.llm_model_name_or_path  # as the reference
         # as the reference: widths come from the sub-configs, not from the top-level keys
         self.hidden_size = self.text_config.hidden_size
         self.vocab_size = self.text_config.vocab_size
@@ -127,23 +139,53 @@ class TinyLlavaConfig:
                 continue
             out[f.name] = getattr(self, f.name)
         out.update(self.extra)
-        out["text_config"] = _sub_dict(self.text_config, "qwen2")
-        out["vision_config"] = _sub_dict(self.vision_config, "siglip_vision_model")
+        out["text_config"] = text_config_to_dict(self.text_config, self.torch_dtype)
+        vision = _sub_dict(self.vision_config, "siglip_vision_model", self.torch_dtype)
+        # the reference always sets these from the top-level names (``_load_vision_config``)
+        vision["model_name_or_path"] = self.vision_model_name_or_path.split(":")[-1]
+        vision["model_name_or_path2"] = self.vision_model_name_or_path2.split(":")[-1]
+        out["vision_config"] = dict(sorted(vision.items()))
         return dict(sorted(out.items()))
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
-def _sub_dict(cfg, model_type: str) -> dict[str, Any]:
+def _sub_dict(cfg, model_type: str, torch_dtype: str | None) -> dict[str, Any]:
     d = cfg.to_dict()
     d.pop("transformers_version", None)
     d["model_type"] = model_type
+    d["torch_dtype"] = d["dtype"] = torch_dtype  # 4.x name and 5.x name
     return d
 
 
+def text_config_to_dict(cfg: Qwen2Config, torch_dtype: str | None = None) -> dict[str, Any]:
+    """The Qwen2 sub-config under the names transformers 4.49 reads, plus the 5.x ``rope_parameters``."""
+    d = _sub_dict(cfg, "qwen2", torch_dtype)
+    rope = dict(d.get("rope_parameters") or {})
+    if "rope_theta" not in rope:
+        raise TlvrError(f"text_config.rope_parameters {rope} has no rope_theta: cannot write the released form")
+    d["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    d["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    # 4.49 masks attention beyond ``sliding_window`` whenever it is set, even with
+    # use_sliding_window false (its default is 4096), so the unused window is written as null
+    d["sliding_window"] = cfg.sliding_window if cfg.use_sliding_window else None
+    return dict(sorted(d.items()))
+
+
 def text_config_from_dict(d: dict[str, Any]) -> Qwen2Config:
+    """A ``Qwen2Config`` from a released 4.x dict (``rope_theta``/``rope_scaling``), a 5.x one
+    (``rope_parameters``) or one holding both, which must then agree."""
     d = {k: v for k, v in d.items() if k not in _DROP}
+    params = d.get("rope_parameters")
+    if isinstance(params, dict):
+        theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None) or {}
+        if theta is not None and "rope_theta" in params and float(theta) != float(params["rope_theta"]):
+            raise TlvrError(f"config.json text_config: rope_theta {theta} disagrees with rope_parameters.rope_theta {params['rope_theta']}")
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != params.get("rope_type", params.get("type", "default")):
+            raise TlvrError(f"config.json text_config: rope_scaling type {kind!r} disagrees with rope_parameters {params}")
     return Qwen2Config(**d)
 
 

@@ -7,6 +7,7 @@ Module tree (and so the checkpoint keys) as released: ``language_model`` (Qwen2F
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,8 @@ class TinyLlava(nn.Module):
         self.vision_tower = VisionTower(config, attn_implementation)
         self.connector = Connector(config)
         self.tokenizer = tokenizer
+        # sampling settings read from and written to generation_config.json (checkpoint.py)
+        self.generation_settings: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ vision
 
