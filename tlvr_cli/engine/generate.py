@@ -381,6 +381,8 @@ class Engine:
         state = self._state
         with torch.no_grad():
             while True:
+                # admission: fill every free slot with the next rows (continuous batching), prefilling
+                # each of their prompts once; a prompt's prefill waits here until all its rows are placed
                 free = [s for s in range(self.max_batch) if slot_row[s] < 0]
                 while free and next_row < n_rows:
                     window = range(next_row, min(n_rows, next_row + len(free)))
@@ -423,10 +425,15 @@ class Engine:
                 # decode the smallest power-of-two prefix of slots that covers every active one; free
                 # slots inside it decode garbage that is never read (their state is reset on refill)
                 b = min(self.max_batch, 1 << (active[-1]).bit_length())
+                # several steps per host read (the device writes each step's tokens into the history);
+                # attention reads only the keys any row can reach in them, rounded up to a bucket so
+                # few distinct shapes (CUDA graphs) exist
                 left = max(max_new_tokens - len(out[slot_row[s]].tokens) for s in active)
                 steps = max(1, min(sync_every, left))
-                kv_len = min(self.max_seq_len, -(-(max(slot_pos[s] for s in active) + steps) // KV_LEN_BUCKET) * KV_LEN_BUCKET)
+                reach = max(slot_pos[s] for s in active) + steps
+                kv_len = min(self.max_seq_len, -(-reach // KV_LEN_BUCKET) * KV_LEN_BUCKET)
                 self._run_steps(b, kv_len, params, steps, graphs)
+                # a row that hit eos or its budget mid-chunk frees its slot; tokens after it are dropped
                 hist = self._hist[:b, :steps].tolist()
                 for s in active:
                     for token in hist[s]:

@@ -36,7 +36,7 @@ from .optim import build_optimizer, build_scheduler
 from .parallel import Parallel
 from .policy import PolicyLogprobs
 from .rollout import FeatureCache, PromptLoader, prompt_ids
-from .setup import apply_tuning, load_skip_set_if_any
+from .setup import apply_tuning, drop_reported_videos
 
 
 def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool = True) -> Path:
@@ -47,10 +47,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
         raise TlvrError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the {ctx.world_size} processes")
     run_dir = Path(cfg.output.run_dir)
     root = resolve_root(cfg.data.root, "train")
-    rows = read_grpo_rows(root / cfg.data.annotations, root)
-    skip = load_skip_set_if_any(cfg.data.skip_report)
-    n_skipped_report = sum(str(r.video_path) in skip for r in rows)
-    rows = [r for r in rows if str(r.video_path) not in skip]
+    rows, n_skipped_report = drop_reported_videos(read_grpo_rows(root / cfg.data.annotations, root), cfg.data.skip_report)
     if not rows:
         raise TlvrError(f"{root / cfg.data.annotations}: no usable rows")
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 from torch import nn
 
 from ..jobs import TuneConfig
+
+T = TypeVar("T")
 
 
 def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: bool) -> None:
@@ -26,10 +29,13 @@ def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: 
     model.language_model.config.use_cache = False
 
 
-def load_skip_set_if_any(report: str) -> set[str]:
-    """Video paths a `tlvr data check` report marks bad (empty when no report is given)."""
+def drop_reported_videos(samples: list[T], report: str) -> tuple[list[T], int]:
+    """The samples (rows or records with a ``video_path``) whose video a `tlvr data check` report
+    does not mark bad, and how many were dropped (none without a report)."""
     if not report:
-        return set()
+        return samples, 0
     from ..data.check import load_skip_set
 
-    return load_skip_set(Path(report))
+    bad = load_skip_set(Path(report))
+    kept = [s for s in samples if str(s.video_path) not in bad]
+    return kept, len(samples) - len(kept)

@@ -33,7 +33,7 @@ from . import run_dir as R
 from .metrics import plot_run
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .parallel import Parallel
-from .setup import apply_tuning, load_skip_set_if_any
+from .setup import apply_tuning, drop_reported_videos
 
 
 @dataclass
@@ -89,10 +89,8 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                            timeout_minutes=cfg.dist.timeout_minutes)
     run_dir = Path(cfg.output.run_dir)
     root = resolve_root(cfg.data.root, "train")
-    records = read_coldstart_records(root / cfg.data.annotations, root)
-    skip = load_skip_set_if_any(cfg.data.skip_report)
-    skipped_bad = [r for r in records if str(r.video_path) in skip]
-    records = [r for r in records if str(r.video_path) not in skip]
+    records, n_skipped_report = drop_reported_videos(read_coldstart_records(root / cfg.data.annotations, root),
+                                                     cfg.data.skip_report)
     if not records:
         raise TlvrError(f"{root / cfg.data.annotations}: no usable records")
 
@@ -118,7 +116,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     progress = JobProgress("cold start", total, enabled=show_progress and ctx.is_main)
     progress.start(st.step)
-    skipped_total = int(st.extra.get("skipped", 0)) + len(skipped_bad)
+    skipped_total = int(st.extra.get("skipped", n_skipped_report))
     last_good = None
     try:
         while st.step < total:
