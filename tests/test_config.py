@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlvr_cli import config as C
+from tlvr_cli import config
 from tlvr_cli.errors import TlvrError
-from tlvr_cli.jobs import JOBS, ColdstartConfig, GRPOConfig
+from tlvr_cli.jobs import JOBS, ColdstartConfig, DemoConfig, EvalConfig, GRPOConfig, InferConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_defaults_are_the_reference_values():
 
 
 def test_overrides_are_typed():
-    cfg = C.load_config(GRPOConfig, None, ["optim.lr=2e-6", "algo.beta=0", "optim.betas=[0.8, 0.95]",
+    cfg = config.load_config(GRPOConfig, None, ["optim.lr=2e-6", "algo.beta=0", "optim.betas=[0.8, 0.95]",
                                             "algo.zero_reward_value=null", "optim.gradient_checkpointing=false",
                                             "algo.num_generations=4"])
     assert cfg.optim.lr == 2e-6 and isinstance(cfg.optim.lr, float)
@@ -54,43 +54,107 @@ def test_overrides_are_typed():
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(TlvrError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?").replace(".", r"\.")):
-        C.load_config(GRPOConfig, None, [override])
+        config.load_config(GRPOConfig, None, [override])
 
 
 def test_malformed_yaml_names_the_line(tmp_path):
     p = write(tmp_path, "job: grpo\noptim:\n  lr: 1e-6\n  betas: [0.9, 0.99\n")
     with pytest.raises(TlvrError, match=r"p\.yaml:\d+: malformed YAML"):
-        C.load_config(GRPOConfig, str(p))
+        config.load_config(GRPOConfig, str(p))
 
 
 def test_wrong_job_and_unknown_preset(tmp_path):
     p = write(tmp_path, "job: eval\n")
     with pytest.raises(TlvrError, match="is a 'eval' preset, not a 'grpo' one"):
-        C.load_config(GRPOConfig, str(p))
+        config.load_config(GRPOConfig, str(p))
     with pytest.raises(TlvrError, match="unknown preset 'nextqaa'; did you mean 'nextqa'"):
-        C.resolve_preset("nextqaa")
+        config.resolve_preset("nextqaa")
 
 
 def test_base_chain_merges(tmp_path):
     write(tmp_path, "job: grpo\noptim:\n  lr: 3.0e-6\n  epochs: 2\n", "parent.yaml")
     child = write(tmp_path, f"base: {tmp_path / 'parent.yaml'}\noptim:\n  epochs: 5\n", "child.yaml")
-    cfg = C.load_config(GRPOConfig, str(child))
+    cfg = config.load_config(GRPOConfig, str(child))
     assert (cfg.optim.lr, cfg.optim.epochs) == (3e-6, 5)
 
 
-@pytest.mark.parametrize("name, path", sorted(C.list_presets().items()))
+@pytest.mark.parametrize("name, path", sorted(config.list_presets().items()))
 def test_every_shipped_preset_loads(name, path):
-    data = C.read_yaml(path)
+    data = config.read_yaml(path)
     assert data.get("job") in JOBS, f"{name}: missing or unknown job"
     assert path.read_text().startswith("# tlvr "), f"{name}: the first line must give the command that runs it"
-    cfg = C.load_config(JOBS[data["job"]], name)
-    dumped = yaml.safe_load(C.to_yaml(cfg, with_help=True))
-    assert C.load_config(JOBS[data["job"]], None, extra={k: v for k, v in dumped.items() if k != "job"}) == cfg
+    cfg = config.load_config(JOBS[data["job"]], name)
+    dumped = yaml.safe_load(config.to_yaml(cfg, with_help=True))
+    assert config.load_config(JOBS[data["job"]], None, extra={k: v for k, v in dumped.items() if k != "job"}) == cfg
+
+
+# keys any finite number suits: reward weights and the reward that replaces an exact 0
+UNBOUNDED = {"weight", "zero_reward_value"}
+
+
+def _numeric_fields(cls: type, prefix: str = "") -> list[tuple[str, object]]:
+    import dataclasses
+    from typing import get_type_hints
+
+    out = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = getattr(tp, "__args__", (None,))[0] if getattr(tp, "__origin__", None) is list else tp
+        if dataclasses.is_dataclass(inner):
+            out += _numeric_fields(inner, f"{prefix}{f.name}.")
+        elif inner in (int, float) or tp in (int | None, float | None):
+            out.append((f"{prefix}{f.name}", f))
+    return out
+
+
+def test_every_numeric_key_declares_its_range():
+    for cls in JOBS.values():
+        missing = [k for k, f in _numeric_fields(cls) if "range" not in f.metadata and k.split(".")[-1] not in UNBOUNDED]
+        assert not missing, f"{cls.__name__}: numeric keys without a range: {missing}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.num_generations=1", "'algo.num_generations' must be >= 2, got 1"),
+    ("optim.lr=-1", "'optim.lr' must be > 0, got -1.0"),
+    ("optim.lr=nan", "'optim.lr' must be a finite number, got 'nan'"),
+    ("rollout.temperature=-1", "'rollout.temperature' must be >= 0, got -1.0"),
+    ("rollout.top_p=2", "'rollout.top_p' must be > 0 and <= 1, got 2.0"),
+    ("rollout.max_new_tokens=0", "'rollout.max_new_tokens' must be >= 1, got 0"),
+    ("data.prompts_per_step=-2", "'data.prompts_per_step' must be >= 1, got -2"),
+    ("optim.max_steps=-3", "'optim.max_steps' must be >= 0, got -3"),
+    ("optim.epochs=0", "'optim.epochs' must be >= 1, got 0"),
+    ("perf.micro_batch_size=0", "'perf.micro_batch_size' must be >= 1, got 0"),
+    ("optim.betas=[0.9, 1.5]", "'optim.betas' must be >= 0 and < 1, got 1.5"),
+])
+def test_out_of_range_values_are_one_line_errors(override, message):
+    with pytest.raises(TlvrError) as e:
+        config.load_config(GRPOConfig, None, [override])
+    assert str(e.value).endswith(message) and "\n" not in str(e.value)
+
+
+def test_ranges_show_in_presets_show():
+    shown = config.to_yaml(GRPOConfig(), with_help=True)
+    assert "top_p: 1.0  # Nucleus sampling mass (1.0 disables). [> 0 and <= 1]" in shown
+
+
+def test_a_partial_section_keeps_the_fields_own_defaults():
+    # InferConfig.sampling is greedy and EvalConfig.sampling runs 1024 tokens: a partial override keeps that
+    assert config.load_config(InferConfig, None, ["sampling.top_k=5"]).sampling.temperature == 0.0
+    assert config.load_config(EvalConfig, None, ["sampling.top_k=5"]).sampling.max_new_tokens == 1024
+    assert config.load_config(GRPOConfig, None, extra={"optim": {"max_steps": 3}}).optim.lr == 1e-6
+
+
+def test_a_demo_preset_stands_where_grpo_is_asked():
+    cfg = config.load_config(GRPOConfig, "demo")
+    assert isinstance(cfg, DemoConfig) and cfg.prepare.synth.train == 512
+    with pytest.raises(TlvrError, match="is a 'grpo' preset, not a 'eval' one"):
+        config.load_config(EvalConfig, "nextqa")
 
 
 def test_every_field_has_help():
     for cls in JOBS.values():
-        missing = [k for k, v in C.field_help(cls).items() if not v]
+        missing = [k for k, v in config.field_help(cls).items() if not v]
         assert not missing, f"{cls.__name__}: fields without help: {missing}"
 
 

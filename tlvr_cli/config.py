@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 from collections.abc import Sequence
-from dataclasses import field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -25,12 +26,40 @@ from .errors import TlvrError
 T = TypeVar("T")
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with a default and a help string (shown by ``presets show`` and ``--help``)."""
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key (of each element, for a list): bounds, inclusive or not."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, x: float) -> bool:
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self) -> str:
+        parts = [f"{op} {_num(v)}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                 if v is not None]
+        return " and ".join(parts)
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def option(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A config field with a default, a help string (shown by ``presets show`` and ``--help``) and,
+    for numbers, its valid range (checked when a config loads)."""
+    meta: dict[str, Any] = {"help": help}
+    if (ge, gt, le, lt) != (None, None, None, None):
+        meta["range"] = Range(ge, gt, le, lt)
     if isinstance(default, (list, dict, set)) or is_dataclass(default):
         value = default
-        return field(default_factory=lambda: _copy(value), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: _copy(value), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _copy(value: Any) -> Any:
@@ -178,7 +207,16 @@ def from_dict(cls: type[T], data: dict, *, source: str = "config", prefix: str =
             # SamplingConfig is not): the given keys are merged onto them
             value = deep_merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+        _check_range(kwargs[key], known[key].metadata.get("range"), f"{prefix}{key}", source)
     return cls(**kwargs)
+
+
+def _check_range(value: Any, valid: Range | None, key: str, source: str) -> None:
+    if valid is None or value is None:
+        return
+    for x in value if isinstance(value, list) else [value]:
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and not valid.holds(x):
+            raise TlvrError(f"{source}: '{key}' must be {valid}, got {x!r}")
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -228,14 +266,17 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         raise TlvrError(f"{source}: '{key}' must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-6" as a string
+                number = float(value)  # YAML 1.1 reads "1e-6" as a string
             except ValueError:
                 pass
-        raise TlvrError(f"{source}: '{key}' must be a number, got {value!r}")
+        if number is None or not math.isfinite(number):
+            raise TlvrError(f"{source}: '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -273,7 +314,7 @@ def _yaml_lines(cfg: Any, indent: int, lines: list[str]) -> None:
     pad = "  " * indent
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        help_text = f.metadata.get("help", "")
+        help_text = _help(f)
         if is_dataclass(value):
             lines.append(f"{pad}{f.name}:" + (f"  # {help_text}" if help_text else ""))
             _yaml_lines(value, indent + 1, lines)
@@ -294,6 +335,13 @@ def field_help(cls: type) -> dict[str, str]:
         if is_dataclass(tp):
             out.update({f"{f.name}.{k}": v for k, v in field_help(tp).items()})
         else:
-            out[f.name] = f.metadata.get("help", "")
+            out[f.name] = _help(f)
     return out
+
+
+def _help(f: dataclasses.Field) -> str:
+    """A field's help text, with its valid range when it has one."""
+    text = f.metadata.get("help", "")
+    valid = f.metadata.get("range")
+    return f"{text} [{valid}]" if valid is not None else text
 

@@ -31,17 +31,17 @@ class ModelConfig:
 class SamplingConfig:
     """Decoding parameters; temperature 0 means greedy."""
 
-    temperature: float = option(1.0, "Sampling temperature; 0 decodes greedily.")
-    top_k: int = option(50, "Keep the k most likely tokens (0 disables); 50 is the transformers default the reference ran with.")
-    top_p: float = option(1.0, "Nucleus sampling mass (1.0 disables).")
-    max_new_tokens: int = option(512, "Most tokens generated per completion.")
+    temperature: float = option(1.0, "Sampling temperature; 0 decodes greedily.", ge=0)
+    top_k: int = option(50, "Keep the k most likely tokens (0 disables); 50 is the transformers default the reference ran with.", ge=0)
+    top_p: float = option(1.0, "Nucleus sampling mass (1.0 disables).", gt=0, le=1)
+    max_new_tokens: int = option(512, "Most tokens generated per completion.", ge=1)
 
 
 @dataclass
 class VideoConfig:
     """How frames are taken from a video."""
 
-    num_frames: int = option(16, "Frames sampled per video (16 everywhere in the reference).")
+    num_frames: int = option(16, "Frames sampled per video (16 everywhere in the reference).", ge=1)
     backend: str = option("auto", "Decoder: auto (decord, PyAV fallback) | decord | pyav.")
 
 
@@ -49,7 +49,7 @@ class VideoConfig:
 class EngineConfig:
     """The generation engine (shared by GRPO rollouts, evaluation and inference)."""
 
-    max_batch: int = option(64, "Rows the engine decodes at once.")
+    max_batch: int = option(64, "Rows the engine decodes at once.", ge=1)
     cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
     compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, cache writes); "
                            "the first generate call spends ~20-40 s compiling.")
@@ -65,9 +65,9 @@ class OutputConfig:
     """Where a training run writes and how often."""
 
     run_dir: str = option("runs/run", "Run directory: resolved config, metrics JSONL, checkpoints, plots.")
-    log_every: int = option(1, "Log metrics every N optimizer steps.")
-    save_every: int = option(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
-    keep_last: int = option(2, "Keep the last K step checkpoints (the final one is always kept).")
+    log_every: int = option(1, "Log metrics every N optimizer steps.", ge=1)
+    save_every: int = option(0, "Save a checkpoint every N optimizer steps (0: only at the end).", ge=0)
+    keep_last: int = option(2, "Keep the last K step checkpoints (the final one is always kept).", ge=0)
     tensorboard: bool = option(False, "Also write TensorBoard event files (needs the tensorboard package).")
 
 
@@ -75,15 +75,15 @@ class OutputConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = option(1e-5, "Peak learning rate.")
+    lr: float = option(1e-5, "Peak learning rate.", gt=0)
     scheduler: Literal["constant", "cosine", "linear"] = option("constant", "Schedule after warmup.")
-    warmup_ratio: float = option(0.0, "Fraction of steps with linear warmup (ceil, as HF).")
-    weight_decay: float = option(0.0, "AdamW weight decay (not applied to norms and biases).")
-    betas: list[float] = option([0.9, 0.999], "AdamW betas.")
-    eps: float = option(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables).")
-    epochs: int = option(1, "Passes over the data.")
-    max_steps: int = option(0, "Stop after this many optimizer steps (0: the full epochs).")
+    warmup_ratio: float = option(0.0, "Fraction of steps with linear warmup (ceil, as HF).", ge=0, le=1)
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to norms and biases).", ge=0)
+    betas: list[float] = option([0.9, 0.999], "AdamW betas.", ge=0, lt=1)
+    eps: float = option(1e-8, "AdamW epsilon.", gt=0)
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables).", ge=0)
+    epochs: int = option(1, "Passes over the data.", ge=1)
+    max_steps: int = option(0, "Stop after this many optimizer steps (0: the full epochs).", ge=0)
     gradient_checkpointing: bool = option(True, "Recompute LLM activations in backward to save memory.")
 
 
@@ -103,7 +103,7 @@ class DistConfig:
     strategy: Literal["auto", "ddp", "fsdp2", "none"] = option("auto", "auto/ddp: DistributedDataParallel replicas when launched with several processes; fsdp2: fully_shard (FSDP2) parameters, gradients and optimizer state over the processes (fp32 shards, compute in model.dtype; also with one process); none: no gradient sync (debugging). Resume with the strategy a run was started with, at any number of processes.")
     backend: str = option("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo.")
     timeout_minutes: float = option(30.0, "How long a collective waits for the slowest process (a long video, a "
-                                    "checkpoint being written) before the run fails instead of hanging.")
+                                    "checkpoint being written) before the run fails instead of hanging.", gt=0)
 
 
 # ----------------------------------------------------------------------------- cold start
@@ -113,8 +113,8 @@ class DistConfig:
 class ColdstartDataConfig:
     root: str = option("", "Data root holding the annotations and videos ('' = $TLVR_DATA/train).")
     annotations: str = option("nextqa-coldstart-16.json", "LLaVA-style JSON list, relative to root (spec §4).")
-    max_length: int = option(3072, "Truncate spliced sequences to this many tokens (with a warning).")
-    num_workers: int = option(2, "DataLoader worker processes decoding videos.")
+    max_length: int = option(3072, "Truncate spliced sequences to this many tokens (with a warning).", ge=2)
+    num_workers: int = option(2, "DataLoader worker processes decoding videos.", ge=0)
     skip_report: str = option("", "A `tlvr data check` report; its bad videos are skipped up front.")
 
 
@@ -128,9 +128,9 @@ class ColdstartConfig:
     video: VideoConfig = option(VideoConfig(), "Frame sampling.")
     optim: OptimConfig = option(OptimConfig(), "Optimizer (spec §4: AdamW 1e-5 constant, clip 1.0).")
     tune: TuneConfig = option(TuneConfig(), "Trainable parts.")
-    batch_size: int = option(1, "Samples per micro-batch.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.")
-    seed: int = option(42, "Seed for data order, init and dropout (HF default 42).")
+    batch_size: int = option(1, "Samples per micro-batch.", ge=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", ge=1)
+    seed: int = option(42, "Seed for data order, init and dropout (HF default 42).", ge=0)
     output: OutputConfig = option(OutputConfig(run_dir="runs/coldstart"), "Outputs.")
     dist: DistConfig = option(DistConfig(), "Distributed settings.")
 
@@ -150,10 +150,10 @@ class RewardSpec:
 class GRPOAlgoConfig:
     """The GRPO objective (spec §5.2); every reference quirk is a key with the reference default."""
 
-    num_generations: int = option(8, "Completions per prompt, G (hard-coded 8 in the reference).")
-    beta: float = option(0.01, "KL coefficient; 0 skips the reference model entirely.")
+    num_generations: int = option(8, "Completions per prompt, G (hard-coded 8 in the reference).", ge=2)
+    beta: float = option(0.01, "KL coefficient; 0 skips the reference model entirely.", ge=0)
     kl_estimator: Literal["k3", "k1", "k2"] = option("k3", "KL estimator (k3 = exp(d) - d - 1, as TRL 0.14).")
-    kl_clamp: float = option(100.0, "Clamp the per-token KL to [-c, c] (reference: 100; 0 disables).")
+    kl_clamp: float = option(100.0, "Clamp the per-token KL to [-c, c] (reference: 100; 0 disables).", ge=0)
     reward_combination: Literal["r1", "weighted"] = option("r1", "r1: acc + (2acc-1)*fmt; weighted: sum of weight*reward over `rewards`.")
     zero_reward_value: float | None = option(-2.0, "Replace a combined reward of exactly 0 by this (null disables).")
     rewards: list[RewardSpec] = option(
@@ -161,13 +161,13 @@ class GRPOAlgoConfig:
         "Reward functions: r1 uses the first as accuracy and the second as format; weighted sums them all.",
     )
     scale_rewards: bool = option(True, "Divide advantages by the group's unbiased std (+ std_eps).")
-    std_eps: float = option(1e-4, "Added to the std before dividing.")
-    advantage_noise_std: float = option(0.02, "Std of the Gaussian noise added to each advantage (0 disables).")
+    std_eps: float = option(1e-4, "Added to the std before dividing.", gt=0)
+    advantage_noise_std: float = option(0.02, "Std of the Gaussian noise added to each advantage (0 disables).", ge=0)
     loss_aggregation: Literal["sequence_mean", "token_mean", "dr_grpo"] = option(
         "sequence_mean", "sequence_mean: token mean per sequence, then mean; token_mean: over all tokens; dr_grpo: sum / (G * max_new_tokens)."
     )
-    num_iterations: int = option(1, "Optimizer passes per rollout batch (>1 enables the PPO clipped ratio).")
-    clip_eps: float = option(0.2, "PPO ratio clip range when num_iterations > 1.")
+    num_iterations: int = option(1, "Optimizer passes per rollout batch (>1 enables the PPO clipped ratio).", ge=1)
+    clip_eps: float = option(0.2, "PPO ratio clip range when num_iterations > 1.", gt=0)
 
 
 @dataclass
@@ -175,10 +175,10 @@ class GRPODataConfig:
     root: str = option("", "Data root ('' = $TLVR_DATA/train).")
     annotations: str = option("nextqa_0-30s.jsonl", "GRPO rows (problem, solution, video_filename), relative to root (spec §5.1).")
     question_template: str = option(GRPO_QUESTION_TEMPLATE, "Prompt text; {Question} is the row's problem (spec §3.3).")
-    prompts_per_step: int = option(8, "Prompts per optimizer step, global (reference: 8 GPUs x 1).")
-    num_workers: int = option(2, "Worker threads decoding the next step's videos.")
+    prompts_per_step: int = option(8, "Prompts per optimizer step, global (reference: 8 GPUs x 1).", ge=1)
+    num_workers: int = option(2, "Worker threads decoding the next step's videos.", ge=0)
     feature_cache_gb: float = option(0.0, "Keep the frozen tower's features of up to this many GB of videos in CPU "
-                                     "memory, reused when a video comes again (0: off, the reference's cost model).")
+                                     "memory, reused when a video comes again (0: off, the reference's cost model).", ge=0)
     skip_report: str = option("", "A `tlvr data check` report; its bad videos are skipped up front.")
 
 
@@ -186,8 +186,8 @@ class GRPODataConfig:
 class GRPOPerfConfig:
     """Memory/speed knobs of the training forward that do not change the maths."""
 
-    micro_batch_size: int = option(16, "Sequences per forward/backward chunk of the loss.")
-    logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).")
+    micro_batch_size: int = option(16, "Sequences per forward/backward chunk of the loss.", ge=1)
+    logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).", ge=1)
     force_max_new_tokens: bool = option(False, "Benchmarking only: ignore eos so every completion is max_new_tokens long.")
 
 
@@ -206,8 +206,8 @@ class GRPOConfig:
     tune: TuneConfig = option(TuneConfig(), "Trainable parts.")
     engine: EngineConfig = option(EngineConfig(max_batch=64), "Rollout engine.")
     perf: GRPOPerfConfig = option(GRPOPerfConfig(), "Speed and memory of the training forward.")
-    seed: int = option(42, "Seed for data order, sampling and advantage noise.")
-    sample_every: int = option(10, "Write a sample of completions to samples.jsonl every N steps (0 disables).")
+    seed: int = option(42, "Seed for data order, sampling and advantage noise.", ge=0)
+    sample_every: int = option(10, "Write a sample of completions to samples.jsonl every N steps (0 disables).", ge=0)
     output: OutputConfig = option(OutputConfig(run_dir="runs/grpo"), "Outputs.")
     dist: DistConfig = option(DistConfig(), "Distributed settings.")
 
@@ -221,13 +221,13 @@ class SynthConfig:
 
     JOB = "synth"
     root: str = option("", "Output root ('' = $TLVR_DATA/synthetic).")
-    train: int = option(256, "Training questions (GRPO rows).")
-    eval: int = option(128, "Held-out eval questions.")
-    coldstart: int = option(64, "Cold-start records with written-out <think> reasoning.")
-    frames: int = option(16, "Frames per video.")
-    size: int = option(64, "Video width and height in pixels.")
-    fps: int = option(8, "Frames per second of the written videos.")
-    seed: int = option(0, "Seed: the same seed writes identical files.")
+    train: int = option(256, "Training questions (GRPO rows).", ge=0)
+    eval: int = option(128, "Held-out eval questions.", ge=0)
+    coldstart: int = option(64, "Cold-start records with written-out <think> reasoning.", ge=0)
+    frames: int = option(16, "Frames per video.", ge=1)
+    size: int = option(64, "Video width and height in pixels.", ge=16)
+    fps: int = option(8, "Frames per second of the written videos.", ge=1)
+    seed: int = option(0, "Seed: the same seed writes identical files.", ge=0)
     kinds: list[str] = option(["background", "square", "direction"],
                               "Question kinds of the training and eval rows (background, square, direction).")
     coldstart_kinds: list[str] = option(["background", "square", "direction"],
@@ -237,7 +237,8 @@ class SynthConfig:
         "pool order, where the letter follows from the answer alone.")
     coldstart_option_order: Literal["shuffled", "fixed"] = option("shuffled", "The same for the cold-start records.")
     lanes: int = option(1, "Parallel paths the square can take (1: through the middle); each multiplies the distinct "
-                        "videos (5 backgrounds x 4 squares x 5 directions x lanes), so larger sets keep more videos apart.")
+                        "videos (5 backgrounds x 4 squares x 5 directions x lanes), so larger sets keep more videos apart.",
+                        ge=1)
     reasoning: Literal["scene", "asked"] = option(
         "scene", "Cold-start <think> text: 'scene' describes the whole scene (both colours, the motion), then the asked "
         "part; 'asked' names the asked attribute and reads only that from the video.")
@@ -250,8 +251,8 @@ class DemoPrepareConfig:
     coldstart_preset: str = option("demo-coldstart", "Cold-start preset run when model.path does not exist yet.")
     synth: SynthConfig = option(SynthConfig(), "Synthetic set written when the data root lacks it.")
     evaluate: bool = option(True, "Evaluate the cold-start and the GRPO model on the synthetic eval split (before/after table).")
-    eval_limit: int = option(0, "Evaluate only the first N eval items (0: all).")
-    eval_batch_size: int = option(32, "Eval items the engine decodes at once.")
+    eval_limit: int = option(0, "Evaluate only the first N eval items (0: all).", ge=0)
+    eval_batch_size: int = option(32, "Eval items the engine decodes at once.", ge=1)
     eval_sampled: bool = option(True, "Besides greedy, evaluate by sampling as the rollouts do (the paper protocol with "
                                 "the rollout.* temperature/top-k/top-p, seeded): the policy GRPO optimises.")
 
@@ -283,10 +284,10 @@ class EvalConfig:
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=1024), "Decoding: temperature/top-k/top-p for the paper "
                                       "protocol (spec §6: T 1.0, top-k 50); max_new_tokens for both protocols (1024).")
     engine: EngineConfig = option(EngineConfig(max_batch=8), "Generation engine (max_batch: items decoded together).")
-    decode_workers: int = option(4, "Threads decoding the next items' videos while the engine generates.")
-    limit: int = option(0, "Evaluate only the first N items (0: all).")
-    seed: int = option(0, "Seed for sampling and the random fallback.")
-    bootstrap: int = option(1000, "Bootstrap resamples for the 95% confidence intervals.")
+    decode_workers: int = option(4, "Threads decoding the next items' videos while the engine generates.", ge=1)
+    limit: int = option(0, "Evaluate only the first N items (0: all).", ge=0)
+    seed: int = option(0, "Seed for sampling and the random fallback.", ge=0)
+    bootstrap: int = option(1000, "Bootstrap resamples for the 95% confidence intervals.", ge=0)
     output_dir: str = option("", "Where answers.jsonl and results.json go ('' = runs/eval/<benchmark>[-<duration>]).")
 
 
@@ -299,7 +300,7 @@ class InferConfig:
     video: VideoConfig = option(VideoConfig(), "Frame sampling.")
     sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "Decoding (default greedy).")
     reason: bool = option(True, "Append the <think>/<answer> instruction (spec §3.3).")
-    seed: int = option(0, "Sampling seed.")
+    seed: int = option(0, "Sampling seed.", ge=0)
 
 
 JOBS = {cls.JOB: cls for cls in (ColdstartConfig, GRPOConfig, DemoConfig, EvalConfig, InferConfig, SynthConfig)}
