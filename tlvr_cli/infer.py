@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +9,9 @@ from typing import Callable
 
 import torch
 
+from .data.tags import answer_block, think_block
 from .data.template import build_prompt, tokenize_with_image
 from .jobs import REASON_INSTRUCTION, InferConfig
-
-THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 @dataclass
@@ -87,7 +84,6 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     out = engine.generate(prompt, params, cfg.sampling.max_new_tokens, tok.eos_token_id, seed=cfg.seed, on_token=on_token)[0]
     timings["generate_s"] = time.perf_counter() - t
     text = tok.decode(out.tokens, skip_special_tokens=True).strip()
-    think = THINK_RE.search(text)
-    answer = ANSWER_RE.search(text)
-    return InferResult(text, think.group(1).strip() if think else None, answer.group(1).strip() if answer else None,
+    think, answer = think_block(text), answer_block(text)
+    return InferResult(text, think.strip() if think is not None else None, answer.strip() if answer is not None else None,
                        list(frames.indices), timings, len(out.tokens))
