@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,13 +9,11 @@ from pathlib import Path
 
 import torch
 
+from .data.tags import answer_block, think_block
 from .data.template import REASON_INSTRUCTION, build_prompt, tokenize_with_image, video_question
 from .jobs import InferConfig
 
 STREAM_SYNC_EVERY = 4  # decode steps between streamed chunks: small enough to read as it is written
-
-THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 @dataclass
@@ -88,7 +85,6 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
                           sync_every=STREAM_SYNC_EVERY)[0]
     timings["generate_s"] = time.perf_counter() - t
     text = tok.decode(out.tokens, skip_special_tokens=True).strip()
-    think = THINK_RE.search(text)
-    answer = ANSWER_RE.search(text)
-    return InferResult(text, think.group(1).strip() if think else None, answer.group(1).strip() if answer else None,
+    think, answer = think_block(text), answer_block(text)
+    return InferResult(text, think.strip() if think is not None else None, answer.strip() if answer is not None else None,
                        list(frames.indices), timings, len(out.tokens))

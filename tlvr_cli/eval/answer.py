@@ -1,7 +1,8 @@
 """Turn a model's text into an option letter.
 
 Reason mode (spec §6, identical in the four R1 evaluators): take the first
-``<answer>\\s*(.*?)\\s*</answer>`` match (no DOTALL, so an answer spanning a newline does not match);
+``<answer>\\s*(.*?)\\s*</answer>`` match (no DOTALL, so an answer spanning a newline does not match;
+read in linear time by ``data.tags``, as the regex is cubic on an unclosed tag and spaces);
 its first character if it is a choice letter in either case (spec §7.16: "a cat" reads as A), else
 the first choice X with "(X)" or "(x)" in the content. An empty ``<answer></answer>`` is wrong.
 Anything else falls back to a random choice in the paper protocol (seeded here; unseeded in the
@@ -16,10 +17,10 @@ several candidates, and a random choice is the final fallback.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
-ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>")
+from ..data.tags import answer_block_stripped_one_line
+
 _OPTION_PUNCT = ",.!?;:'"
 
 
@@ -39,10 +40,9 @@ def _fallback(choices: list[str], rng: random.Random | None) -> ParsedAnswer:
 
 def parse_reason_answer(output: str, choices: list[str], rng: random.Random | None = None) -> ParsedAnswer:
     """Letter from a ``<think>…</think><answer>…</answer>`` response (spec §6)."""
-    match = ANSWER_TAG.search(output)
-    if match is None:
+    content = answer_block_stripped_one_line(output)
+    if content is None:
         return _fallback(choices, rng)
-    content = match.group(1).strip()
     if not content:
         return ParsedAnswer(None, "empty")  # spec §6: the reference returns None here, never random
     first = content[0]

@@ -7,14 +7,11 @@ lists (``solution``, ``problem``, …, one entry per completion) and returns one
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable, Sequence
 
+from ..data.tags import answer_block_one_line, each_tag_once, is_think_then_answer, think_block
 from ..errors import TlvrError
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL, as the reference
-THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 THINK_CHARS_FOR_FULL_BONUS = 1200
 
 RewardFn = Callable[..., list[float]]
@@ -33,8 +30,8 @@ def _math_verify_equal(content: str, solution: str) -> bool:
 
 
 def _answer_text(text: str) -> str:
-    m = ANSWER_RE.search(text)
-    return m.group(1).strip() if m else text.strip()
+    block = answer_block_one_line(text)  # no DOTALL, as the reference (spec §5.3)
+    return block.strip() if block is not None else text.strip()
 
 
 def accuracy_reward(completions: Sequence[str], solution: Sequence[str], **_: object) -> list[float]:
@@ -57,11 +54,10 @@ def format_reward(completions: Sequence[str], **_: object) -> list[float]:
     out = []
     for content in completions:
         text = content.strip()
-        once = all(text.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
-        if not (once and FORMAT_RE.fullmatch(text)):
+        if not (each_tag_once(text) and is_think_then_answer(text)):
             out.append(0.0)
             continue
-        think = THINK_RE.search(text).group(1).strip()
+        think = think_block(text).strip()
         out.append(0.5 + 0.5 * min(len(think) / THINK_CHARS_FOR_FULL_BONUS, 1.0))
     return out
 

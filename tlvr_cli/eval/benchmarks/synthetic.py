@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ...data.records import problem_options
+from ...data.tags import answer_block_stripped
 from ...errors import TlvrError
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
@@ -15,7 +15,6 @@ from ..items import EvalItem, finish_prompt, read_jsonl, require_keys
 
 NAME = "synthetic"
 AGGREGATE = "micro"
-_SOLUTION = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 
 
 def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
@@ -26,8 +25,8 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
         where = f"{path} line {i + 1}"
         require_keys(row, ("problem", "solution", "video_filename"), where)
         options = problem_options(row["problem"])
-        match = _SOLUTION.search(row["solution"])
-        if not options or match is None:
+        gold = answer_block_stripped(row["solution"])
+        if not options or gold is None:
             raise TlvrError(f"{where}: expected 'A. …' option lines in problem and '<answer>X</answer>' in solution")
         rel = row["video_filename"]
         rel = rel[2:] if rel.startswith("./") else rel.lstrip("/")
@@ -39,7 +38,7 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
             frame_spec=FrameSpec(kind="uniform"),
             prompt=finish_prompt(row["problem"], cfg.mode),
             choices=list(options),
-            gold=match.group(1).strip()[:1].upper(),
+            gold=gold[:1].upper(),
             meta={"option_texts": options},
         ))
     return items
