@@ -2,13 +2,14 @@
 
 Every reader returns a :class:`Frames` holding uint8 RGB frames (T, H, W, 3). Decoder failures
 never escape raw: they become a one-line :class:`VideoError` naming the file and what went wrong.
+Paths A and B take a fixed ``num_frames`` or a frame rate (``fps`` frames per second of video, at
+most ``max_frames``). PyAV reading by frame index (keyframe seeks) lives in ``pyav_reader``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -16,29 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TlvrError
+from .frames import VIDEO_ERROR_KINDS, Frames, VideoError, as_video_error
+from .pyav_reader import open_video_stream, pyav_read
 
-VIDEO_ERROR_KINDS = ("missing", "unreadable", "zero_frames", "too_short")
+__all__ = ["VIDEO_ERROR_KINDS", "FrameSpec", "Frames", "VideoError", "fps_frame_count", "one_fps_count",
+           "read_frames", "read_video", "sample_frame_indices", "segment_midpoint_indices"]
 JPEG_SUFFIXES = (".jpg", ".jpeg")
-
-
-class VideoError(TlvrError):
-    """A video that cannot give frames: missing, unreadable, empty, or too short for the bound."""
-
-    def __init__(self, path: str | os.PathLike, kind: str, detail: str) -> None:
-        self.path = str(path)
-        self.kind = kind
-        self.detail = " ".join(str(detail).split())  # the message must stay on one line
-        super().__init__(f"{self.path}: {kind}: {self.detail}")
-
-
-@dataclass
-class Frames:
-    """Decoded frames plus where they came from."""
-
-    frames: np.ndarray  # uint8 RGB, (T, H, W, 3)
-    indices: list[int]  # frame index of each row (PTS-derived for the seek path)
-    total: int  # frames in the whole video (files in a frame folder)
-    fps: float
+FRAME_SPEC_KINDS = ("uniform", "pts_seek", "midpoints", "folder")
 
 
 @dataclass
@@ -60,10 +45,38 @@ def sample_frame_indices(total: int, num_frames: int) -> list[int]:
     return [int(i) for i in np.linspace(0, total - 1, num_frames, dtype=int)]
 
 
+def fps_frame_count(duration_s: float, fps: float, cap: int | None) -> int:
+    """Frames to sample at ``fps`` per second of video: at least 1, at most ``cap`` (spec §2.A)."""
+    count = max(1, int(duration_s * fps))
+    return count if cap is None else min(cap, count)
+
+
 def one_fps_count(duration_s: float, cap: int | None) -> int:
     """Frame count in "1 fps" mode: one per whole second, at least 1, at most ``cap`` (spec §2.A)."""
-    count = max(1, int(duration_s))
-    return count if cap is None else min(cap, count)
+    return fps_frame_count(duration_s, 1.0, cap)
+
+
+def _count_rule(num_frames: int | None, fps: float | None, max_frames: int | None) -> Callable[[float], int]:
+    """Check the count arguments once; return ``duration_s -> frames to sample``.
+
+    Either a fixed ``num_frames > 0``, or ``fps`` frames per second of video capped at ``max_frames``
+    (``None``: no cap). ``num_frames <= 0`` without ``fps`` is the reference's 1-fps mode (spec §2.A).
+    """
+    fixed = num_frames is not None and num_frames > 0
+    if fps is not None and fixed:
+        raise TlvrError(f"give num_frames or fps, not both (num_frames={num_frames}, fps={fps})")
+    if fps is not None and not fps > 0:
+        raise TlvrError(f"fps must be a positive number of frames per second of video, got {fps}")
+    if max_frames is not None and fixed:
+        raise TlvrError(f"max_frames caps the fps mode only; with num_frames={num_frames} leave it unset")
+    if max_frames is not None and max_frames <= 0:
+        raise TlvrError(f"max_frames must be > 0 (or unset for no cap), got {max_frames}")
+    if fixed:
+        return lambda duration_s: num_frames
+    if fps is None and num_frames is None:
+        raise TlvrError("give num_frames > 0, or fps (with an optional max_frames cap)")
+    rate = 1.0 if fps is None else float(fps)
+    return lambda duration_s: fps_frame_count(duration_s, rate, max_frames)
 
 
 def segment_midpoint_indices(start_idx: int, end_idx: int, num_frames: int) -> list[int]:
@@ -91,19 +104,6 @@ def _check_exists(path: str | os.PathLike) -> None:
         raise VideoError(path, "missing", "no such file or directory")
 
 
-@contextlib.contextmanager
-def _as_video_error(path: str | os.PathLike) -> Iterator[None]:
-    """Turn any decoder exception into a one-line ``unreadable`` VideoError."""
-    try:
-        yield
-    except VideoError:
-        raise
-    except Exception as exc:  # decord and PyAV raise many unrelated types
-        lines = str(exc).strip().splitlines() or [""]
-        # decord appends a C++ stack trace to its messages; the first line is the useful part.
-        raise VideoError(path, "unreadable", f"{type(exc).__name__}: {lines[0][:300]}") from exc
-
-
 def _resolve_backend(backend: str) -> str:
     if backend not in ("auto", "decord", "pyav"):
         raise TlvrError(f"unknown video backend {backend!r} (expected auto, decord or pyav)")
@@ -116,6 +116,14 @@ def _resolve_backend(backend: str) -> str:
     return "decord"
 
 
+def _check_opens(path) -> None:
+    """Refuse files ffmpeg cannot open before decord sees them: decord prints its open failures
+    ("ERROR opening: ...") from C++ to stderr, with no switch to silence them."""
+    with as_video_error(path):
+        container, _ = open_video_stream(path)
+        container.close()
+
+
 def _batch_to_numpy(batch) -> np.ndarray:
     # Another library may have switched decord's bridge to torch; accept either result type.
     arr = batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()
@@ -126,7 +134,10 @@ def _decord_read(path, choose: Callable[[int, float], list[int]]) -> Frames:
     """Open with decord (1 thread), pick indices from (total, fps), fetch them as one batch."""
     import decord
 
-    with _as_video_error(path):
+    # decord's private copy of ffmpeg prints to stderr ("partial file", ...) and has no way to hand
+    # its messages to Python logging; silence it (it serves decord alone) and keep decord's exception.
+    decord.logging.set_level(decord.logging.QUIET)
+    with as_video_error(path):
         reader = decord.VideoReader(str(path), num_threads=1)
         total, fps = len(reader), float(reader.get_avg_fps())
         if total <= 0:
@@ -136,86 +147,37 @@ def _decord_read(path, choose: Callable[[int, float], list[int]]) -> Frames:
     return Frames(frames=frames, indices=indices, total=total, fps=fps)
 
 
-def _open_video_stream(path):
-    import av
-
-    container = av.open(str(path))
-    if not container.streams.video:
-        container.close()
-        raise VideoError(path, "unreadable", "no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    return container, stream
-
-
-def _stream_fps(stream) -> float:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return float(rate) if rate else 0.0
-
-
-def _pyav_count_frames(path) -> int:
-    container, stream = _open_video_stream(path)
-    with container:
-        return sum(1 for _ in container.decode(stream))
-
-
-def _pyav_read(path, choose: Callable[[int, float], list[int]]) -> Frames:
-    """Decode sequentially with PyAV, keeping the frames whose decode index ``choose`` selects.
-
-    Container frame counts can be wrong, so the decoded count is checked; if it differs from the
-    metadata the indices are recomputed and the video decoded once more.
-    """
-    with _as_video_error(path):
-        container, stream = _open_video_stream(path)
-        with container:
-            expected, fps = int(stream.frames or 0), _stream_fps(stream)
-        if expected <= 0:
-            expected = _pyav_count_frames(path)
-        for _ in range(2):
-            if expected <= 0:
-                raise VideoError(path, "zero_frames", "the video has no frames")
-            indices = choose(expected, fps)
-            wanted = set(indices)
-            kept: dict[int, np.ndarray] = {}
-            container, stream = _open_video_stream(path)
-            with container:
-                count = 0
-                for frame in container.decode(stream):
-                    if count in wanted:
-                        kept[count] = frame.to_ndarray(format="rgb24")
-                    count += 1
-            if count == expected:
-                frames = np.stack([kept[i] for i in indices]).astype(np.uint8, copy=False)
-                return Frames(frames=frames, indices=indices, total=count, fps=fps)
-            expected = count
-    raise VideoError(path, "unreadable", "frame count changed between two decodes")
-
-
 def _read_with(path, backend: str, choose: Callable[[int, float], list[int]]) -> Frames:
     """Decode with the chosen backend; "auto" retries with PyAV when decord cannot read a file."""
     _check_exists(path)
     if _resolve_backend(backend) == "pyav":
-        return _pyav_read(path, choose)
+        return pyav_read(path, choose)
+    _check_opens(path)
     try:
         return _decord_read(path, choose)
     except VideoError as err:
         # decord rejects some files (odd frame sizes, unusual codecs) that ffmpeg via PyAV decodes.
         if backend != "auto" or err.kind != "unreadable":
             raise
-        return _pyav_read(path, choose)
+        return pyav_read(path, choose)
 
 
 # ----------------------------------------------------------------------------- path A
 
 
-def read_frames(path: str | os.PathLike, num_frames: int, *, backend: str = "auto") -> Frames:
+def read_frames(path: str | os.PathLike, num_frames: int | None = None, *, fps: float | None = None,
+                max_frames: int | None = None, backend: str = "auto") -> Frames:
     """Path A (spec §2.A): linspace over every frame of the video, then decode those frames.
 
-    ``num_frames <= 0`` is the uncapped 1-fps mode (one frame per whole second of video).
+    Give ``num_frames > 0``, or ``fps`` to sample that many frames per second of video, at most
+    ``max_frames`` (the reference: ``fps=1.0, max_frames=16`` in eval, no cap in SFT).
+    ``num_frames <= 0`` alone is the uncapped 1-fps mode.
     """
-    def choose(total: int, fps: float) -> list[int]:
-        count = num_frames if num_frames > 0 else one_fps_count(total / fps if fps > 0 else 0.0, None)
-        return sample_frame_indices(total, count)
+    count = _count_rule(num_frames, fps, max_frames)
+
+    def choose(total: int, video_fps: float) -> list[int]:
+        duration_s = total / video_fps if video_fps > 0 else 0.0  # spec §2.A: frames / average fps
+        return sample_frame_indices(total, count(duration_s))
 
     return _read_with(path, backend, choose)
 
@@ -223,20 +185,33 @@ def read_frames(path: str | os.PathLike, num_frames: int, *, backend: str = "aut
 # ----------------------------------------------------------------------------- path B
 
 
-def _read_pts_seek(path: str | os.PathLike, num_frames: int) -> Frames:
+def _unique_linspace(total: int, count: int) -> list[int]:
+    return [int(i) for i in np.unique(np.linspace(0, total - 1, count, dtype=int))]
+
+
+def _stream_seconds(container, stream) -> float | None:
+    """Stream duration in seconds from metadata (the container's when the stream has none)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1_000_000 if container.duration else None  # AV_TIME_BASE units
+
+
+def _read_pts_seek(path: str | os.PathLike, count: Callable[[float], int]) -> Frames:
     """Path B (spec §2.B, Video-MME/MLVU): seek to target PTS values, keyframe-backward."""
     _check_exists(path)
-    with _as_video_error(path):
-        container, stream = _open_video_stream(path)
+    with as_video_error(path):
+        container, stream = open_video_stream(path)
         with container:
             total = int(stream.frames or 0)
+            duration_s = _stream_seconds(container, stream)
             if stream.average_rate != stream.base_rate or total <= 0 or not stream.base_rate:
-                return _read_pts_naive(path, num_frames)
+                return _read_pts_naive(path, count, duration_s)
             fps = float(stream.base_rate)
             time_base = stream.time_base
-            unique_idx = np.unique(np.linspace(0, total - 1, num_frames, dtype=int))
+            # spec §2.B: the fps mode counts seconds of stream.duration; frames / fps when it is unset.
+            unique_idx = _unique_linspace(total, count(duration_s if duration_s is not None else total / fps))
             # Assumes constant frame rate and PTS starting at 0, as the reference does.
-            pending = [int(float(Fraction(int(i)) / time_base) / fps) for i in unique_idx]
+            pending = [int(float(Fraction(i) / time_base) / fps) for i in unique_idx]
             kept: dict[int, np.ndarray] = {}
             while pending:
                 container.seek(pending[-1], backward=True, any_frame=False, stream=stream)
@@ -266,12 +241,17 @@ def _read_pts_seek(path: str | os.PathLike, num_frames: int) -> Frames:
     return Frames(frames=np.stack([kept[p] for p in order]), indices=indices, total=total, fps=fps)
 
 
-def _read_pts_naive(path: str | os.PathLike, num_frames: int) -> Frames:
-    """Variable-frame-rate fallback of path B: sequential decode, unique linspace indices."""
-    def choose(total: int, fps: float) -> list[int]:
-        return [int(i) for i in np.unique(np.linspace(0, total - 1, num_frames, dtype=int))]
+def _read_pts_naive(path: str | os.PathLike, count: Callable[[float], int], duration_s: float | None) -> Frames:
+    """Variable-frame-rate fallback of path B: frames by decode index, unique linspace indices.
 
-    return _pyav_read(path, choose)
+    The reference passes ``stream.duration`` here in time-base units, not seconds (spec §2.B); the
+    fps mode counts seconds instead, as the constant-rate branch does.
+    """
+    def choose(total: int, fps: float) -> list[int]:
+        seconds = duration_s if duration_s is not None else (total / fps if fps > 0 else 0.0)
+        return _unique_linspace(total, count(seconds))
+
+    return pyav_read(path, choose)
 
 
 # ----------------------------------------------------------------------------- paths C and D
@@ -300,7 +280,7 @@ def _read_frame_folder(path, bound, num_frames: int, folder_fps: float) -> Frame
     max_frame = len(files)  # spec §6.2: files are numbered from 1, so the count is the last index
     start_idx, end_idx = _bounded_range(path, bound, folder_fps, 1, max_frame)
     indices = segment_midpoint_indices(start_idx, end_idx, num_frames)
-    with _as_video_error(path):
+    with as_video_error(path):
         images = []
         for i in indices:
             with Image.open(files[min(max(i, 1), max_frame) - 1]) as img:
@@ -309,27 +289,35 @@ def _read_frame_folder(path, bound, num_frames: int, folder_fps: float) -> Frame
     return Frames(frames=frames, indices=indices, total=max_frame, fps=float(folder_fps))
 
 
-def read_video(path: str | os.PathLike, spec: FrameSpec, num_frames: int, *,
-               backend: str = "auto") -> Frames:
-    """Decode ``num_frames`` frames the way ``spec.kind`` says (spec §2 paths A–D)."""
-    if spec.kind == "uniform":
-        if spec.bound is None:
-            return read_frames(path, num_frames, backend=backend)
-        if num_frames <= 0:
-            raise TlvrError("a bounded uniform frame spec needs num_frames > 0")
+def read_video(path: str | os.PathLike, spec: FrameSpec, num_frames: int | None = None, *,
+               fps: float | None = None, max_frames: int | None = None, backend: str = "auto") -> Frames:
+    """Decode frames the way ``spec.kind`` says (spec §2 paths A–D).
 
-        def choose(total: int, fps: float) -> list[int]:
+    ``num_frames > 0`` frames, or for paths A and B (``uniform`` without a bound, ``pts_seek``) ``fps``
+    frames per second of video capped at ``max_frames``; see :func:`read_frames`.
+    """
+    if spec.kind not in FRAME_SPEC_KINDS:
+        raise TlvrError(f"unknown frame spec kind {spec.kind!r} (expected {', '.join(FRAME_SPEC_KINDS)})")
+    if spec.kind == "uniform" and spec.bound is None:
+        return read_frames(path, num_frames, fps=fps, max_frames=max_frames, backend=backend)
+    fixed = num_frames is not None and num_frames > 0
+    if spec.kind == "pts_seek":
+        if fps is None and not fixed:
+            raise TlvrError("frame spec 'pts_seek' needs num_frames > 0 or fps (fps=1.0 is the reference's 1-fps mode)")
+        return _read_pts_seek(path, _count_rule(num_frames, fps, max_frames))
+    what = "a bounded uniform frame spec" if spec.kind == "uniform" else f"frame spec {spec.kind!r}"
+    if fps is not None or max_frames is not None:
+        raise TlvrError(f"{what} samples a fixed num_frames; fps and max_frames apply to uniform "
+                        "(without a bound) and pts_seek only")
+    if not fixed:
+        raise TlvrError(f"{what} needs num_frames > 0")
+    if spec.kind == "uniform":
+        def choose(total: int, video_fps: float) -> list[int]:
             # path A restricted to the [start, end] seconds of the bound (MVBench, --frame-protocol uniform)
-            start, end = _bounded_range(path, spec.bound, fps, 0, total - 1)
+            start, end = _bounded_range(path, spec.bound, video_fps, 0, total - 1)
             return [start + i for i in sample_frame_indices(end - start + 1, num_frames)]
 
         return _read_with(path, backend, choose)
-    if num_frames <= 0:
-        raise TlvrError(f"frame spec {spec.kind!r} needs num_frames > 0 (1-fps mode is path A only)")
-    if spec.kind == "pts_seek":
-        return _read_pts_seek(path, num_frames)
     if spec.kind == "midpoints":
         return _read_midpoints(path, spec.bound, num_frames, backend)
-    if spec.kind == "folder":
-        return _read_frame_folder(path, spec.bound, num_frames, spec.folder_fps)
-    raise TlvrError(f"unknown frame spec kind {spec.kind!r} (expected uniform, pts_seek, midpoints or folder)")
+    return _read_frame_folder(path, spec.bound, num_frames, spec.folder_fps)
