@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py                      # Qwen2.5-3B shapes, random init, bf16, CUDA
     python benchmarks/bench_generate.py --config tiny --device cpu --dtype fp32 --prompt-len 16 --new-tokens 8
+    torchrun --nproc-per-node 2 benchmarks/bench_generate.py --tensor-parallel   # TP vs one GPU vs data parallel
 
 Every method decodes ``--batch`` prompts of ``--prompt-len`` embeddings, ``--samples`` completions
 each, exactly ``--new-tokens`` tokens per completion (eos is ignored so every run costs the same).
@@ -9,17 +10,23 @@ The no-cache loop (one full forward per token, one sequence at a time, as the re
 is too slow to run in full: a few tokens are timed at the start and one forward at the final
 length, and the whole run is extrapolated linearly in sequence length. The floor is the time to
 read every weight (and the average KV cache) once per decode step at ``--bandwidth`` bytes/s.
+
+With ``--tensor-parallel`` (under torchrun, N processes) the same rows are decoded three ways: on one
+GPU, data-parallel (each GPU decodes 1/N of the rows with all the weights) and tensor-parallel (every
+GPU decodes all rows with 1/N of the layer weights and 1/N of the KV cache, two all-reduces per layer).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--agreement", type=int, default=0,
                     help="Also decode this many tokens greedily with the engine and HF generate and report agreement.")
     ap.add_argument("--rows-sweep", default="", help="Also time the engine at these row counts, e.g. '1,8,128'.")
+    ap.add_argument("--tensor-parallel", action="store_true",
+                    help="Under torchrun: tensor-parallel decoding vs one GPU vs data parallel at the same total rows.")
+    ap.add_argument("--no-compile", action="store_true", help="With --tensor-parallel: CUDA graphs without torch.compile.")
     return ap.parse_args(argv)
 
 
@@ -67,18 +77,23 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def time_engine(lm, prompts, params, args, device, cuda_graphs: bool, compile: bool = False) -> float:
+def time_engine(lm, prompts, params, args, device, cuda_graphs: bool, compile: bool = False, tp_group=None,
+                out: list | None = None) -> float:
+    """Seconds of the second of two identical engine calls (the first allocates, compiles, captures);
+    ``out`` receives the tokens of the timed call."""
     rows = len(prompts) * args.samples
     engine = Engine(lm, max_batch=rows, max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=cuda_graphs,
-                    compile=compile)
+                    compile=compile, tp_group=tp_group)
 
     def run() -> None:
         outs = engine.generate(prompts, params, args.new_tokens, 0, num_samples=args.samples, ignore_eos=True)
         assert all(len(o.tokens) == args.new_tokens for o in outs)
+        if out is not None:
+            out[:] = [o.tokens for o in outs]
 
     warm = timed(run, device)  # warm-up: allocates the cache, compiles, captures the graphs
     t = timed(run, device)
-    if compile:
+    if compile and (tp_group is None or tp_group.rank() == 0):
         print(f"compiled engine: first call {warm:.1f} s (compilation and graph capture), then {t:.2f} s")
     return t
 
@@ -155,8 +170,83 @@ def greedy_agreement(lm, prompts, args, device) -> tuple[float, float]:
     return sum(p == 1.0 for p in prefixes) / len(prefixes), sum(prefixes) / len(prefixes)
 
 
+def main_tensor_parallel(args: argparse.Namespace) -> dict:
+    """One GPU, data-parallel and tensor-parallel decoding of the same rows (run under torchrun)."""
+    cuda = args.device == "cuda"
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device(args.device)
+    if cuda:
+        torch.cuda.set_device(device)
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must divide by the {world} processes (data-parallel split)")
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = Qwen2ForCausalLM(Qwen2Config(**CONFIGS[args.config])).to(dtype).eval()
+    params = SamplingParams(temperature=args.temperature) if args.temperature > 0 else SamplingParams(temperature=0.0)
+    with torch.no_grad():
+        for t in (*lm.parameters(), *lm.buffers()):  # every rank decodes the same model and prompts
+            dist.broadcast(t, 0)
+        ids = torch.randint(0, lm.config.vocab_size, (args.batch, args.prompt_len), device=device)
+        dist.broadcast(ids, 0)
+        prompts = list(lm.get_input_embeddings()(ids))
+    rows, tokens = args.batch * args.samples, args.batch * args.samples * args.new_tokens
+    fast = dict(cuda_graphs=cuda, compile=cuda and not args.no_compile)
+    seconds: dict[str, float] = {}
+    one, tp = [], []
+    with torch.no_grad():
+        seconds[f"one GPU, {rows} rows"] = time_engine(lm, prompts, params, args, device, out=one, **fast)
+        seconds[f"data parallel, {rows // world} rows per GPU"] = time_engine(lm, prompts[rank::world], params, args,
+                                                                              device, **fast)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        seconds[f"tensor parallel, {rows} rows"] = time_engine(lm, prompts, params, args, device, tp_group=dist.group.WORLD,
+                                                               out=tp, **fast)
+        engine_mem = torch.cuda.max_memory_allocated(device) - base if cuda else 0
+    slowest = torch.tensor(list(seconds.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a parallel run lasts as long as its slowest rank
+    seconds = dict(zip(seconds, slowest.tolist()))
+    if rank == 0:
+        cfg = lm.config
+        weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+        layer_bytes = sum(p.numel() * p.element_size() for p in lm.model.layers.parameters())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_bytes = (rows * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * dtype.itemsize
+                    * (args.prompt_len + args.new_tokens / 2))
+        bandwidth = measure_copy_bandwidth(device) if cuda else args.bandwidth
+        floors = {f"one GPU, {rows} rows": weight_bytes + kv_bytes,
+                  f"data parallel, {rows // world} rows per GPU": weight_bytes + kv_bytes / world,
+                  f"tensor parallel, {rows} rows": weight_bytes - layer_bytes * (1 - 1 / world) + kv_bytes / world}
+        mode = "greedy" if params.greedy else f"sampling T={params.temperature}"
+        print(f"{args.config} {args.dtype}, {world} x {device.type}: {args.batch} prompts x {args.samples} samples, "
+              f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {mode}; engine {fast}")
+        print(f"{'method':<36}{'seconds':>10}{'ms/step':>10}{'tokens/s':>12}{'vs one':>9}{'floor ms':>10}{'of floor':>10}")
+        base_s = seconds[f"one GPU, {rows} rows"]
+        for name, s in seconds.items():
+            floor = floors[name] / bandwidth * 1e3
+            print(f"{name:<36}{s:>10.3f}{s / args.new_tokens * 1e3:>10.2f}{tokens / s:>12.0f}{base_s / s:>8.2f}x"
+                  f"{floor:>10.2f}{floor * args.new_tokens / 1e3 / s:>10.1%}")
+        same = sum(a == b for a, b in zip(one, tp)) / rows
+        print(f"tensor-parallel rows identical to one GPU's: {same:.0%} (fp32: all; in bf16 the all-reduced sums round "
+              "differently and near-ties can flip)")
+        if cuda:
+            print(f"tensor-parallel engine memory per rank (shard, cache, graphs; the full model not counted): "
+                  f"{engine_mem / 2**30:.2f} GiB")
+    if own_group:
+        dist.barrier()  # rank 0 may still be measuring bandwidth
+        dist.destroy_process_group()
+    return {"tokens_per_s": {name: tokens / s for name, s in seconds.items()},
+            "rows_identical": sum(a == b for a, b in zip(one, tp)) / rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.tensor_parallel:
+        return main_tensor_parallel(args)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)

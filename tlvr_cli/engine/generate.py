@@ -21,6 +21,12 @@ engine decodes from its own copy of the whole model (refreshed likewise; the fus
 copy's weights), so captured graphs stay valid when the model's parameters move between calls, as
 FSDP2's gathered parameters do.
 
+With ``tp_group`` the engine decodes tensor-parallel (``tensor_parallel.py``): each rank of the group
+keeps its own shard of the model (1/N of the heads and MLP columns, refreshed from the full model at
+every call) and a KV cache of its KV heads, and every rank decodes all rows: two all-reduces per
+layer, the same full logits and the same keyed draws on every rank, so the host loop (eos, refills,
+step counts) runs identically everywhere. Every rank must call ``generate`` with the same arguments.
+
 Norms, MLPs, projections and the rotary table are the HF modules' own (the layer maths are in
 ``layers.py``); only attention and the cache are ours, so numerics follow HF's eager/SDPA path in
 the model's dtype. Sliding-window
@@ -33,10 +39,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .layers import attn_in, attn_out, compiled_decode, decode_layer, mark_dynamic
 from .sampling import SamplingParams, sample_keyed
+from .tensor_parallel import (
+    TensorParallel,
+    assert_same,
+    build_copy,
+    fingerprint,
+    fused_parts,
+    refresh_copy,
+)
 
 KV_LEN_BUCKET = 64  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
 SYNC_EVERY = 16  # decode steps between host reads of the sampled tokens
@@ -60,24 +75,20 @@ class _Prefill:
     rows_left: int  # rows of this prompt still waiting for a slot
 
 
-def _fused_parts(layer: torch.nn.Module) -> list[tuple[list[torch.nn.Module], str]]:
-    """What the fused weights concatenate, in the order ``layers.decode_layer`` reads them:
-    q|k|v weights, q|k|v biases (None when the projections have none), gate|up weights."""
-    a, m = layer.self_attn, layer.mlp
-    qkv = [a.q_proj, a.k_proj, a.v_proj]
-    return [(qkv, "weight"), (qkv, "bias"), ([m.gate_proj, m.up_proj], "weight")]
-
-
 def row_seed(seed: int, row: int) -> int:
     """Seed of output row ``row``'s generator: a fixed mix of the call's seed and the row index."""
     return (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63)
 
 
 class Engine:
-    """Generate from prompt embeddings with a static KV cache, shared prefills and continuous batching."""
+    """Generate from prompt embeddings with a static KV cache, shared prefills and continuous batching.
+
+    With ``tp_group`` (one rank per device; ``lm`` holds the full current weights on every rank) the
+    engine decodes tensor-parallel over the group; see the module docstring."""
 
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
-                 compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False):
+                 compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False,
+                 tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
@@ -100,11 +111,17 @@ class Engine:
         # copy_weights: decode from the engine's own copy of the model, refreshed from ``lm`` at every
         # generate call, so captured graphs survive parameters that move between calls (FSDP2 gathers
         # them into fresh memory every step); the fused q|k|v and gate|up buffers are that copy's weights
-        self.copy_weights = copy_weights
+        # tp_group: decode from this rank's shard of the model (always a copy); check_agreement: all-gather
+        # each call's inputs and, at every host sync, the sampled tokens (a few KB), so that ranks which
+        # diverge fail at once instead of hanging in mismatched collectives
+        self.tp = TensorParallel.over(tp_group, lm) if tp_group is not None else None
+        self.check_agreement = check_agreement
+        self.copy_weights = copy_weights or self.tp is not None
         self._copy: torch.nn.Module | None = None
+        world = self.tp.world if self.tp else 1
         self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = cfg.num_key_value_heads
+        self.n_heads = cfg.num_attention_heads // world  # this rank's heads
+        self.n_kv_heads = cfg.num_key_value_heads // world
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._k: list[torch.Tensor] = []  # per layer, allocated on first use on the model's device and dtype
         self._v: torch.Tensor | None = None
@@ -148,44 +165,12 @@ class Engine:
         """The model the decode reads: ``lm`` itself, or the engine's copy of it."""
         return self._copy if self._copy is not None else self.lm
 
-    @torch.no_grad()
     def _sync_copy(self, device: torch.device, dtype: torch.dtype, fused: bool) -> None:
-        """Refresh the engine's copy from ``lm`` (built on first use; with ``fused``, each layer's
-        q/k/v and gate/up weights are views into one concatenated buffer, no second copy)."""
+        """Refresh the engine's copy (or shard) from ``lm``; built on first use, with ``fused`` each
+        layer's q/k/v and gate/up weights are views into one concatenated buffer (no second copy)."""
         if self._copy is None:
-            default = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)  # built in the target dtype: no transient fp32 model
-            try:
-                with torch.device(device):
-                    copy = type(self.lm)(self.lm.config).eval().requires_grad_(False)
-            finally:
-                torch.set_default_dtype(default)
-            for name, buf in self.lm.named_buffers():  # e.g. the rotary table, in the dtype the model keeps it
-                module, _, attr = name.rpartition(".")
-                copy.get_submodule(module)._buffers[attr] = buf.detach().clone()
-            self._fused = [self._fuse_layer(layer) for layer in copy.model.layers] if fused else None
-            self._copy = copy
-        src = dict(self.lm.named_parameters())
-        for name, p in self._copy.named_parameters():
-            p.copy_(src[name])
-
-    @staticmethod
-    def _fuse_layer(layer: torch.nn.Module) -> tuple:
-        """Make ``layer``'s q/k/v and gate/up parameters views into one concatenated buffer per part
-        (the engine's own copy); returns the buffers as ``_fused_parts`` lists them."""
-
-        def join(mods: list, attr: str) -> torch.Tensor | None:
-            if getattr(mods[0], attr) is None:
-                return None
-            buf = torch.cat([getattr(mod, attr) for mod in mods])
-            start = 0
-            for mod in mods:
-                n = getattr(mod, attr).shape[0]
-                setattr(mod, attr, torch.nn.Parameter(buf[start:start + n], requires_grad=False))
-                start += n
-            return buf
-
-        return tuple(join(mods, attr) for mods, attr in _fused_parts(layer))
+            self._copy, self._fused = build_copy(self.lm, device, dtype, self.tp, fused)
+        refresh_copy(self._copy, self.lm, self.tp)
 
     @torch.no_grad()
     def _sync_fused(self) -> None:
@@ -195,13 +180,21 @@ class Engine:
             self._fused = [(None, None, None)] * self.n_layers
         for i, layer in enumerate(self.lm.model.layers):
             parts = [None if getattr(mods[0], attr) is None else [getattr(m, attr) for m in mods]
-                     for mods, attr in _fused_parts(layer)]
+                     for mods, attr in fused_parts(layer)]
             if fresh:
                 self._fused[i] = tuple(None if p is None else torch.cat(p) for p in parts)
             else:
                 for p, buf in zip(parts, self._fused[i]):
                     if p is not None:
                         torch.cat(p, out=buf)
+
+    def _agree(self, t: torch.Tensor, what: str) -> None:
+        if self.tp is not None and self.check_agreement:
+            assert_same(self.tp, t, what)
+
+    @property
+    def _group(self) -> dist.ProcessGroup | None:
+        return self.tp.group if self.tp is not None else None
 
     def release(self) -> None:
         """Free the KV cache, weight copies and captured graphs (they are rebuilt on the next call)."""
@@ -240,7 +233,7 @@ class Engine:
             keys.append(k)
             values.append(v)
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
-            x = attn_out(layer, x, o.transpose(1, 2).reshape(len(embs), n, -1))
+            x = attn_out(layer, x, o.transpose(1, 2).reshape(len(embs), n, -1), group=self._group)
         last = x[torch.arange(len(embs), device=x.device), torch.tensor(lens, device=x.device) - 1]
         logits = self._lm.lm_head(model.norm(last)).float()
         keys, values = torch.stack(keys), torch.stack(values)  # (layers, B, kv_heads, n, head_dim)
@@ -260,7 +253,8 @@ class Engine:
         mark_dynamic(mask, 0, 3)
         for i, layer in enumerate(model.layers):
             x = self._layer(layer, x, cos, sin, self._k[i], self._v[i], rows, pos, mask,
-                            self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None)
+                            self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None,
+                            self._group)
         return self._lm.lm_head(model.norm(x))[:, 0]
 
     def _decode_sample(self, b: int, kv_len: int, params: SamplingParams) -> None:
@@ -354,7 +348,8 @@ class Engine:
         if compiled:
             self._layer, self._sample = compiled_decode()
         if self.copy_weights:
-            self._sync_copy(device, dtype, fused=compiled and self.fuse_weights)
+            # a shard is always a copy, so its fused buffers cost nothing: fuse in eager too
+            self._sync_copy(device, dtype, fused=self.fuse_weights and (compiled or self.tp is not None))
         elif compiled and self.fuse_weights:
             self._sync_fused()
         graphs = self._use_graphs(device)
@@ -363,6 +358,10 @@ class Engine:
         keys = range(n_rows) if row_keys is None else row_keys
         seed_list = [row_seed(seed, k) for k in keys]
         seeds = torch.tensor(seed_list, dtype=torch.long, device=device)
+        if self.tp is not None and self.check_agreement:  # everything the host loop's decisions depend on
+            settings = (num_samples, max_new_tokens, params.temperature, params.top_k, params.top_p, ignore_eos,
+                        sync_every, self.max_batch, len(eos), sum(eos))
+            assert_same(self.tp, fingerprint(prompts, seeds, settings), "the prompts, seeds or settings")
 
         def emit(row: int, token: int) -> bool:
             """Record one token; True when the row is done."""
@@ -397,7 +396,9 @@ class Engine:
                     pres = [prefills[r // num_samples] for r in window]
                     lens = [pre.keys.shape[2] for pre in pres]
                     first = sample_keyed(torch.cat([pre.logits for pre in pres]), params, seeds[window[0]:next_row],
-                                         torch.tensor(lens, device=device) - 1).tolist()
+                                         torch.tensor(lens, device=device) - 1)
+                    self._agree(first, "the first sampled tokens")
+                    first = first.tolist()
                     placed: dict[int, list[int]] = {}
                     admitted = []
                     for row, token, n in zip(window, first, lens):
@@ -433,6 +434,7 @@ class Engine:
                 reach = max(slot_pos[s] for s in active) + steps
                 kv_len = min(self.max_seq_len, -(-reach // KV_LEN_BUCKET) * KV_LEN_BUCKET)
                 self._run_steps(b, kv_len, params, steps, graphs)
+                self._agree(self._hist[:b, :steps], "the sampled tokens")
                 # a row that hit eos or its budget mid-chunk frees its slot; tokens after it are dropped
                 hist = self._hist[:b, :steps].tolist()
                 for s in active:

@@ -1,7 +1,9 @@
 """The maths of one Qwen2 decoder layer over a Hugging Face layer's own modules, as the engine runs
 it: prefill halves (``attn_in`` / ``attn_out``, attention in between) and the one-token decode step
 (``decode_layer``: cache write, GQA attention under an additive mask), optionally on concatenated
-q|k|v and gate|up weights; plus the shared ``torch.compile`` of the decode step."""
+q|k|v and gate|up weights, optionally on one rank's tensor-parallel shard of the layer (``group``: the
+partial sums of the row-parallel o_proj and down_proj are all-reduced); plus the shared
+``torch.compile`` of the decode step."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
@@ -33,24 +36,38 @@ def attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
     return q, k, v
 
 
-def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tuple | None = None) -> torch.Tensor:
+def sum_over_ranks(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``t`` summed over the tensor-parallel ranks (in place), or ``t`` itself without a group."""
+    if group is not None:
+        # in-place c10d all-reduce: cheapest in eager, capturable in a CUDA graph on NCCL, and
+        # dynamo rewrites it into a traceable functional collective under torch.compile
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tuple | None = None,
+             group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The rest of a decoder layer from the attention output ``o`` (B, N, heads * head_dim); with
-    ``fused`` = (..., gate|up weight) the MLP's gate and up projections are one GEMM."""
-    x = x + layer.self_attn.o_proj(o)
+    ``fused`` = (..., gate|up weight) the MLP's gate and up projections are one GEMM. With a
+    tensor-parallel ``group`` o_proj and down_proj hold a slice of their input columns, so their
+    outputs are partial sums: one all-reduce after attention and one after the MLP."""
+    x = x + sum_over_ranks(layer.self_attn.o_proj(o), group)
     h = layer.post_attention_layernorm(x)
     if fused is None:
-        return x + layer.mlp(h)
+        return x + sum_over_ranks(layer.mlp(h), group)
     gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
-    return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    return x + sum_over_ranks(layer.mlp.down_proj(layer.mlp.act_fn(gate) * up), group)
 
 
 def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-                 heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None) -> torch.Tensor:
+                 heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None,
+                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """One decoder layer for one new token per row ``x`` (B, 1, D): writes row ``rows[j]``'s key/value at
     ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len, head_dim) and attends over
     their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
-    ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer."""
+    ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer.
+    With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``)."""
     b = x.shape[0]
     q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
     k_cache[rows, :, pos] = k[:, :, 0]
@@ -59,7 +76,7 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
     q = q.reshape(b, kv_heads, heads // kv_heads, head_dim)
     kv_len = mask.shape[-1]
     o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
-    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused)
+    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
 
 
 @functools.cache
