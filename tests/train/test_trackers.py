@@ -18,6 +18,7 @@ import yaml
 from tlvr_cli.config import load_config
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.jobs import ColdstartConfig, GRPOConfig, OutputConfig, SynthConfig
+from tlvr_cli.model.checkpoint import read_generation_settings
 from tlvr_cli.train.metrics import MetricsLogger, read_metrics
 from tlvr_cli.train.trackers import TrackerRun, import_tracker, open_trackers, trackers_for_run, wandb_mode
 
@@ -124,7 +125,10 @@ def test_fake_wandb_receives_metrics_config_samples_and_curves(synth_root, tiny_
     fake = FakeModule("wandb")
     monkeypatch.setitem(sys.modules, "wandb", fake)
     run_dir = tmp_path / "grpo-a"
-    run_grpo(grpo_cfg(synth_root, tiny_ckpt, run_dir, ["wandb"]), show_progress=False)
+    final = run_grpo(grpo_cfg(synth_root, tiny_ckpt, run_dir, ["wandb"]), show_progress=False)
+    # the final model records the rollout sampling settings it was trained with
+    assert read_generation_settings(final) == {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                               "max_new_tokens": 6}
 
     [run] = fake.runs
     init = run.kwargs
@@ -298,7 +302,8 @@ def test_real_wandb_offline_run_holds_metrics_config_and_table(synth_root, tiny_
     assert history[2]["curves/_type"] == "image-file"
     table = json.loads((wandb_file.parent / "files" / history[2]["samples/path"]).read_text())
     last = json.loads((run_dir / "samples.jsonl").read_text().splitlines()[-1])
-    assert table["columns"][0] == "step" and [row[3] for row in table["data"]] == [s["completion"] for s in last["samples"]]
+    assert table["columns"][0] == "step"
+    assert [row[3] for row in table["data"]] == [s["completion"] for s in last["samples"]]
 
 
 TRACKIO_SCRIPT = """

@@ -165,8 +165,8 @@ def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) 
     return plot_metrics(metrics, Path(run_dir) / name, keys, title=Path(run_dir).name if title is None else title)
 
 
-def curve_keys(rows: Sequence[dict]) -> list[str]:
-    """The ``RUN_CURVES`` keys the metrics rows hold, each ``prefix/*`` pattern expanded to the logged keys."""
+def curve_keys(rows: Sequence[dict], patterns: Sequence[str] = RUN_CURVES) -> list[str]:
+    """The keys of ``patterns`` the metrics rows hold, in that order, each ``prefix/*`` expanded to the logged keys."""
     logged = {k for row in rows for k, v in row.items() if v is not None}
-    return [k for pattern in RUN_CURVES for k in (sorted(x for x in logged if x.startswith(pattern[:-1]))
-                                                  if pattern.endswith("*") else [pattern]) if k in logged]
+    return [k for pattern in patterns for k in (sorted(x for x in logged if x.startswith(pattern[:-1]))
+                                                if pattern.endswith("*") else [pattern]) if k in logged]
