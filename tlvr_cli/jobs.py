@@ -68,7 +68,11 @@ class OutputConfig:
     log_every: int = option(1, "Log metrics every N optimizer steps.", ge=1)
     save_every: int = option(0, "Save a checkpoint every N optimizer steps (0: only at the end).", ge=0)
     keep_last: int = option(2, "Keep the last K step checkpoints (the final one is always kept).", ge=0)
-    tensorboard: bool = option(False, "Also write TensorBoard event files (needs the tensorboard package).")
+    trackers: list[Literal["tensorboard", "wandb", "trackio"]] = option(
+        [], "Experiment trackers that also get the metrics, the config, sample tables and the curves: any of "
+        "tensorboard, wandb, trackio (each an extra: pip install 'tlvr[wandb]'); offline without credentials.")
+    tracker_project: str = option("tlvr", "Project of the wandb / trackio runs.")
+    tracker_run_name: str = option("", "Run name in wandb / trackio ('' = the run directory's name).")
 
 
 @dataclass

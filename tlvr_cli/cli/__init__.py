@@ -9,7 +9,7 @@ from rich.console import Console
 
 from .. import __version__
 from ..errors import TlvrError
-from . import data, eval, presets, run
+from . import data, eval, presets, push, run, runs
 
 app = typer.Typer(
     name="tlvr",
@@ -38,6 +38,8 @@ presets.register(app)
 app.add_typer(data.data_app, name="data")
 run.register(app)
 eval.register(app)
+push.register(app)
+runs.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,7 +140,7 @@ def hub_error_message(exc: BaseException, target: Target, dest: Path) -> str | N
     if isinstance(exc, RepositoryNotFoundError) or status in (401, 403):
         return (f"the hub refused {target.repo_id} (HTTP {status or 'not found'}: wrong token, private or renamed repo): "
                 f"{terms}check HF_TOKEN, or {by_hand}")
-    if isinstance(exc, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or _is_network_error(exc):
+    if isinstance(exc, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or is_network_error(exc):
         return f"cannot reach the Hugging Face hub for {target.repo_id} (offline?): {terms}{by_hand}"
     if isinstance(exc, HfHubHTTPError):
         return f"hub error for {target.repo_id} ({str(exc).splitlines()[0]}): {terms}{by_hand}"
@@ -149,7 +149,7 @@ def hub_error_message(exc: BaseException, target: Target, dest: Path) -> str | N
     return None
 
 
-def _is_network_error(exc: BaseException) -> bool:
+def is_network_error(exc: BaseException) -> bool:
     # requests and httpx(2) connection/timeout errors, matched by module so neither needs importing.
     for cls in type(exc).__mro__:
         if cls.__module__.split(".")[0] in {"requests", "httpx", "httpx2", "urllib3"} and \

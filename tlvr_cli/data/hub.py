@@ -1,5 +1,6 @@
-"""Hub clients for ``tlvr data fetch``: the real Hugging Face hub (pinned revision, resumable
-downloads, honours ``HF_HUB_OFFLINE``) and a hub laid out on disk (tests, mirrors)."""
+"""Hub clients for ``tlvr data fetch`` and ``tlvr push``: the real Hugging Face hub (pinned revision,
+resumable downloads, ``create_repo`` + ``upload_folder``, honours ``HF_HUB_OFFLINE``) and a hub laid out
+on disk (tests, mirrors)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ class HubClient(Protocol):
                  on_bytes: Callable[[int], None] | None = None) -> Path: ...
 
 
+class HubUploader(Protocol):
+    def create_repo(self, repo_id: str, repo_type: str, *, private: bool) -> str: ...
+
+    def upload_folder(self, repo_id: str, repo_type: str, folder: Path, commit_message: str) -> str: ...
+
+
 class HfHubClient:
     """The real hub: lists with ``list_repo_tree`` (sizes, LFS sha256) and downloads with ``hf_hub_download``."""
 
@@ -49,6 +56,23 @@ class HfHubClient:
                 for e in api.list_repo_tree(repo_id, recursive=True, repo_type=repo_type, revision=sha)
                 if isinstance(e, RepoFile)]
 
+    def create_repo(self, repo_id: str, repo_type: str, *, private: bool) -> str:
+        """Create the repo (an existing one is kept as it is); returns its URL."""
+        from huggingface_hub import HfApi
+
+        _raise_if_offline()
+        api = HfApi(token=self.token, endpoint=self.endpoint)
+        return str(api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True))
+
+    def upload_folder(self, repo_id: str, repo_type: str, folder: Path, commit_message: str) -> str:
+        """One commit adding (or replacing) every file of ``folder``; returns the commit's URL."""
+        from huggingface_hub import HfApi
+
+        _raise_if_offline()
+        api = HfApi(token=self.token, endpoint=self.endpoint)
+        return str(api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=str(folder),
+                                     commit_message=commit_message).commit_url)
+
     def resolved_revision(self, repo_id: str) -> str | None:
         return self.revisions.get(repo_id)
 
@@ -64,10 +88,12 @@ class HfHubClient:
 
 
 class LocalHubClient:
-    """A hub laid out on disk: ``<root>/<repo_type>s/<owner>/<name>/...``; downloads are copies."""
+    """A hub laid out on disk: ``<root>/<repo_type>s/<owner>/<name>/...``; downloads and uploads are
+    copies; ``private`` records the visibility each created repo was asked for."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.private: dict[str, bool] = {}
 
     def _repo(self, repo_id: str, repo_type: str) -> Path:
         repo = self.root / f"{repo_type}s" / repo_id
@@ -89,6 +115,18 @@ class LocalHubClient:
         if on_bytes:
             on_bytes(dst.stat().st_size)
         return dst
+
+
+    def create_repo(self, repo_id: str, repo_type: str, *, private: bool) -> str:
+        repo = self.root / f"{repo_type}s" / repo_id
+        repo.mkdir(parents=True, exist_ok=True)
+        self.private.setdefault(repo_id, private)  # as the hub: an existing repo keeps its visibility
+        return repo.as_uri()
+
+    def upload_folder(self, repo_id: str, repo_type: str, folder: Path, commit_message: str) -> str:
+        repo = self._repo(repo_id, repo_type)
+        shutil.copytree(folder, repo, dirs_exist_ok=True)
+        return repo.as_uri()
 
 
 def _raise_if_offline() -> None:

@@ -12,7 +12,6 @@ Differences from the reference, all numerics-neutral or optional:
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -26,7 +25,7 @@ from ..data.records import read_grpo_rows
 from ..engine.generate import Engine
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
-from ..model.checkpoint import load_model
+from ..model.checkpoint import generation_from_sampling, load_model
 from ..progress import JobProgress
 from ..runtime import init_distributed, resolve_root
 from . import run_dir as R
@@ -69,7 +68,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     # with num_iterations > 1 every rollout batch takes several optimizer (and scheduler) steps
     scheduler = build_scheduler(optimizer, cfg.optim, total * cfg.algo.num_iterations)
     config_yaml = to_yaml(cfg)
-    st, logger = R.start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, tensorboard=cfg.output.tensorboard)
+    st, logger = R.start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, output=cfg.output)
 
     cache = FeatureCache(int(cfg.data.feature_cache_gb * 1e9)) if cfg.data.feature_cache_gb > 0 else None
     loader = PromptLoader(model.tokenizer, cfg.data.question_template, cfg.video.num_frames, cfg.video.backend,
@@ -91,7 +90,6 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     progress = JobProgress("grpo", total, enabled=show_progress and ctx.is_main)
     progress.start(st.step)
     skipped_total = int(st.extra.get("skipped", n_skipped_report))
-    samples_path = run_dir / "samples.jsonl"
     try:
         while st.step < total:
             t_start = time.perf_counter()
@@ -120,22 +118,22 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
             progress.update(st.step, {"reward": m["reward"], **parts, "len": m["completion_length"], "kl": m["kl"],
                                       "s/it": m["time/step_s"]})
             if ctx.is_main and cfg.sample_every and (st.step % cfg.sample_every == 0 or st.step == 1):
-                with samples_path.open("a") as f:
-                    f.write(json.dumps({"step": st.step, "samples": out.samples}) + "\n")
+                logger.log_samples(st.step, out.samples)
             save_now = cfg.output.save_every and st.step % cfg.output.save_every == 0
             if save_now or interrupted["flag"] or st.step == total:
                 R.save_checkpoint(run_dir, st, par, optimizer, scheduler, config_yaml, cfg.output.keep_last)
             if interrupted["flag"]:
                 raise KeyboardInterrupt
+        if ctx.is_main:  # the curves go to the trackers too, before they close
+            logger.log_image(st.step, "curves", plot_run(run_dir, title="GRPO"))
     finally:
         signal.signal(signal.SIGINT, old_handler)
         progress.stop()
         loader.close()
         logger.close()
-    final = R.save_final(run_dir, par)
-    if ctx.is_main:
-        plot_run(run_dir, title="GRPO")
-    return final
+    # the final model records the sampling settings its policy was trained with
+    r = cfg.rollout
+    return R.save_final(run_dir, par, generation_from_sampling(r.temperature, r.top_k, r.top_p, r.max_new_tokens))
 
 
 def _gather_metrics(m: dict, ctx) -> dict:

@@ -1,42 +1,48 @@
-"""Metrics: one JSON line per logged step (namespaced keys), optional TensorBoard, PNG curves."""
+"""Metrics: one JSON line per logged step (namespaced keys), sample completions, PNG curves, and the
+experiment trackers (``trackers``) that receive the same values."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from ..files import write_text_atomic
+from .trackers import Tracker
 
 
 class MetricsLogger:
-    """Appends ``{"step": N, ...}`` lines to ``metrics.jsonl`` and flushes each one.
+    """Appends ``{"step": N, ...}`` lines to ``metrics.jsonl`` (and sample completions to
+    ``samples.jsonl``), flushing each one, and hands the same values to the open trackers.
 
-    On resume the file is truncated to the steps before the resumed step, so the log of a resumed
-    run equals the log of an uninterrupted one.
+    On resume both files are truncated to the steps before the resumed step, so the log of a resumed
+    run equals the log of an uninterrupted one. A tracker that raises is reported once through
+    ``warn`` and dropped: a tracker never stops training.
     """
 
-    def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = False, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None, trackers: Sequence[Tracker] = (),
+                 enabled: bool = True, warn: Callable[[str], None] | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = Path(run_dir) / "samples.jsonl"
         self.enabled = enabled
-        self.tb = None
+        self.trackers = list(trackers) if enabled else []
+        self.warn = warn or print_warning
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        keep: list[str] = []
-        if resume_step is not None and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+        _truncate(self.path, resume_step)
+        if self.samples_path.exists():
+            _truncate(self.samples_path, resume_step)
         self.file = self.path.open("a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("output.tensorboard needs the tensorboard package: pip install tensorboard") from e
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        for tracker in self.trackers:
+            if tracker.note:
+                _note(tracker.note)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -44,16 +50,58 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+        numbers = {k: v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._each(lambda t: t.log_metrics(step, numbers))
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """One ``samples.jsonl`` line, and the samples as a table (a column per key, ``step`` first)."""
+        if not self.enabled:
+            return
+        with self.samples_path.open("a") as f:
+            f.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        columns = ["step", *dict.fromkeys(k for s in samples for k in s)]
+        rows = [[step, *(_plain(s.get(c)) for c in columns[1:])] for s in samples]
+        self._each(lambda t: t.log_table(step, "samples", columns, rows))
+
+    def log_image(self, step: int, key: str, path: Path) -> None:
+        if self.enabled:
+            self._each(lambda t: t.log_image(step, key, Path(path)))
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+            self._each(lambda t: t.close())
+            self.trackers = []
+
+    def _each(self, call: Callable[[Tracker], None]) -> None:
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as e:
+                self.trackers.remove(tracker)
+                self.warn(f"tracker {tracker.name} failed ({type(e).__name__}: {e}); it logs nothing more, "
+                          f"training goes on")
+                with contextlib.suppress(Exception):  # it already failed; closing may fail too
+                    tracker.close()
+
+
+def _truncate(path: Path, resume_step: int | None) -> None:
+    """Keep the lines of steps up to ``resume_step`` (none on a fresh start)."""
+    keep: list[str] = []
+    if resume_step is not None and path.exists():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def print_warning(message: str) -> None:
+    """One yellow warning line on stderr (shown above a running progress bar)."""
+    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+def _note(message: str) -> None:
+    Console(stderr=True, highlight=False).print(message, soft_wrap=True, markup=False)
 
 
 def _plain(v: Any) -> Any:
@@ -66,6 +114,12 @@ def _plain(v: Any) -> Any:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def running_mean(ys: Sequence[float]) -> list[float]:
+    """The trailing mean over a tenth of the points (at least 2): the smoothed line drawn over a curve."""
+    w = max(2, len(ys) // 10)
+    return [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
 
 
 def plot_metrics(metrics_path: Path, out_png: Path, keys: Sequence[str], title: str = "") -> Path:
@@ -85,9 +139,7 @@ def plot_metrics(metrics_path: Path, out_png: Path, keys: Sequence[str], title: 
         xs, ys = zip(*pts)
         ax.plot(xs, ys, lw=1.0, color="#3b6ea5")
         if len(ys) >= 8:
-            w = max(2, len(ys) // 10)
-            smooth = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
-            ax.plot(xs, smooth, lw=2.0, color="#d0572b")
+            ax.plot(xs, running_mean(ys), lw=2.0, color="#d0572b")
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
@@ -109,7 +161,12 @@ def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) 
     """The PNG of a run's training curves (GRPO: reward, each reward function, length, KL; cold start:
     loss, gradient norm, learning rate), from the metrics it logged."""
     metrics = Path(run_dir) / "metrics.jsonl"
-    logged = {k for row in read_metrics(metrics) for k in row}
-    keys = [k for pattern in RUN_CURVES for k in (sorted(x for x in logged if x.startswith(pattern[:-1]))
-                                                    if pattern.endswith("*") else [pattern])]
+    keys = curve_keys(read_metrics(metrics))
     return plot_metrics(metrics, Path(run_dir) / name, keys, title=Path(run_dir).name if title is None else title)
+
+
+def curve_keys(rows: Sequence[dict], patterns: Sequence[str] = RUN_CURVES) -> list[str]:
+    """The keys of ``patterns`` the metrics rows hold, in that order, each ``prefix/*`` expanded to the logged keys."""
+    logged = {k for row in rows for k, v in row.items() if v is not None}
+    return [k for pattern in patterns for k in (sorted(x for x in logged if x.startswith(pattern[:-1]))
+                                                if pattern.endswith("*") else [pattern]) if k in logged]

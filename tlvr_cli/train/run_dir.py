@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import TlvrError
 from ..files import write_json_atomic, write_text_atomic
+from ..jobs import OutputConfig
 from .parallel import Parallel
 
 STATE_FILE = "trainer_state.json"
@@ -226,28 +227,33 @@ def load_checkpoint(ckpt: Path, par: Parallel, optimizer: Any, scheduler: Any) -
     return TrainState(step=payload["step"], cursor=DataCursor(**payload["cursor"]), extra=payload.get("extra", {}))
 
 
-def save_final(run_dir: Path, par: Parallel) -> Path:
-    """Write the final model (released layout) to ``<run_dir>/final`` (collective, like a checkpoint)."""
+def save_final(run_dir: Path, par: Parallel, generation: dict[str, Any] | None = None) -> Path:
+    """Write the final model (released layout) to ``<run_dir>/final`` (collective, like a checkpoint);
+    ``generation``: the sampling settings its generation_config.json records."""
     from ..model.checkpoint import save_model
 
     out = Path(run_dir) / "final"
     weights = par.full_state()
     if par.ctx.is_main:
-        save_model(par.model, out, state=weights, dtype=par.save_dtype)
+        save_model(par.model, out, state=weights, dtype=par.save_dtype, generation=generation)
     par.ctx.barrier()
     return out
 
 
 def start_run(run_dir: Path, resume: str | None, par: Parallel, optimizer: Any, scheduler: Any, config_yaml: str, *,
-              tensorboard: bool):
+              output: OutputConfig):
     """Restore the checkpoint ``resume`` names (if any), write the resolved config into the run
-    directory and open its metrics log (truncated to the resumed step). Returns ``(state, logger)``."""
-    from .metrics import MetricsLogger
+    directory and open its metrics log (truncated to the resumed step) with the trackers ``output``
+    names (rank 0 only). Returns ``(state, logger)``."""
+    from .metrics import MetricsLogger, print_warning
+    from .trackers import trackers_for_run
 
     ckpt = resolve_resume(run_dir, resume)
     st = load_checkpoint(ckpt, par, optimizer, scheduler) if ckpt is not None else TrainState()
     if par.ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", config_yaml)
-    logger = MetricsLogger(run_dir, resume_step=st.step if ckpt else None, tensorboard=tensorboard, enabled=par.ctx.is_main)
+    resume_step = st.step if ckpt else None
+    trackers = trackers_for_run(output, run_dir, config_yaml, resume_step, print_warning) if par.ctx.is_main else []
+    logger = MetricsLogger(run_dir, resume_step=resume_step, trackers=trackers, enabled=par.ctx.is_main)
     return st, logger

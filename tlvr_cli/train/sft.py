@@ -109,7 +109,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     config_yaml = to_yaml(cfg)
-    st, logger = R.start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, tensorboard=cfg.output.tensorboard)
+    st, logger = R.start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, output=cfg.output)
 
     dataset = ColdstartDataset(records, model.tokenizer, model.config.vision_config.image_size, model.config.num_queries, cfg)
     interrupted = {"flag": False}
@@ -183,11 +183,10 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                     progress.stop()
                     raise KeyboardInterrupt
             del it, loader
+        if ctx.is_main:  # the curves go to the trackers too, before they close
+            logger.log_image(st.step, "curves", plot_run(run_dir, "loss.png", title="cold start"))
     finally:
         signal.signal(signal.SIGINT, old_handler)
         progress.stop()
         logger.close()
-    final = R.save_final(run_dir, par)
-    if ctx.is_main:
-        plot_run(run_dir, "loss.png", title="cold start")
-    return final
+    return R.save_final(run_dir, par)
