@@ -19,7 +19,9 @@ step's own input buffers, and into a token history) is one CUDA graph on GPU; th
 copies that are refreshed from the model at every ``generate`` call. With ``copy_weights=True`` the
 engine decodes from its own copy of the whole model (refreshed likewise; the fused buffers are that
 copy's weights), so captured graphs stay valid when the model's parameters move between calls, as
-FSDP2's gathered parameters do.
+FSDP2's gathered parameters do. A ``WeightSource`` (``weights=``) decides what that copy holds: the
+parameters it calls static are read in place, the others are written by the source at every call
+(LoRA training merges its adapters there, ``train/lora.py``, leaving the model's weights untouched).
 
 Norms, MLPs, projections and the rotary table are the HF modules' own (the layer maths are in
 ``layers.py``); only attention and the cache are ours, so numerics follow HF's eager/SDPA path in
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +71,31 @@ def _fused_parts(layer: torch.nn.Module) -> list[tuple[list[torch.nn.Module], st
     return [(qkv, "weight"), (qkv, "bias"), ([m.gate_proj, m.up_proj], "weight")]
 
 
+class WeightSource(Protocol):
+    """What the engine's own weight copy holds, by the plain model's parameter names (tied weights once)."""
+
+    def static(self) -> dict[str, torch.Tensor]:
+        """Parameters whose storage and values stay put between generate calls: the copy reads them in place."""
+        ...
+
+    def write(self, name: str, out: torch.Tensor) -> None:
+        """Write the current value of parameter ``name`` into the copy's tensor ``out``."""
+        ...
+
+
+class ModelWeights:
+    """The default source: every parameter copied from ``lm`` (FSDP2's gathered parameters move between calls)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        self.lm = lm
+
+    def static(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def write(self, name: str, out: torch.Tensor) -> None:
+        out.copy_(self.lm.get_parameter(name))
+
+
 def row_seed(seed: int, row: int) -> int:
     """Seed of output row ``row``'s generator: a fixed mix of the call's seed and the row index."""
     return (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63)
@@ -77,7 +105,8 @@ class Engine:
     """Generate from prompt embeddings with a static KV cache, shared prefills and continuous batching."""
 
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
-                 compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False):
+                 compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False,
+                 weights: WeightSource | None = None):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
@@ -99,9 +128,12 @@ class Engine:
         self._fused: list[tuple] | None = None
         # copy_weights: decode from the engine's own copy of the model, refreshed from ``lm`` at every
         # generate call, so captured graphs survive parameters that move between calls (FSDP2 gathers
-        # them into fresh memory every step); the fused q|k|v and gate|up buffers are that copy's weights
-        self.copy_weights = copy_weights
+        # them into fresh memory every step); the fused q|k|v and gate|up buffers are that copy's weights.
+        # ``weights`` says what the copy holds (a source implies the copy)
+        self.copy_weights = copy_weights or weights is not None
+        self.weights: WeightSource = weights if weights is not None else ModelWeights(lm)
         self._copy: torch.nn.Module | None = None
+        self._static: frozenset[str] = frozenset()
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
@@ -150,24 +182,38 @@ class Engine:
 
     @torch.no_grad()
     def _sync_copy(self, device: torch.device, dtype: torch.dtype, fused: bool) -> None:
-        """Refresh the engine's copy from ``lm`` (built on first use; with ``fused``, each layer's
+        """Refresh the engine's copy from ``weights`` (built on first use; with ``fused``, each layer's
         q/k/v and gate/up weights are views into one concatenated buffer, no second copy)."""
         if self._copy is None:
-            default = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)  # built in the target dtype: no transient fp32 model
-            try:
-                with torch.device(device):
-                    copy = type(self.lm)(self.lm.config).eval().requires_grad_(False)
-            finally:
-                torch.set_default_dtype(default)
-            for name, buf in self.lm.named_buffers():  # e.g. the rotary table, in the dtype the model keeps it
-                module, _, attr = name.rpartition(".")
-                copy.get_submodule(module)._buffers[attr] = buf.detach().clone()
+            copy, self._static = self._build_copy(device, dtype)
+            # the fused buffers start as the concatenation of what the copy holds (static parts included)
             self._fused = [self._fuse_layer(layer) for layer in copy.model.layers] if fused else None
             self._copy = copy
-        src = dict(self.lm.named_parameters())
         for name, p in self._copy.named_parameters():
-            p.copy_(src[name])
+            if name not in self._static:
+                self.weights.write(name, p)
+
+    def _build_copy(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, frozenset[str]]:
+        """A parameter-free skeleton of ``lm`` (meta device) filled with the source's static tensors, read in
+        place, and empty ``dtype`` tensors for the rest; tied parameters stay tied. Returns it and the static names."""
+        with torch.device("meta"):
+            copy = type(self.lm)(self.lm.config).eval()
+        static = self.weights.static()
+        names = {id(p): n for n, p in copy.named_parameters()}
+        made: dict[int, torch.nn.Parameter] = {}
+        for module in copy.modules():
+            for attr, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in made:
+                    name = names[id(p)]
+                    data = static[name].detach() if name in static else torch.empty(p.shape, device=device, dtype=dtype)
+                    made[id(p)] = torch.nn.Parameter(data, requires_grad=False)
+                module._parameters[attr] = made[id(p)]
+        for name, buf in self.lm.named_buffers():  # e.g. the rotary table, in the dtype the model keeps it
+            module, _, attr = name.rpartition(".")
+            copy.get_submodule(module)._buffers[attr] = buf.detach().clone()
+        return copy, frozenset(n for n in names.values() if n in static)
 
     @staticmethod
     def _fuse_layer(layer: torch.nn.Module) -> tuple:
