@@ -35,8 +35,9 @@ def _adapted(model, seed: int = 1):
 
 def _prompts(model, lengths=(5, 9, 3)):
     g = torch.Generator().manual_seed(2)
+    embed = model.language_model.get_input_embeddings()
     with torch.no_grad():
-        return [model.language_model.get_input_embeddings()(torch.randint(10, 400, (n,), generator=g)) for n in lengths]
+        return [embed(torch.randint(10, 400, (n,), generator=g).to(embed.weight.device)) for n in lengths]
 
 
 def _hf_greedy(lm, prompt, n):
@@ -75,6 +76,52 @@ def test_engine_decodes_the_merged_weights_like_the_unmerged_peft_model(tiny_mod
     assert moved != want
     assert [o.tokens for o in engine.generate(prompts, SamplingParams(0.0), 10, -1)] == moved
     assert all(torch.equal(p, base[n]) for n, p in lm.named_parameters() if "base_layer" in n)
+
+
+def test_fused_buffers_of_the_copy_hold_the_merged_projections(tiny_model):
+    # the compiled GPU path decodes from concatenated q|k|v and gate|up weights: here they are the copy's
+    from tlvr_cli.train.lora import MergedWeights, lora_layers, merged_weight
+
+    model = _adapted(tiny_model)
+    lm = model.language_model
+    engine = Engine(lm, max_batch=2, max_seq_len=64, weights=MergedWeights(lm))
+    layers = lora_layers(lm)
+
+    def expected(i):
+        def merged(name):
+            return merged_weight(layers[f"model.layers.{i}.{name}"])
+
+        a = lm.model.layers[i].self_attn
+        return (torch.cat([merged("self_attn.q_proj"), merged("self_attn.k_proj"), merged("self_attn.v_proj")]),
+                torch.cat([a.q_proj.base_layer.bias, a.k_proj.base_layer.bias, a.v_proj.base_layer.bias]),
+                torch.cat([merged("mlp.gate_proj"), merged("mlp.up_proj")]))
+
+    engine._sync_copy(torch.device("cpu"), torch.float32, fused=True)
+    for i in range(2):
+        assert all(torch.allclose(got, want) for got, want in zip(engine._fused[i], expected(i)))
+    q = engine._copy.model.layers[0].self_attn.q_proj.weight
+    assert q.untyped_storage().data_ptr() == engine._fused[0][0].untyped_storage().data_ptr()
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    engine._sync_copy(torch.device("cpu"), torch.float32, fused=True)
+    assert all(torch.allclose(got, want) for got, want in zip(engine._fused[1], expected(1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merged_copy_with_graphs_and_compile_matches_eager_on_gpu(tiny_model):
+    from tlvr_cli.train.lora import MergedWeights
+
+    model = _adapted(tiny_model.cuda())  # fp32, as the engine's own GPU test
+    lm = model.language_model
+    prompts = _prompts(model)
+    eager = Engine(lm, max_batch=4, max_seq_len=64, weights=MergedWeights(lm))
+    eager = eager.generate(prompts, SamplingParams(0.0), 10, -1)
+    fast = Engine(lm, max_batch=4, max_seq_len=64, cuda_graphs=True, compile=True, weights=MergedWeights(lm))
+    for _ in range(2):  # the second call replays the graphs captured by the first
+        assert [o.tokens for o in fast.generate(prompts, SamplingParams(0.0), 10, -1)] == [o.tokens for o in eager]
 
 
 def test_released_layout_and_peft_adapter_format(tiny_model, tmp_path):

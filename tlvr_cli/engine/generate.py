@@ -19,7 +19,7 @@ step's own input buffers, and into a token history) is one CUDA graph on GPU; th
 copies that are refreshed from the model at every ``generate`` call. With ``copy_weights=True`` the
 engine decodes from its own copy of the whole model (refreshed likewise; the fused buffers are that
 copy's weights), so captured graphs stay valid when the model's parameters move between calls, as
-FSDP2's gathered parameters do. A ``WeightSource`` (``weights=``) decides what that copy holds: the
+FSDP2's gathered parameters do. A ``WeightSource`` (``weights.py``, ``weights=``) decides what that copy holds: the
 parameters it calls static are read in place, the others are written by the source at every call
 (LoRA training merges its adapters there, ``train/lora.py``, leaving the model's weights untouched).
 
@@ -33,13 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .layers import attn_in, attn_out, compiled_decode, decode_layer, mark_dynamic
 from .sampling import SamplingParams, sample_keyed
+from .weights import ModelWeights, WeightSource, build_copy
 
 KV_LEN_BUCKET = 64  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
 SYNC_EVERY = 16  # decode steps between host reads of the sampled tokens
@@ -69,31 +69,6 @@ def _fused_parts(layer: torch.nn.Module) -> list[tuple[list[torch.nn.Module], st
     a, m = layer.self_attn, layer.mlp
     qkv = [a.q_proj, a.k_proj, a.v_proj]
     return [(qkv, "weight"), (qkv, "bias"), ([m.gate_proj, m.up_proj], "weight")]
-
-
-class WeightSource(Protocol):
-    """What the engine's own weight copy holds, by the plain model's parameter names (tied weights once)."""
-
-    def static(self) -> dict[str, torch.Tensor]:
-        """Parameters whose storage and values stay put between generate calls: the copy reads them in place."""
-        ...
-
-    def write(self, name: str, out: torch.Tensor) -> None:
-        """Write the current value of parameter ``name`` into the copy's tensor ``out``."""
-        ...
-
-
-class ModelWeights:
-    """The default source: every parameter copied from ``lm`` (FSDP2's gathered parameters move between calls)."""
-
-    def __init__(self, lm: torch.nn.Module) -> None:
-        self.lm = lm
-
-    def static(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def write(self, name: str, out: torch.Tensor) -> None:
-        out.copy_(self.lm.get_parameter(name))
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -185,35 +160,13 @@ class Engine:
         """Refresh the engine's copy from ``weights`` (built on first use; with ``fused``, each layer's
         q/k/v and gate/up weights are views into one concatenated buffer, no second copy)."""
         if self._copy is None:
-            copy, self._static = self._build_copy(device, dtype)
+            copy, self._static = build_copy(self.lm, self.weights, device, dtype)
             # the fused buffers start as the concatenation of what the copy holds (static parts included)
             self._fused = [self._fuse_layer(layer) for layer in copy.model.layers] if fused else None
             self._copy = copy
         for name, p in self._copy.named_parameters():
             if name not in self._static:
                 self.weights.write(name, p)
-
-    def _build_copy(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, frozenset[str]]:
-        """A parameter-free skeleton of ``lm`` (meta device) filled with the source's static tensors, read in
-        place, and empty ``dtype`` tensors for the rest; tied parameters stay tied. Returns it and the static names."""
-        with torch.device("meta"):
-            copy = type(self.lm)(self.lm.config).eval()
-        static = self.weights.static()
-        names = {id(p): n for n, p in copy.named_parameters()}
-        made: dict[int, torch.nn.Parameter] = {}
-        for module in copy.modules():
-            for attr, p in list(module._parameters.items()):
-                if p is None:
-                    continue
-                if id(p) not in made:
-                    name = names[id(p)]
-                    data = static[name].detach() if name in static else torch.empty(p.shape, device=device, dtype=dtype)
-                    made[id(p)] = torch.nn.Parameter(data, requires_grad=False)
-                module._parameters[attr] = made[id(p)]
-        for name, buf in self.lm.named_buffers():  # e.g. the rotary table, in the dtype the model keeps it
-            module, _, attr = name.rpartition(".")
-            copy.get_submodule(module)._buffers[attr] = buf.detach().clone()
-        return copy, frozenset(n for n in names.values() if n in static)
 
     @staticmethod
     def _fuse_layer(layer: torch.nn.Module) -> tuple:

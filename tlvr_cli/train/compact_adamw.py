@@ -95,6 +95,9 @@ class CompactAdamW(torch.optim.Optimizer):
         if moments not in ("fp32", "8bit") or masters not in ("fp32", "kahan", "stochastic"):
             raise ValueError(f"unknown moments {moments!r} or masters {masters!r}")
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+        if any(hasattr(p, "full_tensor") for g in self.param_groups for p in g["params"]):
+            raise TlvrError("optim.kind=adamw8bit and optim.master_weights kahan/stochastic step whole tensors: use "
+                            "dist.strategy ddp or none (fsdp2 shards are fp32 masters already)")
         if masters == "stochastic" and any(p.dtype == torch.float16 for g in self.param_groups for p in g["params"]):
             raise TlvrError("optim.master_weights=stochastic rounds to bfloat16: use model.dtype=bfloat16, "
                             "or master_weights kahan / fp32")
