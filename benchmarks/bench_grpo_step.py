@@ -1,20 +1,26 @@
-"""One full GRPO step (spec §5.2) of the 3B model on one GPU, timed part by part.
+"""One full GRPO step (spec §5.2) of the 3.6B model on one GPU, timed part by part, with its peak memory.
 
-    python benchmarks/bench_grpo_step.py                 # Qwen2.5-3B + SigLIP-so400m shapes, random init
-    python benchmarks/bench_grpo_step.py --config tiny --device cpu --steps 1   # smoke run
+    python benchmarks/bench_grpo_step.py --preset nextqa                          # today's full fine-tuning
+    python benchmarks/bench_grpo_step.py --preset nextqa-lora --memory-cap-gib 22 # LoRA: must fit a 24 GB card
+    python benchmarks/bench_grpo_step.py --preset nextqa-48gb --memory-cap-gib 44 # 8-bit AdamW, no masters: 48 GB
+    python benchmarks/bench_grpo_step.py --preset nextqa-lora --set perf.micro_batch_size=4   # any preset key
+    python benchmarks/bench_grpo_step.py --config tiny --device cpu --dtype float32 --steps 1 # smoke run
     torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py   # data-parallel: the same 8 prompts split over 2 GPUs
-    torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py --strategy fsdp2   # the same, FSDP2-sharded
 
-Runs the real training step (``tlvr_cli.train.grpo_step.GRPOStep``): 8 prompts × G 8 completions of
-``--new-tokens`` forced tokens (eos ignored so every step costs the same), 16-frame videos, policy
-and reference log-probs, k3 KL, backward with gradient checkpointing, AdamW on fp32 masters.
-Prints s/step with its breakdown, peak memory and tokens/s, and an estimate of the same step done
-the reference way (sequential sampling without a KV cache), extrapolated from timed forwards.
+Builds the Qwen2.5-3B + SigLIP-so400m shapes with random weights, applies the preset's ``tune`` (LoRA
+adapters included), ``optim`` (kind, master weights), ``perf``, ``engine``, ``algo`` and ``rollout`` settings,
+and runs the real training step (``tlvr_cli.train.grpo_step.GRPOStep``): the preset's prompts × G completions
+of ``max_new_tokens`` forced tokens (eos ignored so every step costs the same), 16-frame videos, reference
+log-probs (for LoRA the base with adapters off), backward, clip, optimizer. ``--memory-cap-gib`` caps the
+process with ``torch.cuda.set_per_process_memory_fraction`` (the CUDA context, ~0.5 GiB, lies outside
+it); running out of memory under the cap is caught and reported. The last line is machine-readable:
+``RESULT {json}`` with ``completed``, s/step, the parts and the peaks; the exit status is 3 after an OOM.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tlvr_cli.config import load_config
 from tlvr_cli.data.records import GRPORow
 from tlvr_cli.engine.generate import Engine
-from tlvr_cli.jobs import GRPOConfig, TuneConfig
+from tlvr_cli.jobs import GRPOConfig
 from tlvr_cli.model.config import TinyLlavaConfig
 from tlvr_cli.model.tinyllava import TinyLlava
-from tlvr_cli.runtime import init_distributed, shutdown_distributed
+from tlvr_cli.runtime import init_distributed, resolve_dtype, shutdown_distributed
 from tlvr_cli.train.grpo_step import GRPOStep
+from tlvr_cli.train.lora import BaseReference, MergedWeights
 from tlvr_cli.train.optim import build_optimizer, build_scheduler
 from tlvr_cli.train.parallel import Parallel
 from tlvr_cli.train.policy import PolicyLogprobs
@@ -40,61 +47,76 @@ from tlvr_cli.train.setup import apply_tuning
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, use_cache=False)
+PARTS = ("time/vision_s", "time/rollout_s", "time/score_s", "time/ref_logprob_s", "time/backward_s")
+GIB = 2**30
 
 
 def build(config: str, device: torch.device, dtype: torch.dtype):
+    """The random-init model, built directly in ``dtype`` (no transient fp32 copy of the 3.6B weights)."""
     from tlvr_cli.model.tiny import build_tiny_model, tiny_tokenizer
 
-    tok = tiny_tokenizer()
     if config == "tiny":
         return build_tiny_model().to(device=device, dtype=dtype)
     cfg = TinyLlavaConfig(text_config={**QWEN25_3B}, vision_config={}, tokenizer_model_max_length=3072)
-    with torch.device(device):
-        model = TinyLlava(cfg, tok)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = TinyLlava(cfg, tiny_tokenizer())
+    finally:
+        torch.set_default_dtype(default)
     model.language_model.tie_weights()
-    return model.to(dtype)
+    return model
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["3b", "tiny"], default="3b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--generations", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--no-compile", action="store_true", help="Decode without torch.compile (CUDA graphs only).")
-    ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for the no-cache estimate")
-    ap.add_argument("--engine-max-batch", type=int, default=0,
-                    help="rows the engine decodes at once (default: all of this process's completions); fewer use less memory")
-    ap.add_argument("--no-fused-weights", action="store_true", help="engine.fused_weights=false (3.6 GB less at 3B)")
-    ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp2"], default="auto", help="dist.strategy (auto: ddp with several processes)")
-    args = ap.parse_args(argv)
+def bench_config(args: argparse.Namespace, world_size: int) -> GRPOConfig:
+    """The preset with ``--set`` overrides, then the benchmark's own settings: forced completion lengths, the
+    flags given, and an engine that decodes all of this process's completions at once (at most the preset's)."""
+    extra: dict = {"perf": {"force_max_new_tokens": True}, "engine": {}, "algo": {}, "rollout": {}, "data": {}}
+    flags = {"prompts": ("data", "prompts_per_step"), "generations": ("algo", "num_generations"),
+             "new_tokens": ("rollout", "max_new_tokens"), "micro_batch": ("perf", "micro_batch_size"),
+             "engine_max_batch": ("engine", "max_batch")}
+    for flag, (section, key) in flags.items():
+        if getattr(args, flag):
+            extra[section][key] = getattr(args, flag)
+    if args.no_fused_weights:
+        extra["engine"]["fused_weights"] = False
+    if args.no_compile:
+        extra["engine"]["compile"] = False
+    if args.no_graphs or not args.device.startswith("cuda"):
+        extra["engine"]["cuda_graphs"] = False
+    cfg = load_config(GRPOConfig, args.preset, overrides=args.set, extra=extra)
+    if not args.engine_max_batch:
+        rows = cfg.data.prompts_per_step // world_size * cfg.algo.num_generations
+        extra["engine"]["max_batch"] = max(1, min(cfg.engine.max_batch, rows))
+        cfg = load_config(GRPOConfig, args.preset, overrides=args.set, extra=extra)
+    return cfg
 
-    ctx = init_distributed(args.device, need_group=args.strategy == "fsdp2")  # no group for one plain process
+
+class Phase:
+    """The part of the benchmark running now, named in an out-of-memory report."""
+
+    name = "build"
+
+
+def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> dict:
+    """Build the model, optimizer and engine from ``cfg``, run one warm-up step and ``args.steps`` timed ones."""
     device = ctx.device
-    dtype = getattr(torch, args.dtype)
-    if args.prompts % ctx.world_size:
-        raise SystemExit(f"--prompts {args.prompts} must divide over {ctx.world_size} processes")
-    n_local = args.prompts // ctx.world_size  # the global batch stays --prompts, as in `tlvr grpo`
+    dtype = resolve_dtype(args.dtype or cfg.model.dtype, device)
+    n_local = cfg.data.prompts_per_step // ctx.world_size  # the global batch stays the preset's, as in `tlvr grpo`
+    lora = cfg.tune.lora.enabled
     torch.manual_seed(0)
     model = build(args.config, device, dtype)
-    ref = build(args.config, device, dtype)
-    ref.load_state_dict(model.state_dict())
-    ref.requires_grad_(False).eval()
-    cfg = load_config(GRPOConfig, None, extra={
-        "algo": {"num_generations": args.generations}, "rollout": {"max_new_tokens": args.new_tokens},
-        "perf": {"micro_batch_size": args.micro_batch, "force_max_new_tokens": True},
-        "engine": {"max_batch": args.engine_max_batch or n_local * args.generations, "fused_weights": not args.no_fused_weights,
-                   "cuda_graphs": not args.no_graphs and device.type == "cuda", "compile": not args.no_compile},
-        "data": {"prompts_per_step": args.prompts}, "optim": {"lr": 1e-6, "scheduler": "cosine", "warmup_ratio": 0.03}})
-    apply_tuning(model, TuneConfig(), gradient_checkpointing=True)
+    ref = None
+    if cfg.algo.beta > 0 and not lora:  # full fine-tuning: a second, frozen model, as `tlvr grpo` loads it
+        ref = build(args.config, device, dtype)
+        ref.load_state_dict(model.state_dict())
+        ref.requires_grad_(False).eval()
+    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
+    if cfg.algo.beta > 0 and lora:
+        ref = BaseReference(model)
     par = Parallel(PolicyLogprobs(model), model, ctx, args.strategy, prefix="model.")  # before the optimizer: fsdp2 swaps the parameters
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.tune)
     scheduler = build_scheduler(optimizer, cfg.optim, 687)
     tok = model.tokenizer
     size = model.config.vision_config.image_size
@@ -105,68 +127,162 @@ def main(argv: list[str] | None = None) -> dict:
     pixels = [torch.rand(args.frames, 3, size, size) * 2 - 1 for _ in rows]
     batch = PromptBatch(rows, ids, pixels)
     prompt_len = len(ids[0]) - 1 + model.config.num_queries
-    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=prompt_len + args.new_tokens,
+    new_tokens = cfg.rollout.max_new_tokens
+    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=prompt_len + new_tokens,
                     cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
-                    copy_weights=par.sharded)
+                    copy_weights=par.sharded, weights=MergedWeights(model.language_model) if lora else None)
     grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e9
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e9
+    if ctx.is_main:
+        adapters = f", LoRA rank {cfg.tune.lora.rank}" if lora else ""
+        print(f"model {args.config}: {n_params:.2f} B params ({n_trained:.3f} B trained{adapters}), "
+              f"optimizer {cfg.optim.kind} / masters {cfg.optim.master_weights} ({type(optimizer).__name__}), "
+              f"prompt {prompt_len} embeddings, {cfg.data.prompts_per_step} prompts x G {cfg.algo.num_generations} x "
+              f"{new_tokens} new tokens, micro-batch {cfg.perf.micro_batch_size}, engine batch {cfg.engine.max_batch}, "
+              f"{args.frames} frames, {device} {dtype}, {ctx.world_size} process(es), {par.strategy}", flush=True)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    if ctx.is_main:
-        print(f"model {args.config}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, prompt {prompt_len} "
-              f"embeddings, {args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, {args.frames} frames, {device} {dtype}, "
-              f"{ctx.world_size} process(es), {par.strategy}")
-    grpo_step(batch, 0)  # warm-up: compiles and captures the engine
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    phase.name = "warm-up step"
+    grpo_step(batch, 0)  # compiles and captures the engine
     times, parts = [], {}
     for step in range(1, args.steps + 1):
+        phase.name = f"step {step}"
         sync()
         t = time.perf_counter()
         m = grpo_step(batch, step).metrics
         ctx.barrier()
         sync()
         times.append(time.perf_counter() - t)
-        for k, v in m.items():
-            if k.startswith("time/"):
-                parts[k] = parts.get(k, 0.0) + v / args.steps
+        for k in PARTS:
+            parts[k] = parts.get(k, 0.0) + m.get(k, 0.0) / args.steps
     step_s = sum(times) / len(times)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    peak = max(ctx.all_gather_objects(peak))  # the fullest GPU
-    if not ctx.is_main:
-        shutdown_distributed()
-        return {}
-    n_tok = args.prompts * args.generations * args.new_tokens
+    n_tok = cfg.data.prompts_per_step * cfg.algo.num_generations * new_tokens
+    out = {"step_s": step_s, "parts": {k[5:-2]: v for k, v in parts.items()}, "tokens_per_step": n_tok,
+           "trained_params_b": n_trained}
+    if args.reference_estimate and ctx.is_main:
+        phase.name = "reference estimate"
+        shape = (prompt_len + new_tokens // 2, model.config.hidden_size)
+        out["reference_step_s"] = _reference_step(model.language_model, shape, n_tok, step_s - parts["time/rollout_s"],
+                                                  args.reference_tokens, device, dtype)
+    return out
 
-    # the reference: each completion sampled alone, every token a full forward of the whole sequence
-    lm = ref.language_model  # same shapes as the policy, and never sharded
+
+def _reference_step(lm, shape: tuple[int, int], n_tok: int, rest_s: float, n: int, device, dtype) -> float:
+    """The reference's rollout: each completion sampled alone, every token a full forward of the whole sequence
+    (timed at the mean length, extrapolated to ``n_tok`` tokens), plus the rest of our step."""
     with torch.no_grad():
-        x = torch.randn(1, prompt_len + args.new_tokens // 2, model.config.hidden_size, device=device, dtype=dtype)
+        x = torch.randn(1, *shape, device=device, dtype=dtype)
         lm(inputs_embeds=x, use_cache=False)
-        sync()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(args.reference_tokens):
+        for _ in range(n):
             lm(inputs_embeds=x, use_cache=False)
-        sync()
-        per_token = (time.perf_counter() - t) / args.reference_tokens
-    ref_rollout = per_token * n_tok
-    ref_step = ref_rollout + step_s - parts.get("time/rollout_s", 0.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * n_tok + rest_s
 
-    print()
-    print(f"{'part':<22}{'s/step':>10}")
-    for k in ("time/vision_s", "time/rollout_s", "time/score_s", "time/ref_logprob_s", "time/backward_s"):
-        print(f"{k[5:-2]:<22}{parts.get(k, 0.0):>10.2f}")
-    print(f"{'total':<22}{step_s:>10.2f}")
-    print(f"peak memory {peak:.1f} GiB; rollout {n_tok / parts.get('time/rollout_s', float('nan')):.0f} tok/s; "
-          f"step {n_tok / step_s:.0f} completion tok/s")
-    print(f"reference-style rollout (no KV cache, one sequence at a time; {per_token * 1e3:.1f} ms per token timed at the "
-          f"mean length, x {n_tok} tokens, extrapolated): {ref_rollout:.0f} s -> step ~{ref_step:.0f} s, "
-          f"ratio {ref_step / step_s:.1f}x")
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="nextqa", help="GRPO preset whose tune/optim/perf/engine/algo/rollout keys run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset key, repeatable")
+    ap.add_argument("--memory-cap-gib", type=float, default=0.0, help="cap this process's GPU memory (GiB; 0: no cap)")
+    ap.add_argument("--config", choices=["3b", "tiny"], default="3b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="", help="model dtype (default: the preset's model.dtype)")
+    ap.add_argument("--prompts", type=int, default=0, help="prompts per step, global (default: the preset's)")
+    ap.add_argument("--generations", type=int, default=0, help="G (default: the preset's)")
+    ap.add_argument("--new-tokens", type=int, default=0, help="tokens per completion (default: the preset's)")
+    ap.add_argument("--micro-batch", type=int, default=0, help="perf.micro_batch_size (default: the preset's)")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="Decode without torch.compile (CUDA graphs only).")
+    ap.add_argument("--engine-max-batch", type=int, default=0,
+                    help="rows the engine decodes at once (default: the preset's, at most this process's completions)")
+    ap.add_argument("--no-fused-weights", action="store_true", help="engine.fused_weights=false (3.4 GiB less at 3B)")
+    ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp2"], default="auto",
+                    help="dist.strategy (auto: ddp with several processes)")
+    ap.add_argument("--reference-estimate", action="store_true",
+                    help="also estimate the step done the reference way (no KV cache), from a few timed forwards")
+    ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for that estimate")
+    args = ap.parse_args(argv)
+
+    ctx = init_distributed(args.device, need_group=args.strategy == "fsdp2")  # no group for one plain process
+    cfg = bench_config(args, ctx.world_size)
+    if cfg.data.prompts_per_step % ctx.world_size:
+        raise SystemExit(f"{cfg.data.prompts_per_step} prompts per step must divide over {ctx.world_size} processes")
+    if cfg.tune.lora.enabled and args.strategy == "fsdp2":
+        raise SystemExit("tune.lora trains with dist.strategy ddp or none")
+    device = ctx.device
+    cuda = device.type == "cuda"
+    if args.memory_cap_gib and cuda:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), device)
+    result: dict = {"preset": args.preset, "overrides": args.set, "config": args.config, "device": _device_name(device),
+                    "cap_gib": args.memory_cap_gib if cuda else None, "completed": False}
+    phase = Phase()
+    try:
+        result.update(run_steps(args, cfg, ctx, phase), completed=True)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        result["oom"] = f"{phase.name}: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    if cuda:
+        # the fullest process; allocated: live tensors; reserved: what the caching allocator holds (the cap bounds it)
+        mine = (torch.cuda.max_memory_allocated(device) / GIB, torch.cuda.max_memory_reserved(device) / GIB)
+        peaks = ctx.all_gather_objects(mine)
+        result["peak_allocated_gib"] = max(a for a, _ in peaks)
+        result["peak_reserved_gib"] = max(r for _, r in peaks)
+    if ctx.is_main:
+        print_result(result)
     shutdown_distributed()
-    return {"step_s": step_s, "parts": parts, "peak_gib": peak, "reference_step_s": ref_step}
+    return result
+
+
+def _is_oom(e: BaseException) -> bool:
+    """An allocation failure: torch's own error, or one raised by a library (cuBLAS, the compiler) around it."""
+    while e is not None:
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "ALLOC_FAILED" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def print_result(r: dict) -> None:
+    """The table for people, then one ``RESULT {json}`` line for scripts."""
+    print()
+    if r["completed"]:
+        print(f"{'part':<22}{'s/step':>10}")
+        for k, v in r["parts"].items():
+            print(f"{k:<22}{v:>10.2f}")
+        print(f"{'total':<22}{r['step_s']:>10.2f}")
+        rollout = r["parts"].get("rollout", 0.0)
+        print(f"rollout {r['tokens_per_step'] / rollout if rollout else float('nan'):.0f} tok/s; "
+              f"step {r['tokens_per_step'] / r['step_s']:.0f} completion tok/s")
+        if "reference_step_s" in r:
+            print(f"reference-style step (no KV cache, one sequence at a time, extrapolated): "
+                  f"~{r['reference_step_s']:.0f} s, "
+                  f"ratio {r['reference_step_s'] / r['step_s']:.1f}x")
+    else:
+        cap = f" under the {r['cap_gib']:g} GiB cap" if r.get("cap_gib") else ""
+        print(f"OUT OF MEMORY{cap} during {r['oom']}")
+    if "peak_reserved_gib" in r:
+        print(f"peak memory: {r['peak_allocated_gib']:.2f} GiB allocated, {r['peak_reserved_gib']:.2f} GiB reserved")
+    if r.get("cap_gib"):
+        fits = r["completed"] and r["peak_reserved_gib"] <= r["cap_gib"]
+        print(f"{'FITS' if fits else 'DOES NOT FIT'} the {r['cap_gib']:g} GiB cap ({r['preset']} on {r['device']})")
+    print("RESULT " + json.dumps(r, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["completed"] else 3)

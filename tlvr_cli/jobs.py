@@ -89,6 +89,35 @@ class OptimConfig:
     epochs: int = option(1, "Passes over the data.", ge=1)
     max_steps: int = option(0, "Stop after this many optimizer steps (0: the full epochs).", ge=0)
     gradient_checkpointing: bool = option(True, "Recompute LLM activations in backward to save memory.")
+    kind: Literal["adamw", "adamw8bit"] = option(
+        "adamw", "adamw: fp32 moments (torch's AdamW, as the reference); adamw8bit: both moments stored in 8 bits, "
+        "block-wise quantised (2 instead of 8 bytes per trained parameter; each step dequantises, updates, "
+        "requantises).")
+    master_weights: Literal["fp32", "kahan", "stochastic"] = option(
+        "fp32", "bf16/fp16 parameters only: fp32 keeps fp32 master copies (4 bytes per trained parameter, as the "
+        "reference's DeepSpeed bf16); kahan updates the bf16 weights in place with a bf16 compensation buffer holding "
+        "each rounding error (2 bytes); stochastic rounds each updated weight up or down at random, unbiased "
+        "(0 bytes).")
+
+
+QWEN2_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraTuneConfig:
+    """LoRA adapters on the LLM (peft; `pip install 'tlvr[lora]'`): the LLM's weights stay frozen, each targeted
+    projection W is trained as W + alpha/rank * B A."""
+
+    enabled: bool = option(False, "Train LoRA adapters instead of the whole LLM (tune.llm is then ignored).")
+    rank: int = option(16, "Adapter rank r (RL needs little capacity: ranks 1-32 match full fine-tuning, Schulman et "
+                       "al. 2025, 'LoRA Without Regret').", ge=1)
+    alpha: float = option(32.0, "Scale numerator: adapters add alpha/rank * B A (alpha fixed, so the best learning "
+                          "rate barely moves with the rank).", gt=0)
+    dropout: float = option(0.0, "Dropout on the adapters' input (peft's lora_dropout).", ge=0, lt=1)
+    target_modules: list[str] = option(QWEN2_LINEAR, "Projection names adapted in every decoder layer (default: all "
+                                       "attention and MLP projections of Qwen2.5).")
+    connector_lr: float = option(0.0, "Peak learning rate of the parts trained fully beside the adapters (the "
+                                 "connector); 0: optim.lr.", ge=0)
 
 
 @dataclass
@@ -98,6 +127,7 @@ class TuneConfig:
     llm: bool = option(True, "Train the whole LLM (embeddings and tied lm_head included).")
     connector: bool = option(True, "Train the group-resampler connector.")
     vision_tower: bool = option(False, "Train the SigLIP tower (frozen in every reference stage).")
+    lora: LoraTuneConfig = option(LoraTuneConfig(), "LoRA adapters on the LLM instead of training all its weights.")
 
 
 @dataclass

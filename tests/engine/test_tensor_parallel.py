@@ -15,7 +15,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tlvr_cli.engine.generate import Engine
 from tlvr_cli.engine.sampling import SamplingParams
-from tlvr_cli.engine.tensor_parallel import TensorParallel, refresh_copy, shard_config
+from tlvr_cli.engine.tensor_parallel import TensorParallel
+from tlvr_cli.engine.weights import ModelWeights, WeightCopy
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=1.0, top_k=50)
@@ -235,9 +236,7 @@ def test_shards_tile_the_full_layers():
     shards = []
     for rank in range(2):
         tp = TensorParallel.over(_Group(2, rank), lm)
-        shard = Qwen2ForCausalLM(shard_config(lm.config, 2)).eval()
-        refresh_copy(shard, lm, tp)
-        shards.append(shard)
+        shards.append(WeightCopy(lm, ModelWeights(lm), torch.device("cpu"), torch.float32, tp, fused=False).model)
     a, b, full = (m.model.layers[0] for m in (*shards, lm))
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
         mods = [m.get_submodule(name) for m in (a, b, full)]

@@ -19,7 +19,9 @@ step's own input buffers, and into a token history) is one CUDA graph on GPU; th
 copies that are refreshed from the model at every ``generate`` call. With ``copy_weights=True`` the
 engine decodes from its own copy of the whole model (refreshed likewise; the fused buffers are that
 copy's weights), so captured graphs stay valid when the model's parameters move between calls, as
-FSDP2's gathered parameters do.
+FSDP2's gathered parameters do. A ``WeightSource`` (``weights.py``, ``weights=``) decides what that copy
+holds: the parameters it calls static are read in place, the others are written by the source at
+every call (LoRA training merges its adapters there, ``train/lora.py``, leaving the model untouched).
 
 With ``tp_group`` the engine decodes tensor-parallel (``tensor_parallel.py``): each rank of the group
 keeps its own shard of the model (1/N of the heads and MLP columns, refreshed from the full model at
@@ -44,14 +46,8 @@ import torch.nn.functional as F
 
 from .layers import attn_in, attn_out, compiled_decode, decode_layer, mark_dynamic
 from .sampling import SamplingParams, sample_keyed
-from .tensor_parallel import (
-    TensorParallel,
-    assert_same,
-    build_copy,
-    fingerprint,
-    fused_parts,
-    refresh_copy,
-)
+from .tensor_parallel import TensorParallel, assert_same, fingerprint
+from .weights import ModelWeights, WeightCopy, WeightSource, fused_parts
 
 KV_LEN_BUCKET = 64  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
 SYNC_EVERY = 16  # decode steps between host reads of the sampled tokens
@@ -88,6 +84,7 @@ class Engine:
 
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
                  compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False,
+                 weights: WeightSource | None = None,
                  tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
@@ -116,8 +113,11 @@ class Engine:
         # diverge fail at once instead of hanging in mismatched collectives
         self.tp = TensorParallel.over(tp_group, lm) if tp_group is not None else None
         self.check_agreement = check_agreement
-        self.copy_weights = copy_weights or self.tp is not None
-        self._copy: torch.nn.Module | None = None
+        # weights: what the copy holds (``weights.py``; LoRA training writes its merged projections there)
+        self.copy_weights = copy_weights or self.tp is not None or weights is not None
+        self.weights: WeightSource = weights if weights is not None else ModelWeights(lm)
+        self._weight_copy: WeightCopy | None = None
+        self._copy: torch.nn.Module | None = None  # the copy's model
         world = self.tp.world if self.tp else 1
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads // world  # this rank's heads
@@ -146,7 +146,7 @@ class Engine:
         self._state = torch.zeros(3, self.max_batch, dtype=torch.long, device=device)
         self._hist = torch.zeros(self.max_batch, SYNC_EVERY, dtype=torch.long, device=device)
         self._col = torch.zeros((), dtype=torch.long, device=device)
-        self._fused = self._copy = None
+        self._fused = self._copy = self._weight_copy = None
         self._graphs.clear()
 
     def _use_graphs(self, device: torch.device) -> bool:
@@ -166,11 +166,13 @@ class Engine:
         return self._copy if self._copy is not None else self.lm
 
     def _sync_copy(self, device: torch.device, dtype: torch.dtype, fused: bool) -> None:
-        """Refresh the engine's copy (or shard) from ``lm``; built on first use, with ``fused`` each
-        layer's q/k/v and gate/up weights are views into one concatenated buffer (no second copy)."""
-        if self._copy is None:
-            self._copy, self._fused = build_copy(self.lm, device, dtype, self.tp, fused)
-        refresh_copy(self._copy, self.lm, self.tp)
+        """Refresh the engine's copy (or shard) from its weight source; built on first use, with ``fused``
+        each layer's q/k/v and gate/up weights are views into one concatenated buffer (no second copy)."""
+        if self._weight_copy is None:
+            self._weight_copy = WeightCopy(self.lm, self.weights, device, dtype, self.tp, fused)
+            self._copy, self._fused = self._weight_copy.model, self._weight_copy.fused
+        else:
+            self._weight_copy.refresh()
 
     @torch.no_grad()
     def _sync_fused(self) -> None:
@@ -199,7 +201,7 @@ class Engine:
     def release(self) -> None:
         """Free the KV cache, weight copies and captured graphs (they are rebuilt on the next call)."""
         self._k, self._v = [], []
-        self._state = self._hist = self._col = self._fused = self._copy = None
+        self._state = self._hist = self._col = self._fused = self._copy = self._weight_copy = None
         self._graphs.clear()
 
     # ---------------------------------------------------------------- model maths

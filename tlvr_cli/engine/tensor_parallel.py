@@ -1,4 +1,5 @@
-"""The engine's own copy of the model: the whole model, or one rank's tensor-parallel shard of it.
+"""Tensor-parallel decoding: how one rank's shard of the model is laid out (the shard itself is the
+engine's weight copy, ``weights.py``), and the agreement check between ranks.
 
 Over a process group of N ranks each rank keeps a copy holding 1/N of every decoder layer
 (Megatron-style). q/k/v and gate/up are column-parallel (split by output rows): rank r owns query
@@ -15,7 +16,6 @@ collective, and the saving is small: Qwen2.5-3B's tied head is 10% of its weight
 over 2 ranks would trade 0.31 GB less read per step (~65 µs at 4.8 TB/s) for an all-gather of
 (rows, 151936) logits per step (20-40 MB at 64 rows).
 
-A whole copy is the same thing with one rank: ``build_copy`` and ``refresh_copy`` serve both.
 """
 
 from __future__ import annotations
@@ -78,66 +78,6 @@ def shard_dim(name: str) -> int | None:
     if module in ROW_PARALLEL:
         return 1
     return None
-
-
-def fused_parts(layer: torch.nn.Module) -> list[tuple[list[torch.nn.Module], str]]:
-    """What the fused weights concatenate, in the order ``layers.decode_layer`` reads them:
-    q|k|v weights, q|k|v biases (None when the projections have none), gate|up weights."""
-    a, m = layer.self_attn, layer.mlp
-    qkv = [a.q_proj, a.k_proj, a.v_proj]
-    return [(qkv, "weight"), (qkv, "bias"), ([m.gate_proj, m.up_proj], "weight")]
-
-
-def fuse_layer(layer: torch.nn.Module) -> tuple:
-    """Make ``layer``'s q/k/v and gate/up parameters views into one concatenated buffer per part
-    (on a copy: no second copy of those weights); returns the buffers as ``fused_parts`` lists them."""
-
-    def join(mods: list, attr: str) -> torch.Tensor | None:
-        if getattr(mods[0], attr) is None:
-            return None
-        buf = torch.cat([getattr(mod, attr) for mod in mods])
-        start = 0
-        for mod in mods:
-            n = getattr(mod, attr).shape[0]
-            setattr(mod, attr, torch.nn.Parameter(buf[start:start + n], requires_grad=False))
-            start += n
-        return buf
-
-    return tuple(join(mods, attr) for mods, attr in fused_parts(layer))
-
-
-@torch.no_grad()
-def build_copy(lm: torch.nn.Module, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None,
-               fused: bool) -> tuple[torch.nn.Module, list[tuple] | None]:
-    """An empty copy of ``lm`` (or of this rank's shard) in ``dtype`` on ``device``, with ``lm``'s
-    buffers; with ``fused`` also each layer's fused buffers (the copy's q/k/v and gate/up are views
-    into them). Its weights are set by ``refresh_copy``."""
-    cfg = lm.config if tp is None else shard_config(lm.config, tp.world)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in the target dtype: no transient fp32 model
-    try:
-        with torch.device(device):
-            copy = type(lm)(cfg).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(default)
-    for name, buf in lm.named_buffers():  # e.g. the rotary table, in the dtype the model keeps it
-        module, _, attr = name.rpartition(".")
-        copy.get_submodule(module)._buffers[attr] = buf.detach().clone()
-    return copy, [fuse_layer(layer) for layer in copy.model.layers] if fused else None
-
-
-@torch.no_grad()
-def refresh_copy(copy: torch.nn.Module, lm: torch.nn.Module, tp: TensorParallel | None) -> None:
-    """Copy ``lm``'s current weights into ``copy``, each split parameter as this rank's slice of it."""
-    src = dict(lm.named_parameters())
-    for name, p in copy.named_parameters():
-        s = src[name]
-        dim = None if tp is None else shard_dim(name)
-        if dim is not None:
-            s = s.narrow(dim, tp.rank * p.shape[dim], p.shape[dim])
-        if s.shape != p.shape:  # copy_ would broadcast a wrong shape silently
-            raise ValueError(f"{name}: the model's {tuple(s.shape)} does not fit the engine's copy {tuple(p.shape)}")
-        p.copy_(s)
 
 
 def fingerprint(prompts: list[torch.Tensor], seeds: torch.Tensor, settings: tuple[float, ...]) -> torch.Tensor:

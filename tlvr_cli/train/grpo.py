@@ -30,6 +30,7 @@ from ..progress import JobProgress
 from ..runtime import init_distributed, resolve_root
 from . import run_dir as R
 from .grpo_step import GRPOStep
+from .lora import BaseReference, MergedWeights
 from .metrics import plot_run
 from .optim import build_optimizer, build_scheduler
 from .parallel import Parallel
@@ -51,10 +52,16 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
         raise TlvrError(f"{root / cfg.data.annotations}: no usable rows")
 
     R.seed_everything(cfg.seed)
+    lora = cfg.tune.lora.enabled
+    if lora and cfg.dist.strategy == "fsdp2":
+        # fsdp2 keeps its shards in fp32: the frozen LLM would double in size
+        raise TlvrError("tune.lora trains with dist.strategy ddp or none, not fsdp2")
     model = load_model(replace(cfg.model, device=str(ctx.device)))
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
     ref = None
-    if cfg.algo.beta > 0:  # with beta 0 the KL term vanishes: no reference model in memory at all
+    if cfg.algo.beta > 0 and lora and not cfg.ref_model:
+        ref = BaseReference(model)  # the start model is the policy with its adapters off: no second LLM
+    elif cfg.algo.beta > 0:  # with beta 0 the KL term vanishes: no reference model in memory at all
         ref = load_model(replace(cfg.model, device=str(ctx.device), path=cfg.ref_model or cfg.model.path))
         ref.requires_grad_(False)
         ref.eval()
@@ -64,7 +71,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     total = math.ceil(len(rows) / per_step) * cfg.optim.epochs
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.tune)
     # with num_iterations > 1 every rollout batch takes several optimizer (and scheduler) steps
     scheduler = build_scheduler(optimizer, cfg.optim, total * cfg.algo.num_iterations)
     config_yaml = to_yaml(cfg)
@@ -75,9 +82,10 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
                           model.config.vision_config.image_size, cfg.data.num_workers, cache)
     # the engine's cache holds the longest prompt of the data set (text + visual tokens) and its completion
     longest = max(len(prompt_ids(model.tokenizer, r, cfg.data.question_template)) for r in rows) - 1 + model.config.num_queries
+    # LoRA: the engine decodes from its own copy of the merged weights, refreshed at every rollout
     engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=longest + cfg.rollout.max_new_tokens,
                     cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
-                    copy_weights=par.sharded)
+                    copy_weights=par.sharded, weights=MergedWeights(model.language_model) if lora else None)
     grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine, cache)
 
     def step_rows(cursor: R.DataCursor) -> tuple[list, R.DataCursor]:

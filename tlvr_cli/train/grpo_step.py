@@ -22,6 +22,7 @@ from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
 from .grpo_math import completion_mask, group_advantages, policy_loss
+from .lora import reference_mode
 from .optim import clip_gradients
 from .parallel import Parallel
 from .policy import micro_batch_order, sequence_logprobs
@@ -50,8 +51,9 @@ class StepOutput:
 class GRPOStep:
     """The GRPO update of ``par``'s model for one batch of prompts.
 
-    ``ref`` is the frozen reference model (None when ``algo.beta == 0``: no KL, no reference
-    forward); ``engine`` decodes the rollouts from the policy's current weights."""
+    ``ref`` is the frozen reference model, or for LoRA the policy's base (``lora.BaseReference``; None
+    when ``algo.beta == 0``: no KL, no reference forward); ``engine`` decodes the rollouts from the policy's
+    current weights."""
 
     def __init__(self, cfg: GRPOConfig, model, ref, par: Parallel, optimizer, scheduler, engine: Engine,
                  cache: FeatureCache | None = None) -> None:
@@ -147,9 +149,10 @@ class GRPOStep:
                 feats, *rest = inputs
                 ref_feats = feats.to(next(self.ref.connector.parameters()).dtype)
                 ref_logp = torch.zeros(shape, device=device)
-                for rows in groups:
-                    ref_logp[rows] = sequence_logprobs(self.ref, ref_feats, *rest, rows,
-                                                       chunk_size=cfg.perf.logprob_chunk_size).float()
+                with reference_mode(self.ref):  # a LoRA policy's base: its adapters off
+                    for rows in groups:
+                        ref_logp[rows] = sequence_logprobs(self.ref, ref_feats, *rest, rows,
+                                                           chunk_size=cfg.perf.logprob_chunk_size).float()
             if cfg.algo.num_iterations > 1:
                 old_logp = torch.zeros(shape, device=device)
                 for rows in groups:

@@ -3,20 +3,22 @@
 Memory plan for bf16 training (the reference ran DeepSpeed bf16, which keeps fp32 master weights):
 the model's parameters stay bf16, so the rollout engine and the forward pass read them directly; the
 optimizer keeps an fp32 master copy and fp32 AdamW moments, steps on the masters and writes the
-rounded result back into the bf16 parameters. fp32 models use plain ``torch.optim.AdamW``.
+rounded result back into the bf16 parameters. fp32 models use plain ``torch.optim.AdamW``. The
+smaller states of ``optim.kind`` / ``optim.master_weights`` are ``compact_adamw.CompactAdamW``'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..jobs import OptimConfig
+from ..jobs import OptimConfig, TuneConfig
 
 NO_DECAY_MARKERS = ("bias", "norm", "latents")
+GRAD_BUCKET = 1 << 28  # values whose fp32 gradients exist at once in MasterAdamW.step (1 GiB, not one per weight)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -30,12 +32,21 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    # spec §4: decay / no-decay groups (LayerNorm and biases undecayed); identical at weight_decay 0.
-    decay, no_decay = [], []
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 lr_of: Callable[[str], float | None] | None = None) -> list[dict]:
+    """Decay / no-decay groups (spec §4: LayerNorm and biases undecayed; identical at weight_decay 0), split
+    further by ``lr_of(name)`` where it gives a parameter its own learning rate (None: the optimizer's)."""
+    groups: dict[tuple[bool, float | None], list[nn.Parameter]] = {}
     for name, p in named:
-        (no_decay if any(m in name.lower() for m in NO_DECAY_MARKERS) or p.ndim < 2 else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        decayed = not (any(m in name.lower() for m in NO_DECAY_MARKERS) or p.ndim < 2)
+        groups.setdefault((decayed, lr_of(name) if lr_of else None), []).append(p)
+    out = []
+    for lr in dict.fromkeys(k[1] for k in groups):
+        for decayed in (True, False):
+            if (decayed, lr) in groups:
+                g = {"params": groups[decayed, lr], "weight_decay": weight_decay if decayed else 0.0}
+                out.append(g if lr is None else {**g, "lr": lr})
+    return out
 
 
 class MasterAdamW:
@@ -45,7 +56,8 @@ class MasterAdamW:
     state dict holds the masters, so resuming restores them exactly.
     """
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> None:
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 grad_bucket: int = GRAD_BUCKET) -> None:
         self.model_params = [list(g["params"]) for g in groups]
         master_groups = []
         for g, params in zip(groups, self.model_params):
@@ -53,6 +65,19 @@ class MasterAdamW:
             master_groups.append({**g, "params": masters})
         fused = all(p.is_cuda for ps in self.model_params for p in ps)
         self.inner = torch.optim.AdamW(master_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+        # the step runs over buckets of about ``grad_bucket`` values: only one bucket's gradients are upcast
+        # to fp32 at a time (all of them would be 12 GiB at 3B). AdamW updates each value on its own, so
+        # the result is the same bit for bit
+        pairs = [(p, m) for params, g in zip(self.model_params, self.inner.param_groups)
+                 for p, m in zip(params, g["params"])]
+        self.buckets: list[list[tuple[nn.Parameter, torch.Tensor]]] = [[]]
+        size = 0
+        for p, m in pairs:
+            if size >= grad_bucket:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append((p, m))
+            size += p.numel()
 
     @property
     def param_groups(self) -> list[dict]:
@@ -60,14 +85,14 @@ class MasterAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        for params, group in zip(self.model_params, self.inner.param_groups):
-            for p, m in zip(params, group["params"]):
+        for bucket in self.buckets:
+            for p, m in bucket:
                 m.grad = None if p.grad is None else p.grad.float()
-        self.inner.step()
-        for params, group in zip(self.model_params, self.inner.param_groups):
-            for p, m in zip(params, group["params"]):
-                p.copy_(m)
-                m.grad = None
+            self.inner.step()  # steps the masters that have a gradient: this bucket's
+            for p, m in bucket:
+                if m.grad is not None:
+                    p.copy_(m)
+                    m.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for params in self.model_params:
@@ -86,14 +111,28 @@ class MasterAdamW:
                     p.copy_(saved)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | MasterAdamW:
-    """AdamW over the trainable parameters (fp32 masters when the parameters are bf16/fp16)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    tune: TuneConfig | None = None) -> torch.optim.Optimizer | MasterAdamW:
+    """AdamW over the trainable parameters: torch's (with fp32 masters when the parameters are bf16/fp16), or
+    ``CompactAdamW`` for the smaller states of ``cfg.kind`` / ``cfg.master_weights``. With LoRA adapters
+    (``tune.lora``) the parts trained fully beside them may have their own ``tune.lora.connector_lr``."""
     named = trainable_parameters(model)
     if not named:
         raise ValueError("no trainable parameters: check the `tune` section of the preset")
-    groups = param_groups(named, cfg.weight_decay)
+    lr_of = None
+    if tune is not None and tune.lora.enabled and tune.lora.connector_lr > 0:
+        from .lora import is_adapter
+
+        lr_of = lambda name: None if is_adapter(name) else tune.lora.connector_lr  # noqa: E731
+    groups = param_groups(named, cfg.weight_decay, lr_of)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    if any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named):
+    low = any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named)
+    if cfg.kind == "adamw8bit" or (low and cfg.master_weights != "fp32"):
+        from .compact_adamw import CompactAdamW
+
+        return CompactAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, masters=cfg.master_weights,
+                            moments="8bit" if cfg.kind == "adamw8bit" else "fp32")
+    if low:
         return MasterAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     fused = all(p.is_cuda for _, p in named)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)

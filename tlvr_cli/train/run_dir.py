@@ -9,6 +9,10 @@
                                            torch RNG) and the config.yaml it ran with
     <run_dir>/final/                       the released-layout model at the end
 
+A LoRA run (``tune.lora``) writes its merged weights in the released layout and its adapters in peft's
+format beside them, ``step-N/adapter/`` and ``final/adapter/`` (``lora.save_adapter``); it resumes from the
+adapters, the released file's other trained weights and the run's start checkpoint (``lora.checkpoint_state``).
+
 The trainer state is JSON and safetensors only: loading it cannot run code (a pickle could).
 Checkpoint directories are written under a temporary name and renamed, so a crash never leaves a
 half checkpoint that ``--resume auto`` would pick. Every process calls the save and load functions
@@ -176,8 +180,6 @@ def save_checkpoint(run_dir: Path, state: TrainState, par: Parallel, optimizer: 
                     keep_last: int = 2) -> Path:
     """Write ``step-N`` (collective: sharded weights and optimizer state are gathered on every
     process; rank 0 writes) and prune older step checkpoints beyond ``keep_last``."""
-    from ..model.checkpoint import save_model
-
     weights = par.full_state()
     opt = par.optimizer_state(optimizer, weights)
     final = checkpoint_dir(run_dir, state.step)
@@ -186,7 +188,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, par: Parallel, optimizer: 
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        save_model(par.model, tmp, state=weights, dtype=par.save_dtype)
+        _save_weights(par, tmp, weights)
         tensors: dict[str, torch.Tensor] = {}
         payload = {"step": state.step, "cursor": asdict(state.cursor), "extra": state.extra,
                    "scheduler": scheduler.state_dict(), "rng": _rng_state(tensors), "optimizer": _pack(opt, tensors)}
@@ -217,10 +219,16 @@ def read_trainer_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_checkpoint(ckpt: Path, par: Parallel, optimizer: Any, scheduler: Any) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG from ``ckpt``; returns the ``TrainState``."""
     from ..model.checkpoint import read_state_dict
+    from .lora import ADAPTER_DIR, checkpoint_state, has_adapters
 
     payload, tensors = read_trainer_state(ckpt)
     opt = _unpack(payload["optimizer"], tensors)
-    weights = opt.get("masters") or read_state_dict(Path(ckpt))
+    if has_adapters(par.model):
+        weights = checkpoint_state(par.model, Path(ckpt))
+    elif (Path(ckpt) / ADAPTER_DIR).is_dir():
+        raise TlvrError(f"{ckpt}: written by a LoRA run; resume it with the tune.lora settings it was saved with")
+    else:
+        weights = opt.get("masters") or read_state_dict(Path(ckpt))
     par.load_state(weights, optimizer, opt, where=ckpt)
     scheduler.load_state_dict(payload["scheduler"])
     _set_rng_state(payload["rng"], tensors)
@@ -230,14 +238,26 @@ def load_checkpoint(ckpt: Path, par: Parallel, optimizer: Any, scheduler: Any) -
 def save_final(run_dir: Path, par: Parallel, generation: dict[str, Any] | None = None) -> Path:
     """Write the final model (released layout) to ``<run_dir>/final`` (collective, like a checkpoint);
     ``generation``: the sampling settings its generation_config.json records."""
-    from ..model.checkpoint import save_model
-
     out = Path(run_dir) / "final"
     weights = par.full_state()
     if par.ctx.is_main:
-        save_model(par.model, out, state=weights, dtype=par.save_dtype, generation=generation)
+        _save_weights(par, out, weights, generation)
     par.ctx.barrier()
     return out
+
+
+def _save_weights(par: Parallel, out: Path, weights: dict[str, torch.Tensor] | None,
+                  generation: dict[str, Any] | None = None) -> None:
+    """The model in the released layout into ``out`` (``weights``: gathered shards, None for a replica); a
+    LoRA model merged, with its adapters in peft's format in ``out/adapter``."""
+    from ..model.checkpoint import save_model
+    from .lora import ADAPTER_DIR, has_adapters, released_state, save_adapter
+
+    lora = has_adapters(par.model)
+    save_model(par.model, out, state=released_state(par.model) if lora else weights, dtype=par.save_dtype,
+               generation=generation)
+    if lora:
+        save_adapter(par.model, out / ADAPTER_DIR)
 
 
 def start_run(run_dir: Path, resume: str | None, par: Parallel, optimizer: Any, scheduler: Any, config_yaml: str, *,

@@ -13,10 +13,20 @@ T = TypeVar("T")
 
 
 def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: bool) -> None:
-    """Set ``requires_grad`` per part (spec §4: tower frozen, connector and LLM trained)."""
-    for part, flag in ((model.language_model, tune.llm), (model.connector, tune.connector), (model.vision_tower, tune.vision_tower)):
+    """Set ``requires_grad`` per part (spec §4: tower frozen, connector and LLM trained); with ``tune.lora``
+    the LLM gets adapters (``lora.add_adapters``) and only they train in it."""
+    lora = tune.lora.enabled
+    if lora:
+        from .lora import add_adapters, is_adapter
+
+        add_adapters(model, tune.lora)
+    for part, flag in ((model.language_model, tune.llm and not lora), (model.connector, tune.connector),
+                       (model.vision_tower, tune.vision_tower)):
         for p in part.parameters():
             p.requires_grad_(flag)
+    if lora:
+        for name, p in model.language_model.named_parameters():
+            p.requires_grad_(is_adapter(name))
     if not tune.vision_tower:
         model.vision_tower.eval()
     if gradient_checkpointing:

@@ -1,0 +1,53 @@
+"""benchmarks/bench_grpo_step.py on the tiny model: each memory preset runs the real step, and an
+out-of-memory error is reported as a result, not a crash."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOKE = ["--config", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--steps", "1", "--prompts", "2",
+         "--generations", "2", "--new-tokens", "4", "--frames", "2"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_grpo_step.py"
+    spec = importlib.util.spec_from_file_location("bench_grpo_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", ["nextqa-lora", "nextqa-48gb"])
+def test_presets_run_the_real_step(bench, preset, capsys):
+    if preset == "nextqa-lora":
+        pytest.importorskip("peft")
+    r = bench.main(["--preset", preset, "--set", "engine.max_batch=2", *SMOKE])
+    assert r["completed"] and r["step_s"] > 0
+    assert set(r["parts"]) == {"vision", "rollout", "score", "ref_logprob", "backward"}
+    assert r["tokens_per_step"] == 2 * 2 * 4
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[-1].removeprefix("RESULT "))["preset"] == preset
+    header = lines[0]
+    assert ("LoRA rank 16" in header) == (preset == "nextqa-lora") and "engine batch 2" in header
+    assert ("CompactAdamW" in header) == (preset == "nextqa-48gb")
+
+
+def test_out_of_memory_is_reported_with_its_phase(bench, monkeypatch, capsys):
+    def oom(self, batch, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench.GRPOStep, "__call__", oom)
+    r = bench.main(["--preset", "nextqa", *SMOKE])
+    assert not r["completed"] and r["oom"].startswith("warm-up step: OutOfMemoryError: CUDA out of memory")
+    out = capsys.readouterr().out
+    assert "OUT OF MEMORY during warm-up step" in out and out.splitlines()[-1].startswith("RESULT ")
+    assert bench._is_oom(RuntimeError("wrapped")) is False
+    wrapped = RuntimeError("compile failed")
+    wrapped.__cause__ = torch.OutOfMemoryError("out of memory")
+    assert bench._is_oom(wrapped)
