@@ -102,12 +102,14 @@ def plot_metrics(metrics_path: Path, out_png: Path, keys: Sequence[str], title: 
     return out_png
 
 
-RUN_CURVES = ("reward", "rewards/*", "completion_length", "kl", "train/loss", "train/grad_norm", "train/lr")
+RUN_CURVES = ("reward", "rewards/*", "completion_length", "kl", "reflection/rate", "reflection/think_tokens",
+              "reflection/accuracy_*", "dynamic/filtered_fraction", "train/loss", "train/grad_norm", "train/lr")
 
 
 def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) -> Path:
-    """The PNG of a run's training curves (GRPO: reward, each reward function, length, KL; cold start:
-    loss, gradient norm, learning rate), from the metrics it logged."""
+    """The PNG of a run's training curves (GRPO: reward, each reward function, length, KL, reflection
+    rate, think length and accuracy with/without reflection, filtered groups; cold start: loss,
+    gradient norm, learning rate), from the metrics it logged."""
     metrics = Path(run_dir) / "metrics.jsonl"
     logged = {k for row in read_metrics(metrics) for k in row}
     keys = [k for pattern in RUN_CURVES for k in (sorted(x for x in logged if x.startswith(pattern[:-1]))
