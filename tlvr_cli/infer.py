@@ -54,7 +54,7 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     dtype = next(model.vision_tower.parameters()).dtype
 
     t = time.perf_counter()
-    frames = read_frames(video, cfg.video.num_frames, backend=cfg.video.backend)
+    frames = read_frames(video, **cfg.video.frame_args(), backend=cfg.video.backend)
     pixels = preprocess_frames(frames.frames, size=model.config.vision_config.image_size)
     timings["decode_s"] = time.perf_counter() - t
 

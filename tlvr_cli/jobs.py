@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import option
+from .data.reflection import DEFAULT_REFLECTION_PHRASES
 from .data.template import GRPO_QUESTION_TEMPLATE
+from .errors import TlvrError
 
 R1_MODEL = "Zhang199/TinyLLaVA-Video-R1"
 COLDSTART_MODEL = "Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16"
@@ -41,8 +43,27 @@ class SamplingConfig:
 class VideoConfig:
     """How frames are taken from a video."""
 
-    num_frames: int = option(16, "Frames sampled per video (16 everywhere in the reference).", ge=1)
+    num_frames: int = option(16, "Frames sampled per video (16 everywhere in the reference); used while fps is 0.",
+                             ge=1)
+    fps: float = option(0.0, "Frame-rate mode when > 0: sample fps frames per second of video instead of num_frames, "
+                        "at most max_frames (the reference's '1 fps' option, num_frame -1 with max_frame, is fps 1.0; "
+                        "spec §2.A). Frame paths A and B only: MVBench's midpoint and frame-folder readers and a "
+                        "bounded span keep num_frames. 0: num_frames.", ge=0)
+    max_frames: int = option(0, "Cap on the frame-rate mode's frames (the reference's max_frame: 16 in its eval "
+                             "scripts; 0: no cap, as its cold-start data set).", ge=0)
     backend: str = option("auto", "Decoder: auto (decord, PyAV fallback) | decord | pyav.")
+
+    def frame_args(self, spec=None) -> dict:
+        """The frame-count keywords of ``read_frames`` / ``read_video``: ``{"num_frames": n}``, or in the
+        frame-rate mode ``{"fps": f, "max_frames": cap}``; a frame ``spec`` whose path samples a fixed
+        count (midpoints, frame folders, a bounded uniform span) keeps ``num_frames``."""
+        if self.max_frames and not self.fps:
+            raise TlvrError(f"video.max_frames={self.max_frames} caps the frame-rate mode: set video.fps > 0, "
+                            "or leave max_frames at 0")
+        rate_path = spec is None or spec.kind == "pts_seek" or (spec.kind == "uniform" and spec.bound is None)
+        if self.fps > 0 and rate_path:
+            return {"fps": self.fps, "max_frames": self.max_frames or None}
+        return {"num_frames": self.num_frames}
 
 
 @dataclass
@@ -162,8 +183,12 @@ class ColdstartConfig:
     video: VideoConfig = option(VideoConfig(), "Frame sampling.")
     optim: OptimConfig = option(OptimConfig(), "Optimizer (spec §4: AdamW 1e-5 constant, clip 1.0).")
     tune: TuneConfig = option(TuneConfig(), "Trainable parts.")
-    batch_size: int = option(1, "Samples per micro-batch.", ge=1)
-    grad_accum: int = option(1, "Micro-batches per optimizer step.", ge=1)
+    batch_size: int = option(1, "Samples per micro-batch, per process.", ge=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step, per process (leave at 1 with global_batch_size).",
+                             ge=1)
+    global_batch_size: int = option(0, "Samples per optimizer step over all processes: grad_accum becomes "
+                                    "global_batch_size / (batch_size x processes), which must divide; 0: batch_size "
+                                    "x grad_accum x processes (spec §4: 4 GPUs x 1 = 4).", ge=0)
     seed: int = option(42, "Seed for data order, init and dropout (HF default 42).", ge=0)
     output: OutputConfig = option(OutputConfig(run_dir="runs/coldstart"), "Outputs.")
     dist: DistConfig = option(DistConfig(), "Distributed settings.")
@@ -177,7 +202,7 @@ class RewardSpec:
     """One reward function and its weight (used by reward_combination 'weighted')."""
 
     function: str = option("tlvr_cli.train.rewards:accuracy_reward", "'module:function' returning one float per completion.")
-    weight: float = option(1.0, "Weight in the weighted sum.")
+    weight: float = option(1.0, "Weight (scale) of this reward in the weighted sum, e.g. 0.5 to halve a format bonus.")
 
 
 @dataclass
@@ -200,8 +225,27 @@ class GRPOAlgoConfig:
     loss_aggregation: Literal["sequence_mean", "token_mean", "dr_grpo"] = option(
         "sequence_mean", "sequence_mean: token mean per sequence, then mean; token_mean: over all tokens; dr_grpo: sum / (G * max_new_tokens)."
     )
-    num_iterations: int = option(1, "Optimizer passes per rollout batch (>1 enables the PPO clipped ratio).", ge=1)
-    clip_eps: float = option(0.2, "PPO ratio clip range when num_iterations > 1.", gt=0)
+    num_iterations: int = option(1, "Optimizer passes per rollout batch (>1 makes the updates off-policy: the clipped "
+                                 "ratio applies).", ge=1)
+    mini_batches: int = option(1, "Optimizer steps per pass: the step's groups split into this many mini-batches, one "
+                               "update each (GSPO: 4); >1 also makes the updates off-policy.", ge=1)
+    clip_eps_low: float = option(0.2, "Lower clip range of the ratio, 1 - eps (PPO/TRL 0.2; binds only off-policy).",
+                                 gt=0, lt=1)
+    clip_eps_high: float = option(0.2, "Upper clip range of the ratio, 1 + eps (DAPO clip-higher: 0.28).", gt=0)
+    importance_level: Literal["token", "sequence"] = option(
+        "token", "token: a ratio per token (PPO/GRPO); sequence: GSPO's length-normalised sequence ratio, clipped per "
+        "sequence.")
+    mask_truncated: bool = option(False, "Completions cut at rollout.max_new_tokens (no eos) get no loss (DAPO's "
+                                  "overlong filtering); their rewards still count in the group statistics.")
+    overlong_buffer: int = option(0, "DAPO soft overlong penalty: the last N tokens before rollout.max_new_tokens, "
+                                  "over which a penalty falls linearly from 0 to -overlong_penalty, added to the "
+                                  "reward and logged as rewards/overlong_penalty (0: off).", ge=0)
+    overlong_penalty: float = option(1.0, "The soft overlong penalty at max_new_tokens (DAPO: 1.0).", ge=0)
+    dynamic_sampling: bool = option(False, "DAPO dynamic sampling: drop groups whose dynamic_sampling_metric is the "
+                                    "same for every completion (zero advantage) and draw further prompts until the "
+                                    "step has data.prompts_per_step informative groups or data.max_draws is reached.")
+    dynamic_sampling_metric: str = option("reward", "What dynamic sampling compares: 'reward' (the combined reward) or "
+                                          "a reward function's name, e.g. accuracy_reward (DAPO's 'acc').")
 
 
 @dataclass
@@ -210,10 +254,23 @@ class GRPODataConfig:
     annotations: str = option("nextqa_0-30s.jsonl", "GRPO rows (problem, solution, video_filename), relative to root (spec §5.1).")
     question_template: str = option(GRPO_QUESTION_TEMPLATE, "Prompt text; {Question} is the row's problem (spec §3.3).")
     prompts_per_step: int = option(8, "Prompts per optimizer step, global (reference: 8 GPUs x 1).", ge=1)
+    max_draws: int = option(10, "Most prompt draws per step (the first included): further draws replace prompts "
+                            "whose video failed and, with algo.dynamic_sampling, filtered groups (verl's "
+                            "max_num_gen_batches 10). A step short of groups at the cap trains on those it has.", ge=1)
+    max_skip_fraction: float = option(0.1, "Stop the run when the prompts whose video failed pass this fraction of "
+                                      "the data set (of the prompts drawn, once more were drawn).", ge=0, le=1)
     num_workers: int = option(2, "Worker threads decoding the next step's videos.", ge=0)
     feature_cache_gb: float = option(0.0, "Keep the frozen tower's features of up to this many GB of videos in CPU "
                                      "memory, reused when a video comes again (0: off, the reference's cost model).", ge=0)
     skip_report: str = option("", "A `tlvr data check` report; its bad videos are skipped up front.")
+
+
+@dataclass
+class ReflectionConfig:
+    """Reflection ("aha moment") markers counted in the <think> text of every completion."""
+
+    phrases: list[str] = option(list(DEFAULT_REFLECTION_PHRASES), "Marker phrases, matched case-insensitively and "
+                                "word-bounded (a phrase ending in '-' matches any continuation).")
 
 
 @dataclass
@@ -242,6 +299,7 @@ class GRPOConfig:
     perf: GRPOPerfConfig = option(GRPOPerfConfig(), "Speed and memory of the training forward.")
     seed: int = option(42, "Seed for data order, sampling and advantage noise.", ge=0)
     sample_every: int = option(10, "Write a sample of completions to samples.jsonl every N steps (0 disables).", ge=0)
+    reflection: ReflectionConfig = option(ReflectionConfig(), "Reflection metrics (reflection/* in metrics.jsonl).")
     output: OutputConfig = option(OutputConfig(run_dir="runs/grpo"), "Outputs.")
     dist: DistConfig = option(DistConfig(), "Distributed settings.")
 
@@ -322,6 +380,7 @@ class EvalConfig:
     limit: int = option(0, "Evaluate only the first N items (0: all).", ge=0)
     seed: int = option(0, "Seed for sampling and the random fallback.", ge=0)
     bootstrap: int = option(1000, "Bootstrap resamples for the 95% confidence intervals.", ge=0)
+    reflection: ReflectionConfig = option(ReflectionConfig(), "Reflection metrics in the report.")
     output_dir: str = option("", "Where answers.jsonl and results.json go ('' = runs/eval/<benchmark>[-<duration>]).")
 
 

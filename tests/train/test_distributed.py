@@ -61,7 +61,8 @@ from tlvr_cli.train.grpo import run_grpo
 from tlvr_cli.eval.distributed import run_eval_sharded
 tmp, tag = {tmp!r}, {tag!r}
 model = {{"path": tmp + "/tiny", "dtype": "float32", "device": "cpu"}}
-cs = load_config(ColdstartConfig, None, extra={{"model": model, "batch_size": 1, "grad_accum": {accum},
+# the global batch of 2 is 2 accumulated micro-batches on one process, 1 per process on two
+cs = load_config(ColdstartConfig, None, extra={{"model": model, "batch_size": 1, "global_batch_size": 2,
     "data": {{"root": tmp + "/synth", "annotations": "coldstart.json", "num_workers": 0}},
     "optim": {{"lr": 1e-3, "scheduler": "constant", "gradient_checkpointing": False, "max_steps": 2}},
     "output": {{"run_dir": tmp + "/cs-" + tag}}}})
@@ -80,17 +81,20 @@ run_eval_sharded(ev, show_progress=False)
 @pytest.fixture(scope="module")
 def single(setup):
     """The one-process reference run (replicated model, no process group)."""
-    launch(JOB.format(tmp=str(setup), tag="one", accum=2), 1, setup)
+    launch(JOB.format(tmp=str(setup), tag="one"), 1, setup)
     return setup
 
 
 def test_two_processes_match_one(single):
     tmp = single
-    launch(JOB.format(tmp=str(tmp), tag="two", accum=1), 2, tmp)
+    launch(JOB.format(tmp=str(tmp), tag="two"), 2, tmp)
     # rollouts and advantage noise are keyed by dataset row: both runs sample the same completions
     logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "two")]
     for key in ("reward", "completion_length", "kl", "grad_norm"):
         assert [m[key] for m in logs[0]] == pytest.approx([m[key] for m in logs[1]], abs=1e-5), key
+    cs_steps = [[json.loads(line)["step"] for line in (tmp / f"cs-{tag}" / "metrics.jsonl").read_text().splitlines()]
+                for tag in ("one", "two")]
+    assert cs_steps == [[1, 2], [1, 2]]  # 4 records, 2 per step, on one process and on two
     for stage in ("cs", "grpo"):
         a, b = read_state_dict(tmp / f"{stage}-one" / "final"), read_state_dict(tmp / f"{stage}-two" / "final")
         for k in a:

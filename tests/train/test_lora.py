@@ -206,8 +206,7 @@ def test_grpo_steps_train_only_adapters_and_connector_and_the_reference_is_the_b
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lora_grpo_run_writes_both_formats_and_resumes_exactly(tmp_path, dtype):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_train_loops import _same_weights, grpo_cfg
+    from train_runs import grpo_cfg, same_weights
 
     from tlvr_cli.jobs import SynthConfig
     from tlvr_cli.model.checkpoint import load_model, save_model
@@ -230,7 +229,7 @@ def test_lora_grpo_run_writes_both_formats_and_resumes_exactly(tmp_path, dtype):
     assert load_model(str(full), device="cpu") is not None  # the merged model loads as any checkpoint
     run("b", 1)
     resumed = run("b", 3, resume="auto")
-    _same_weights(full, resumed)
+    same_weights(full, resumed)
     from safetensors.torch import load_file
 
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (full, resumed))

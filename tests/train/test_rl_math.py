@@ -117,7 +117,8 @@ def test_policy_loss_value_and_gradient_match_reference_formula():
 def test_clipped_ratio_when_iterating():
     logp = torch.tensor([[0.5, 0.0]], requires_grad=True)
     old = torch.tensor([[0.0, 0.0]])
-    loss, stats = policy_loss(logp, None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.0, old_logp=old, clip_eps=0.2)
+    loss, stats = policy_loss(logp, None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.0, old_logp=old,
+                              clip_eps_low=0.2, clip_eps_high=0.2)
     # token 0: ratio e^0.5 ≈ 1.65 clipped to 1.2; token 1: ratio 1
     assert torch.isclose(loss, -torch.tensor((1.2 + 1.0) / 2))
     assert stats["clip_fraction"] == 0.5

@@ -146,8 +146,10 @@ def test_fake_wandb_receives_metrics_config_samples_and_curves(synth_root, tiny_
     lines = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [step for step, _ in tables] == [line["step"] for line in lines] == [1, 2]
     for (step, (kind, columns, data)), line in zip(tables, lines):
-        assert kind == "table" and columns == ["step", "problem", "solution", "completion", "reward"]
-        assert data == [[step, s["problem"], s["solution"], s["completion"], s["reward"]] for s in line["samples"]]
+        keys = list(line["samples"][0])  # every field samples.jsonl has, in its order
+        assert kind == "table" and columns == ["step", *keys]
+        assert {"problem", "solution", "completion", "reward"} <= set(keys)
+        assert data == [[step, *(s[k] for k in keys)] for s in line["samples"]]
     # the curves PNG at the last step, then one finish
     [(step, image)] = [(step, v["curves"]) for step, v in run.logged if "curves" in v]
     assert step == 2 and image == ("image", run_dir / "curves.png") and image[1].read_bytes()[:4] == b"\x89PNG"

@@ -4,63 +4,13 @@ skipped videos, and the direction of a GRPO update."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from train_runs import coldstart_cfg, grpo_cfg, same_weights
 
-from tlvr_cli.config import load_config
-from tlvr_cli.jobs import ColdstartConfig, GRPOConfig, SynthConfig
-from tlvr_cli.model.checkpoint import load_model, read_state_dict, save_model
+from tlvr_cli.model.checkpoint import load_model
 from tlvr_cli.train.rewards import score_completions
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    from tlvr_cli.synth import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic_dataset(SynthConfig(root=str(root), train=16, eval=8, coldstart=8, size=32, seed=0))
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    from tlvr_cli.model.tiny import build_tiny_model
-
-    return save_model(build_tiny_model(), tmp_path_factory.mktemp("ck") / "tiny")
-
-
-def coldstart_cfg(root: Path, run: Path, ckpt: Path, **extra) -> ColdstartConfig:
-    base = {"model": {"path": str(ckpt), "dtype": "float32", "device": "cpu"},
-            "data": {"root": str(root), "annotations": "coldstart.json", "num_workers": 0, "max_length": 1024},
-            "optim": {"lr": 1e-3, "scheduler": "constant", "gradient_checkpointing": False},
-            "batch_size": 2, "output": {"run_dir": str(run)}}
-    return load_config(ColdstartConfig, None, extra=_merge(base, extra))
-
-
-def grpo_cfg(root: Path, run: Path, ckpt: Path, **extra) -> GRPOConfig:
-    base = {"model": {"path": str(ckpt), "dtype": "float32", "device": "cpu"},
-            "data": {"root": str(root), "prompts_per_step": 2, "num_workers": 1},
-            "rollout": {"max_new_tokens": 8}, "algo": {"num_generations": 4},
-            "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False},
-            "perf": {"micro_batch_size": 3}, "engine": {"max_batch": 8, "cuda_graphs": False},
-            "sample_every": 1, "output": {"run_dir": str(run)}}
-    return load_config(GRPOConfig, None, extra=_merge(base, extra))
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _same_weights(a: Path, b: Path) -> None:
-    sa, sb = read_state_dict(a), read_state_dict(b)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
 
 
 def test_coldstart_writes_outputs_and_resumes_exactly(synth_root, tiny_ckpt, tmp_path):
@@ -77,7 +27,7 @@ def test_coldstart_writes_outputs_and_resumes_exactly(synth_root, tiny_ckpt, tmp
     run_coldstart(coldstart_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 2}), show_progress=False)
     resumed = run_coldstart(coldstart_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 4}), resume="auto",
                             show_progress=False)
-    _same_weights(full, resumed)
+    same_weights(full, resumed)
     rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/loss"] for r in rows_b] == [r["train/loss"] for r in rows]
 
@@ -108,7 +58,7 @@ def test_grpo_logs_reference_metrics_and_resumes_exactly(synth_root, tiny_ckpt, 
 
     run_grpo(grpo_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 1}), show_progress=False)
     resumed = run_grpo(grpo_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 3}), resume="auto", show_progress=False)
-    _same_weights(full, resumed)
+    same_weights(full, resumed)
     rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward"] for r in rows_b] == [r["reward"] for r in rows]
     assert [r["kl"] for r in rows_b] == [r["kl"] for r in rows]
@@ -130,10 +80,12 @@ def test_grpo_skips_broken_videos_with_a_count(synth_root, tiny_ckpt, tmp_path):
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
     (root / "nextqa_0-30s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_grpo(grpo_cfg(root, tmp_path / "run", tiny_ckpt, data={"prompts_per_step": 4}, optim={"max_steps": 1}),
-             show_progress=False)
+    run_grpo(grpo_cfg(root, tmp_path / "run", tiny_ckpt, data={"prompts_per_step": 4, "max_skip_fraction": 1.0},
+                      optim={"max_steps": 1}), show_progress=False)
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert m["data/skipped"] == 2
+    # the two broken prompts of the first draw, and any drawn again, were replaced from the data order
+    assert m["data/skipped"] >= 2 and m["data/groups"] == 4
+    assert m["data/skipped"] == m["data/prompts_drawn"] - m["data/groups"] == m["data/extra_prompts"]
 
 
 def test_policy_gradient_moves_logprobs_toward_positive_advantages(tiny_model):

@@ -24,7 +24,7 @@ def run_eval_sharded(cfg: EvalConfig, *, model=None, show_progress: bool = True)
     if ctx.is_main:
         out_dir = output_dir(cfg)
         rows = merge_rank_answers(out_dir, ctx.world_size, [it.item_id for it in load_eval_items(cfg)])
-        report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed)
+        report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed, phrases=cfg.reflection.phrases)
         write_report(report, out_dir)
     ctx.barrier()
     shutdown_distributed()

@@ -6,18 +6,26 @@ in ``n_skipped``; ``extra["acc_skipped_as_wrong"]`` gives the headline with them
 The headline aggregates as the benchmark says (spec §6): ``micro`` is the item mean, ``macro`` the
 mean of the task accuracies (MLVU). Bootstrap resamples items; for ``macro`` it resamples within
 each task so task sizes stay fixed.
+
+Reports also carry the reflection ("aha moment") metrics of the answers' ``<think>`` text
+(``data/reflection.py``): the share of answers with a marker, markers per answer, think length in
+characters, and accuracy with and without a marker, per task and overall; a comparison shows their
+change from A to B on the common items.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from ..data.reflection import DEFAULT_REFLECTION_PHRASES, completion_reflection, reflection_summary
+from ..data.tags import think_block
 from ..errors import TlvrError
 from ..files import write_json_atomic, write_text_atomic
 from ..jobs import EvalConfig
@@ -43,6 +51,7 @@ class Report:
     aggregate: str = "micro"
     headline_label: str = ""
     extra: dict = field(default_factory=dict)
+    reflection: dict = field(default_factory=dict)  # {"overall": {...}, "by_task": {task: {...}}}; {} without <think>
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -62,7 +71,60 @@ class Report:
         lines.append(f"| **{self.aggregate} avg** | {self.n_scored} | **{self.headline:.1f}** | {lo:.1f}–{hi:.1f} |")
         if self.n_skipped:
             lines += ["", f"Counting skipped items as wrong: {self.extra['acc_skipped_as_wrong']:.1f}."]
+        if self.reflection:
+            lines += ["", "Reflection markers in the `<think>` text:", "",
+                      "| task | n | reflecting % | markers / answer | think chars | acc with % | acc without % |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+            rows = [*self.reflection["by_task"].items(), ("**overall**", self.reflection["overall"])]
+            for task, r in rows:
+                lines.append(f"| {task} | {r['n']} | {r['rate']:.1f} | {r['markers']:.2f} | {r['think_chars']:.0f} | "
+                             f"{_pct_or_dash(r['acc_with'])} | {_pct_or_dash(r['acc_without'])} |")
         return "\n".join(lines) + "\n"
+
+
+def _pct_or_dash(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+# ----------------------------------------------------------------------------- reflection
+
+
+def _reflection_pct(summary: dict) -> dict:
+    """A ``reflection_summary`` in report units: rates and accuracies in %, lengths in characters."""
+    def pct(x):
+        return None if x is None else 100.0 * x
+
+    return {"n": summary["n"], "n_with": summary["n_with"], "rate": pct(summary["rate"]), "markers": summary["markers"],
+            "think_chars": summary["think_length"], "answer_chars": summary["answer_length"],
+            "acc_with": pct(summary.get("acc_with")), "acc_without": pct(summary.get("acc_without"))}
+
+
+def reflection_report(rows: list[dict], phrases: Sequence[str] = DEFAULT_REFLECTION_PHRASES) -> dict:
+    """Reflection metrics of scored answer rows, per task and overall (``{}`` when no output has a
+    ``<think>`` block, e.g. in option mode)."""
+    rows = [r for r in rows if not r.get("skipped") and isinstance(r.get("output"), str)]
+    if not any(think_block(r["output"]) is not None for r in rows):
+        return {}
+    stats = [completion_reflection(r["output"], phrases) for r in rows]
+    correct = [float(is_correct(r)) for r in rows]
+    tasks = [str(r.get("task", "all")) for r in rows]
+    by_task = {}
+    for task in dict.fromkeys(tasks):
+        idx = [i for i, t in enumerate(tasks) if t == task]
+        by_task[task] = _reflection_pct(reflection_summary([stats[i] for i in idx], [correct[i] for i in idx]))
+    return {"overall": _reflection_pct(reflection_summary(stats, correct)), "by_task": by_task,
+            "phrases": list(phrases)}
+
+
+def reflection_phrases_beside(answers: Path) -> list[str]:
+    """The ``reflection.phrases`` of the config.yaml beside an answers file (the defaults without one)."""
+    cfg = Path(answers).parent / "config.yaml"
+    if cfg.is_file():
+        data = yaml.safe_load(cfg.read_text()) or {}
+        phrases = (data.get("reflection") or {}).get("phrases") if isinstance(data, dict) else None
+        if isinstance(phrases, list) and all(isinstance(p, str) for p in phrases):
+            return phrases
+    return list(DEFAULT_REFLECTION_PHRASES)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -140,8 +202,10 @@ def _group_stats(values: np.ndarray, labels: list[str], n_boot: int, seed: int) 
     return out
 
 
-def score_answers(rows: list[dict], benchmark: str, *, n_boot: int = BOOTSTRAP, seed: int = 0) -> Report:
-    """Report for answers.jsonl rows ``{item_id, task, gold, parsed, correct, skipped?, ...}``."""
+def score_answers(rows: list[dict], benchmark: str, *, n_boot: int = BOOTSTRAP, seed: int = 0,
+                  phrases: Sequence[str] = DEFAULT_REFLECTION_PHRASES) -> Report:
+    """Report for answers.jsonl rows ``{item_id, task, gold, parsed, correct, output, skipped?, ...}``;
+    ``phrases`` are the reflection markers counted in the outputs."""
     bench = get_benchmark(benchmark)
     rows = _dedupe(rows)
     scored = [r for r in rows if not r.get("skipped")]
@@ -176,6 +240,7 @@ def score_answers(rows: list[dict], benchmark: str, *, n_boot: int = BOOTSTRAP, 
         aggregate=bench.aggregate,
         headline_label=bench.headline_label,
         extra=extra,
+        reflection=reflection_report(scored, phrases),
     )
 
 
@@ -202,7 +267,8 @@ def score_answers_file(path: Path, benchmark: str | None = None, *, n_boot: int 
     """Score an answers.jsonl (``n_boot`` None: the default resamples); with ``write`` the results go beside it."""
     path = Path(path)
     rows = read_answers(path, missing_ok=False)
-    report = score_answers(rows, benchmark or infer_benchmark(path), n_boot=BOOTSTRAP if n_boot is None else n_boot, seed=seed)
+    report = score_answers(rows, benchmark or infer_benchmark(path), n_boot=BOOTSTRAP if n_boot is None else n_boot,
+                           seed=seed, phrases=reflection_phrases_beside(path))
     if write:
         write_report(report, path.parent)
     return report
@@ -226,6 +292,7 @@ class ComparisonReport:
     diff_ci95: tuple[float, float]
     by_task: dict[str, dict]  # task -> {"n", "acc_a", "acc_b", "diff", "ci95"}
     mcnemar: dict[str, float]  # a_right_b_wrong, a_wrong_b_right, both_right, both_wrong, p_value
+    reflection: dict = field(default_factory=dict)  # {"a": report reflection, "b": ...} on the common items
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -245,11 +312,29 @@ class ComparisonReport:
                      f"**{self.diff:+.1f}** | {lo:+.1f} to {hi:+.1f} |")
         lines += ["", f"McNemar: A right / B wrong {m['a_right_b_wrong']}, A wrong / B right {m['a_wrong_b_right']}, "
                       f"both right {m['both_right']}, both wrong {m['both_wrong']}; exact p = {m['p_value']:.3g}."]
+        if self.reflection:
+            lines += self._reflection_lines()
         return "\n".join(lines) + "\n"
+
+    def _reflection_lines(self) -> list[str]:
+        a, b = self.reflection["a"], self.reflection["b"]
+        lines = ["", "Reflection markers in the `<think>` text, on the common items:", "",
+                 "| | A | B | B − A |", "|---|---:|---:|---:|"]
+        rows = [("reflecting %", a["overall"]["rate"], b["overall"]["rate"]),
+                ("markers / answer", a["overall"]["markers"], b["overall"]["markers"]),
+                ("think chars", a["overall"]["think_chars"], b["overall"]["think_chars"]),
+                ("acc with reflection %", a["overall"]["acc_with"], b["overall"]["acc_with"]),
+                ("acc without reflection %", a["overall"]["acc_without"], b["overall"]["acc_without"])]
+        rows += [(f"reflecting %: {task}", a["by_task"][task]["rate"], b["by_task"].get(task, {}).get("rate"))
+                 for task in a["by_task"]] if len(a["by_task"]) > 1 else []
+        for name, x, y in rows:
+            diff = "–" if x is None or y is None else f"{y - x:+.1f}"
+            lines.append(f"| {name} | {_pct_or_dash(x)} | {_pct_or_dash(y)} | {diff} |")
+        return lines
 
 
 def compare_answers(rows_a: list[dict], rows_b: list[dict], benchmark: str, *, n_boot: int = BOOTSTRAP,
-                    seed: int = 0) -> ComparisonReport:
+                    seed: int = 0, phrases: Sequence[str] = DEFAULT_REFLECTION_PHRASES) -> ComparisonReport:
     """Paired comparison on the items scored (not skipped) in both row lists."""
     bench = get_benchmark(benchmark)
     a = {r["item_id"]: r for r in _dedupe(rows_a) if not r.get("skipped")}
@@ -278,7 +363,16 @@ def compare_answers(rows_a: list[dict], rows_b: list[dict], benchmark: str, *, n
         mcnemar={"a_right_b_wrong": a_only, "a_wrong_b_right": b_only,
                  "both_right": int(((va == 1) & (vb == 1)).sum()), "both_wrong": int(((va == 0) & (vb == 0)).sum()),
                  "p_value": mcnemar_p(a_only, b_only)},
+        reflection=_compare_reflection([a[k] for k in common], [b[k] for k in common], phrases),
     )
+
+
+def _compare_reflection(rows_a: list[dict], rows_b: list[dict], phrases: Sequence[str]) -> dict:
+    ra, rb = reflection_report(rows_a, phrases), reflection_report(rows_b, phrases)
+    if not ra and not rb:
+        return {}
+    empty = {"overall": _reflection_pct(reflection_summary([], [])), "by_task": {}}
+    return {"a": ra or empty, "b": rb or empty}
 
 
 def compare_answer_files(a: Path, b: Path, benchmark: str | None = None, *, n_boot: int | None = None,
@@ -286,4 +380,5 @@ def compare_answer_files(a: Path, b: Path, benchmark: str | None = None, *, n_bo
     """Compare two answers files (benchmark from the config.yaml beside ``a`` when not given)."""
     name = benchmark or infer_benchmark(Path(a))
     return compare_answers(read_answers(Path(a), missing_ok=False), read_answers(Path(b), missing_ok=False), name,
-                           n_boot=BOOTSTRAP if n_boot is None else n_boot, seed=seed)
+                           n_boot=BOOTSTRAP if n_boot is None else n_boot, seed=seed,
+                           phrases=reflection_phrases_beside(Path(a)))

@@ -22,7 +22,7 @@ from ..engine.generate import Engine
 from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..files import write_text_atomic
-from ..jobs import EvalConfig
+from ..jobs import EvalConfig, VideoConfig
 from ..model.checkpoint import load_model
 from ..progress import JobProgress
 from ..runtime import resolve_root
@@ -59,8 +59,8 @@ def load_eval_items(cfg: EvalConfig) -> list[EvalItem]:
     return items
 
 
-def _decode(item: EvalItem, num_frames: int, image_size: int):
-    frames = read_video(item.video, item.frame_spec, num_frames)
+def _decode(item: EvalItem, video: VideoConfig, image_size: int):
+    frames = read_video(item.video, item.frame_spec, **video.frame_args(item.frame_spec))
     return preprocess_frames(frames.frames, size=image_size), list(frames.indices)
 
 
@@ -94,7 +94,7 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
         return None
     order = {it.item_id: i for i, it in enumerate(items)}
     rows = sorted((r for r in read_answers(answers_path) if r["item_id"] in order), key=lambda r: order[r["item_id"]])
-    report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed)
+    report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed, phrases=cfg.reflection.phrases)
     write_report(report, out_dir)
     return report
 
@@ -118,13 +118,13 @@ def _generate_answers(cfg: EvalConfig, model, todo: list[EvalItem], answers_path
     done, correct, seen, skipped = already, 0, 0, 0
     try:
         with answers_path.open("a") as out:
-            futures = [pool.submit(_decode, it, cfg.video.num_frames, image_size) for it in todo[:chunk]]
+            futures = [pool.submit(_decode, it, cfg.video, image_size) for it in todo[:chunk]]
             for start in range(0, len(todo), chunk):
                 items = todo[start:start + chunk]
                 decoded = [f.result() if not f.exception() else f.exception() for f in futures]
                 # the next chunk's videos decode while this chunk generates
                 nxt = todo[start + chunk:start + 2 * chunk]
-                futures = [pool.submit(_decode, it, cfg.video.num_frames, image_size) for it in nxt]
+                futures = [pool.submit(_decode, it, cfg.video, image_size) for it in nxt]
                 t0 = time.perf_counter()
                 good, rows = [], []
                 for it, dec in zip(items, decoded):

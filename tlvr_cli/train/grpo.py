@@ -7,7 +7,11 @@ Differences from the reference, all numerics-neutral or optional:
 * log-probs come from a vocabulary-chunked log-softmax in fp32 over sequences cut at their first
   eos; the reference takes a bf16 log-softmax over full logits (same values up to rounding);
 * the frozen tower runs once per video per step and may be cached (``data.feature_cache_gb``);
-* bad videos are skipped with a count instead of crashing.
+* a prompt whose video fails to decode is replaced by one drawn next from the data order (counted;
+  the run stops once more than ``data.max_skip_fraction`` of the data failed), where the reference
+  crashes (spec §7 item 11);
+* a prompt must fit the model's context with its completion (a one-line error names the row),
+  where the reference's splice cuts it to ``tokenizer_model_max_length`` without a word.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .metrics import plot_run
 from .optim import build_optimizer, build_scheduler
 from .parallel import Parallel
 from .policy import PolicyLogprobs
-from .rollout import FeatureCache, PromptLoader, prompt_ids
+from .rollout import FeatureCache, PromptDraws, PromptLoader, check_prompts_fit, prompt_ids
 from .setup import apply_tuning, drop_reported_videos
 
 
@@ -72,49 +76,51 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps)
     optimizer = build_optimizer(model, cfg.optim, cfg.tune)
-    # with num_iterations > 1 every rollout batch takes several optimizer (and scheduler) steps
-    scheduler = build_scheduler(optimizer, cfg.optim, total * cfg.algo.num_iterations)
+    # with num_iterations or mini_batches > 1 every rollout batch takes several optimizer (and scheduler) steps
+    scheduler = build_scheduler(optimizer, cfg.optim, total * cfg.algo.num_iterations * cfg.algo.mini_batches)
     config_yaml = to_yaml(cfg)
     st, logger = R.start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, output=cfg.output)
 
     cache = FeatureCache(int(cfg.data.feature_cache_gb * 1e9)) if cfg.data.feature_cache_gb > 0 else None
-    loader = PromptLoader(model.tokenizer, cfg.data.question_template, cfg.video.num_frames, cfg.video.backend,
+    loader = PromptLoader(model.tokenizer, cfg.data.question_template, cfg.video.frame_args(), cfg.video.backend,
                           model.config.vision_config.image_size, cfg.data.num_workers, cache)
     # the engine's cache holds the longest prompt of the data set (text + visual tokens) and its completion
-    longest = max(len(prompt_ids(model.tokenizer, r, cfg.data.question_template)) for r in rows) - 1 + model.config.num_queries
+    visual = model.config.num_queries  # the <image> token becomes this many embeddings
+    lengths = [len(prompt_ids(model.tokenizer, r, cfg.data.question_template)) - 1 + visual for r in rows]
+    check_prompts_fit(rows, lengths, cfg.rollout.max_new_tokens, model.config.tokenizer_model_max_length)
     # LoRA: the engine decodes from its own copy of the merged weights, refreshed at every rollout
-    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=longest + cfg.rollout.max_new_tokens,
+    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch,
+                    max_seq_len=max(lengths) + cfg.rollout.max_new_tokens,
                     cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
                     copy_weights=par.sharded, weights=MergedWeights(model.language_model) if lora else None)
     grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine, cache)
-
-    def step_rows(cursor: R.DataCursor) -> tuple[list, R.DataCursor]:
-        # the global batch comes from the cursor; each rank takes every world_size-th prompt of it
-        indices, after = cursor.take(len(rows), per_step, cfg.seed)
-        return [rows[i] for i in indices[ctx.rank::ctx.world_size]], after
 
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     progress = JobProgress("grpo", total, enabled=show_progress and ctx.is_main)
     progress.start(st.step)
-    skipped_total = int(st.extra.get("skipped", n_skipped_report))
+    # counted over the run, across resumes: skipped (reported up front + failed), failed, drawn, extra draws
+    tally = {"skipped": n_skipped_report, "broken": 0, "drawn": 0, "extra_prompts": 0}
+    tally.update({k: int(st.extra[k]) for k in tally if k in st.extra})
     try:
         while st.step < total:
             t_start = time.perf_counter()
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(ctx.device)
-            mine, after = step_rows(st.cursor)
-            batch = loader.load(mine)
-            if st.step + 1 < total:  # decode the next step's videos while this one trains
-                loader.prefetch(step_rows(after)[0])
-            for err in batch.errors:
+            # the step's prompts come from the cursor, further draws too; each draw decodes the next one ahead
+            draws = PromptDraws(rows, loader, st.cursor, cfg.seed, ctx.rank, ctx.world_size)
+            out = grpo_step.run(draws.draw, st.step)
+            for err in out.errors:
                 progress.warn(f"skipped {err}")
-            skipped_total += len(batch.errors)
-            out = grpo_step(batch, st.step)
-            st.step, st.cursor = st.step + 1, after
-            st.extra["skipped"] = skipped_total
+            st.step, st.cursor = st.step + 1, draws.cursor
+            c = out.counts
+            tally = {"skipped": tally["skipped"] + c["broken"], "broken": tally["broken"] + c["broken"],
+                     "drawn": tally["drawn"] + c["drawn"], "extra_prompts": tally["extra_prompts"] + c["extra"]}
+            st.extra.update(tally)
+            skip_fraction = tally["broken"] / max(tally["drawn"], len(rows))
             m = out.metrics
-            m["data/skipped"] = skipped_total
+            m.update({"data/skipped": tally["skipped"], "data/skip_fraction": skip_fraction,
+                      "data/extra_prompts": tally["extra_prompts"]})
             m["time/step_s"] = time.perf_counter() - t_start
             m["perf/tokens_per_s"] = out.tokens / m["time/step_s"]
             if ctx.device.type == "cuda":
@@ -127,9 +133,15 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
                                       "s/it": m["time/step_s"]})
             if ctx.is_main and cfg.sample_every and (st.step % cfg.sample_every == 0 or st.step == 1):
                 logger.log_samples(st.step, out.samples)
+            too_many = skip_fraction > cfg.data.max_skip_fraction
             save_now = cfg.output.save_every and st.step % cfg.output.save_every == 0
-            if save_now or interrupted["flag"] or st.step == total:
+            if save_now or interrupted["flag"] or st.step == total or too_many:
                 R.save_checkpoint(run_dir, st, par, optimizer, scheduler, config_yaml, cfg.output.keep_last)
+            if too_many:
+                raise TlvrError(f"step {st.step}: {tally['broken']} prompts had a video that failed to decode, "
+                                f"{skip_fraction:.1%} of the data "
+                                f"(data.max_skip_fraction={cfg.data.max_skip_fraction}): scan the videos with "
+                                "`tlvr data check` and pass its report as data.skip_report")
             if interrupted["flag"]:
                 raise KeyboardInterrupt
         if ctx.is_main:  # the curves go to the trackers too, before they close
@@ -145,13 +157,13 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
 
 
 def _gather_metrics(m: dict, ctx) -> dict:
-    """Average numeric metrics over ranks (each rank holds the same number of groups); counts are summed."""
+    """Average numeric metrics over ranks (each rank holds the same number of groups; a rank that trained
+    on none reports NaN and is left out); counts (data/*, dynamic/*) are the same on every rank."""
     if not ctx.enabled:
         return m
     allm = ctx.all_gather_objects(m)
     out = dict(m)
-    for k in allm[0]:
-        vals = [d[k] for d in allm if isinstance(d.get(k), (int, float))]
-        if vals:
-            out[k] = sum(vals) if k in ("data/skipped",) else sum(vals) / len(vals)
+    for k in dict.fromkeys(k for d in allm for k in d):
+        vals = [d[k] for d in allm if isinstance(d.get(k), (int, float)) and math.isfinite(d[k])]
+        out[k] = sum(vals) / len(vals) if vals else float("nan")
     return out

@@ -154,12 +154,14 @@ def plot_metrics(metrics_path: Path, out_png: Path, keys: Sequence[str], title: 
     return out_png
 
 
-RUN_CURVES = ("reward", "rewards/*", "completion_length", "kl", "train/loss", "train/grad_norm", "train/lr")
+RUN_CURVES = ("reward", "rewards/*", "completion_length", "kl", "reflection/rate", "reflection/think_tokens",
+              "reflection/accuracy_*", "dynamic/filtered_fraction", "train/loss", "train/grad_norm", "train/lr")
 
 
 def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) -> Path:
-    """The PNG of a run's training curves (GRPO: reward, each reward function, length, KL; cold start:
-    loss, gradient norm, learning rate), from the metrics it logged."""
+    """The PNG of a run's training curves (GRPO: reward, each reward function, length, KL, reflection
+    rate, think length and accuracy with/without reflection, filtered groups; cold start: loss,
+    gradient norm, learning rate), from the metrics it logged."""
     metrics = Path(run_dir) / "metrics.jsonl"
     keys = curve_keys(read_metrics(metrics))
     return plot_metrics(metrics, Path(run_dir) / name, keys, title=Path(run_dir).name if title is None else title)

@@ -21,9 +21,18 @@ def micro_batch_order(lengths: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+def connect_features(connector: nn.Module, tower_feats, rows: list[int]) -> torch.Tensor:
+    """Visual tokens (len(rows), Q, D) of the prompts ``rows``: ``tower_feats`` is a (B, N, V) tensor
+    or a list of (N_i, V); videos with different frame counts (fps mode) go through one at a time."""
+    picked = [tower_feats[i] for i in rows]
+    if len({tuple(f.shape) for f in picked}) == 1:
+        return connector(torch.stack(picked))
+    return torch.cat([connector(f[None]) for f in picked])
+
+
 def sequence_logprobs(
     model,
-    tower_feats: torch.Tensor,
+    tower_feats: torch.Tensor | list[torch.Tensor],
     prompt_ids: list[list[int]],
     seq_prompt: list[int],
     completions: torch.Tensor,
@@ -34,12 +43,12 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """Log-probs (len(rows), Lc) of ``completions[rows]``; zero past each row's ``lengths``.
 
-    ``tower_feats`` (B, N, V) are the frozen tower's outputs per prompt; the connector runs here so
+    ``tower_feats`` (B, N, V) or [(N_i, V)] are the frozen tower's outputs per prompt; the connector runs here so
     its parameters receive gradients when grad is enabled.
     """
     uniq = sorted({seq_prompt[r] for r in rows})
     slot = {p: j for j, p in enumerate(uniq)}
-    visual = model.connector(tower_feats[uniq])  # (U, Q, D)
+    visual = connect_features(model.connector, tower_feats, uniq)  # (U, Q, D)
     ids, vis = [], []
     for r in rows:
         p = seq_prompt[r]

@@ -71,6 +71,17 @@ def combine_r1(acc: Sequence[float], fmt: Sequence[float], zero_value: float | N
     return out
 
 
+def overlong_penalty(lengths: Sequence[int], max_tokens: int, buffer: int, factor: float = 1.0) -> list[float]:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), an added reward term: 0 up to
+    ``max_tokens − buffer`` tokens, then falling linearly to ``−factor`` at ``max_tokens``.
+
+    >>> overlong_penalty([100, 412, 462, 512], max_tokens=512, buffer=100)
+    [0.0, 0.0, -0.5, -1.0]
+    """
+    expected = max_tokens - buffer
+    return [min(0.0, -(n - expected) / buffer * factor) if buffer > 0 else 0.0 for n in lengths]
+
+
 def load_reward_fn(spec: str) -> RewardFn:
     """``'package.module:function'`` → the function, with a one-line error when it cannot be found."""
     module, sep, name = spec.partition(":")

@@ -4,7 +4,10 @@ What the reference does that we do differently, and why:
 * a record whose label mask fails the §3.2 check is reported and skipped (the reference sleeps 5 s
   and trains on a fully masked sample, which contributes nothing);
 * truncation to ``max_length`` warns instead of happening silently;
-* a video that cannot be decoded is skipped with a count (the reference crashes, spec §7 item 11).
+* a video that cannot be decoded is skipped with a count (the reference crashes, spec §7 item 11);
+* ``global_batch_size`` fixes the samples per optimizer step however many processes run: the
+  reference's 4 GPUs x 1 sample (4 steps of 4, DDP averaging the per-GPU losses) is, on one process,
+  4 micro-batches of 1 accumulated (each loss divided by 4), the same mean.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class ColdstartDataset(Dataset):
         if not ex.ok:
             return SFTSample(i, error=f"{rec.video}: label mask check failed ({ex.reason})")
         try:
-            frames = read_frames(rec.video_path, self.cfg.video.num_frames, backend=self.cfg.video.backend)
+            frames = read_frames(rec.video_path, **self.cfg.video.frame_args(), backend=self.cfg.video.backend)
         except TlvrError as e:
             return SFTSample(i, error=str(e))
         pixels = preprocess_frames(frames.frames, size=self.image_size)
@@ -74,10 +77,25 @@ def _collate(samples: list[SFTSample]) -> list[SFTSample]:
     return samples
 
 
-def micro_batches(chunk: list[int], cfg: ColdstartConfig, ctx: DistContext) -> list[list[int]]:
+def grad_accum_steps(cfg: ColdstartConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process: ``grad_accum``, or with ``global_batch_size``
+    the count that makes batch_size x it x processes equal to it (a one-line error when none does)."""
+    if not cfg.global_batch_size:
+        return cfg.grad_accum
+    if cfg.grad_accum != 1:
+        raise TlvrError(f"give global_batch_size ({cfg.global_batch_size}) or grad_accum ({cfg.grad_accum}), not both")
+    per_round = cfg.batch_size * world_size
+    if cfg.global_batch_size % per_round:
+        raise TlvrError(f"global_batch_size={cfg.global_batch_size} is not a multiple of batch_size={cfg.batch_size} "
+                        f"x {world_size} processes: change one of them")
+    return cfg.global_batch_size // per_round
+
+
+def micro_batches(chunk: list[int], cfg: ColdstartConfig, ctx: DistContext,
+                  accum: int | None = None) -> list[list[int]]:
     """This rank's micro-batches of one optimizer step's samples ``chunk`` (the global batch, rank-strided)."""
     out = []
-    for j in range(cfg.grad_accum):
+    for j in range(cfg.grad_accum if accum is None else accum):
         start = (j * ctx.world_size + ctx.rank) * cfg.batch_size
         out.append(chunk[start:start + cfg.batch_size])
     return out
@@ -98,8 +116,9 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     model = load_model(replace(cfg.model, device=str(ctx.device)))
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
 
-    # the global batch: batch_size samples x grad_accum micro-batches x processes
-    per_step = cfg.batch_size * cfg.grad_accum * ctx.world_size
+    # the global batch: batch_size samples x accum micro-batches x processes
+    accum = grad_accum_steps(cfg, ctx.world_size)
+    per_step = cfg.batch_size * accum * ctx.world_size
     steps_per_epoch = math.ceil(len(records) / per_step)
     total = steps_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps:
@@ -126,7 +145,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
             while cursor.epoch == epoch and st.step + len(plan_steps) < total:
                 chunk, cursor = cursor.take(len(records), per_step, cfg.seed)
                 plan_steps.append((chunk, cursor))
-            plan = [mb for chunk, _ in plan_steps for mb in micro_batches(chunk, cfg, ctx)]
+            plan = [mb for chunk, _ in plan_steps for mb in micro_batches(chunk, cfg, ctx, accum)]
             loader = DataLoader(dataset, batch_sampler=plan, collate_fn=_collate, num_workers=cfg.data.num_workers,
                                 persistent_workers=False,
                                 multiprocessing_context="fork" if cfg.data.num_workers and os.name == "posix" else None)
@@ -135,7 +154,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                 t0 = time.perf_counter()
                 loss_sum, tokens, skipped = 0.0, 0, 0
                 train_model.train()
-                for micro in range(cfg.grad_accum):
+                for micro in range(accum):
                     batch = next(it)
                     good = [s for s in batch if not s.error]
                     for s in batch:
@@ -151,14 +170,15 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                         good, weight = last_good, 0.0  # keep the ranks' collective calls in step
                     last_good = good
                     # gradients are reduced across processes only on the step's last micro-batch
-                    with par.no_sync(micro < cfg.grad_accum - 1):
+                    with par.no_sync(micro < accum - 1):
+                        pixels = [s.pixels.to(ctx.device) for s in good]  # frame counts may differ in fps mode
                         out = train_model(
                             input_ids=[s.input_ids for s in good],
                             labels=[s.labels for s in good],
-                            videos=torch.stack([s.pixels for s in good]).to(ctx.device),
+                            videos=torch.stack(pixels) if len({p.shape for p in pixels}) == 1 else pixels,
                         )
-                        (out.loss * weight / cfg.grad_accum).backward()
-                    loss_sum += weight * float(out.loss.detach()) / cfg.grad_accum
+                        (out.loss * weight / accum).backward()
+                    loss_sum += weight * float(out.loss.detach()) / accum
                     tokens += int(weight) * sum(len(s.input_ids) for s in good)
                 if ctx.enabled:
                     loss_sum = float(ctx.all_reduce_sum(torch.tensor([loss_sum], device=ctx.device))[0]) / ctx.world_size
