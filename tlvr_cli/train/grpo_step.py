@@ -61,6 +61,9 @@ class GRPOStep:
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
+        # the flat log-prob layout calls the decoder layers' modules directly, which fsdp2's sharded layers refuse
+        flat = not par.sharded
+        self.layout = {"shared_prompt": cfg.perf.shared_prompt and flat, "packing": cfg.perf.packing and flat}
 
     def __call__(self, batch: PromptBatch, step: int) -> StepOutput:
         cfg, model, ctx = self.cfg, self.model, self.par.ctx
@@ -94,8 +97,10 @@ class GRPOStep:
         group_std = rewards_t.view(B, G).std(dim=1)
         timings["time/score_s"] = time.perf_counter() - t
 
-        # micro-batches of similar length, so padding inside a micro-batch costs little
-        groups = micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size)
+        # micro-batches of similar length, so padding inside a micro-batch costs little; whole groups
+        # together when their prompt is computed once
+        groups = micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size,
+                                   group_size=G if self.layout["shared_prompt"] else 1)
         inputs = (feats, batch.input_ids, seq_prompt, completions, lengths)
         t = time.perf_counter()
         ref_logp, old_logp = self._frozen_logprobs(inputs, groups, mask.shape)
@@ -149,11 +154,12 @@ class GRPOStep:
                 ref_logp = torch.zeros(shape, device=device)
                 for rows in groups:
                     ref_logp[rows] = sequence_logprobs(self.ref, ref_feats, *rest, rows,
-                                                       chunk_size=cfg.perf.logprob_chunk_size).float()
+                                                       chunk_size=cfg.perf.logprob_chunk_size, **self.layout).float()
             if cfg.algo.num_iterations > 1:
                 old_logp = torch.zeros(shape, device=device)
                 for rows in groups:
-                    old_logp[rows] = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size).float()
+                    old_logp[rows] = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size,
+                                                     **self.layout).float()
         return ref_logp, old_logp
 
     def _update(self, inputs: tuple, groups: list[list[int]], mask: torch.Tensor, adv: torch.Tensor, ref_logp, old_logp,
@@ -174,7 +180,7 @@ class GRPOStep:
             for j, (rows, weight) in enumerate(plan):
                 # gradients are reduced across processes only on the last micro-batch of a pass
                 with self.par.no_sync(j < len(plan) - 1):
-                    logp = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size).float()
+                    logp = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size, **self.layout).float()
                     # each micro-batch's loss is normalised by the whole batch, so their sum is the batch loss
                     loss, part = policy_loss(
                         logp, None if ref_logp is None else ref_logp[rows], adv[rows], mask[rows].float(),
