@@ -173,8 +173,8 @@ def compare_training(cfg: GRPOConfig, model, ref, par: Parallel, batch: PromptBa
 
 def print_comparison(res: dict, lengths: str, micro: int, checkpointing: bool, attention: str) -> None:
     print()
-    print(f"training log-probs of one step's rollouts: {res['rows']} completions, lengths {lengths} (mean "
-          f"{res['mean_length']:.0f}, {res['tokens']} tokens), micro-batch {micro}, gradient checkpointing "
+    print(f"training log-probs of one step's rollouts on this process: {res['rows']} completions, lengths {lengths} "
+          f"(mean {res['mean_length']:.0f}, {res['tokens']} tokens), micro-batch {micro}, gradient checkpointing "
           f"{'on' if checkpointing else 'off'}, flat-layout attention: {attention}")
     print(f"{'layout':<10}{'ref s':>9}{'policy s':>10}{'total s':>9}{'speed-up':>10}{'policy x':>10}{'peak GiB':>10}"
           f"{'+GiB':>8}{'micro':>7}{'max|dlogp|':>12}{'grad rel':>10}")

@@ -115,6 +115,25 @@ def test_packed_hidden_matches_the_hf_forward_of_each_sequence(tiny_model):
             assert torch.allclose(flat[s:s + len(c)], h[len(prompts[owner[i]]):], atol=1e-5)
 
 
+def test_packed_attention_gradients_repeat_bit_for_bit():
+    # the prompt's keys feed every completion of its group; their gradients must sum in a fixed order,
+    # or a resumed run drifts from an uninterrupted one
+    from tlvr_cli.train.packed import PackedAttention
+
+    layout = PackedLayout([80, 76], [10, 2, 5, 0, 6, 1, 10, 3], [0, 0, 0, 0, 1, 1, 1, 1])
+    attend = PackedAttention(layout, torch.device("cpu"), varlen=False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.total, h, 32, generator=g, requires_grad=True) for h in (4, 2, 2))
+    w = torch.randn(layout.total, 128, generator=g)
+    first = None
+    for _ in range(40):
+        q.grad = k.grad = v.grad = None
+        (attend(q, k, v, 32**-0.5, 0.0) * w).sum().backward()
+        grads = [q.grad.clone(), k.grad.clone(), v.grad.clone()]
+        first = first or grads
+        assert all(torch.equal(a, b) for a, b in zip(first, grads))
+
+
 def test_micro_batch_order_keeps_groups_whole():
     lengths = [3, 9, 1, 2,  5, 5, 6, 1,  8, 2, 2, 2]  # three groups of 4; longest completions 9, 6, 8
     assert micro_batch_order(lengths, 8, group_size=4) == [[1, 0, 3, 2, 8, 9, 10, 11], [6, 4, 5, 7]]

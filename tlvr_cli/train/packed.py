@@ -41,6 +41,13 @@ from ..errors import TlvrError
 KEY_ALIGN = 16  # SDPA's memory-efficient kernel wants the mask's last dimension aligned to 16
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0 through ``index_select``: its backward (``index_add_``) sums repeated rows
+    in a fixed order on CPU, where advanced indexing's parallel accumulation does not (resumed runs must
+    match bit for bit)."""
+    return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
+
+
 @dataclass
 class PackedLayout:
     """Token counts of one flat micro-batch: prompts first, then completions (``completion_prompt``
@@ -125,17 +132,18 @@ class PackedAttention:
         """q (T, heads, hd), k/v (T, kv_heads, hd) of the flat tokens → (T, heads·hd)."""
         t = q.shape[0]
         if self.varlen:
-            o = _flash_varlen()(q.contiguous(), k[self.k_index], v[self.k_index], self.cu_q, self.cu_k, self.max_q,
-                                self.max_k, dropout_p=dropout, softmax_scale=scale, causal=True)
+            k, v = gather_rows(k, self.k_index), gather_rows(v, self.k_index)
+            o = _flash_varlen()(q.contiguous(), k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, dropout_p=dropout,
+                                softmax_scale=scale, causal=True)
             return o.reshape(t, -1)
         rep = q.shape[1] // k.shape[1]
         outs = []
         for b in self.buckets:
-            qb = q[b.q_index].transpose(1, 2)  # (J, heads, Q, hd)
-            kb = repeat_kv(k[b.k_index].transpose(1, 2), rep)
-            vb = repeat_kv(v[b.k_index].transpose(1, 2), rep)
+            qb = gather_rows(q, b.q_index).transpose(1, 2)  # (J, heads, Q, hd)
+            kb = repeat_kv(gather_rows(k, b.k_index).transpose(1, 2), rep)
+            vb = repeat_kv(gather_rows(v, b.k_index).transpose(1, 2), rep)
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, dropout_p=dropout, scale=scale)
-            outs.append(o.transpose(1, 2).flatten(0, 1)[b.keep].flatten(1))
+            outs.append(gather_rows(o.transpose(1, 2).flatten(0, 1), b.keep).flatten(1))
         return torch.cat(outs)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .logprobs import token_logprobs
-from .packed import PackedLayout, packed_hidden
+from .packed import PackedLayout, gather_rows, packed_hidden
 
 
 def micro_batch_order(lengths: list[int], size: int, group_size: int = 1) -> list[list[int]]:
@@ -125,11 +125,11 @@ def _flat_logprobs(model, tower_feats: torch.Tensor, prompt_ids: list[list[int]]
     if packing:
         # only real tokens reach the LM head, then land in their (row, position) slot
         r_idx, t_idx = valid.nonzero(as_tuple=True)
-        logp = token_logprobs(hidden[src[r_idx, t_idx]], weight, targets[r_idx, t_idx], chunk_size=chunk_size)
-        out = logp.new_zeros(len(rows), lc).index_put((r_idx, t_idx), logp)
-        return out
+        logp = token_logprobs(gather_rows(hidden, src[r_idx, t_idx]), weight, targets[r_idx, t_idx],
+                              chunk_size=chunk_size)
+        return logp.new_zeros(len(rows), lc).index_put((r_idx, t_idx), logp)
     src = torch.where(valid, src, prompt_last[:, None])  # padding reads any real position, then is zeroed
-    logp = token_logprobs(hidden[src], weight, targets, chunk_size=chunk_size) * valid
+    logp = token_logprobs(gather_rows(hidden, src), weight, targets, chunk_size=chunk_size) * valid
     return F.pad(logp, (0, lc - cols))
 
 
