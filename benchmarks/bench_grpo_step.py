@@ -6,6 +6,8 @@
     python benchmarks/bench_grpo_step.py --preset nextqa-lora --set perf.micro_batch_size=4   # any preset key
     python benchmarks/bench_grpo_step.py --config tiny --device cpu --dtype float32 --steps 1 # smoke run
     torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py   # data-parallel: the same 8 prompts split over 2 GPUs
+    python benchmarks/bench_grpo_step.py --lengths uniform:64-512 --compare-training   # realistic lengths; the
+                                                         # training log-prob layouts side by side on one step's rollouts
 
 Builds the Qwen2.5-3B + SigLIP-so400m shapes with random weights, applies the preset's ``tune`` (LoRA
 adapters included), ``optim`` (kind, master weights), ``perf``, ``engine``, ``algo`` and ``rollout`` settings,
@@ -15,12 +17,21 @@ log-probs (for LoRA the base with adapters off), backward, clip, optimizer. ``--
 process with ``torch.cuda.set_per_process_memory_fraction`` (the CUDA context, ~0.5 GiB, lies outside
 it); running out of memory under the cap is caught and reported. The last line is machine-readable:
 ``RESULT {json}`` with ``completed``, s/step, the parts and the peaks; the exit status is 3 after an OOM.
+
+``--lengths uniform:A-B`` ends each completion on eos at a length drawn (seeded, per row) from A..B,
+R1's answers being 100-400 tokens rather than 512: the rollouts are still decoded for
+``max_new_tokens`` steps (about what the longest of 64 drawn rows costs) and cut there, so the
+training step sees exactly the drawn lengths. ``--compare-training`` then times, on the last step's
+rollouts, the reference log-probs and the policy log-probs + backward under each layout (padded
+rows, shared prompt, shared prompt + packing) and prints their times, ratios and peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,12 +47,14 @@ from tlvr_cli.jobs import GRPOConfig
 from tlvr_cli.model.config import TinyLlavaConfig
 from tlvr_cli.model.tinyllava import TinyLlava
 from tlvr_cli.runtime import init_distributed, resolve_dtype, shutdown_distributed
+from tlvr_cli.train.grpo_math import completion_mask
 from tlvr_cli.train.grpo_step import GRPOStep
-from tlvr_cli.train.lora import BaseReference, MergedWeights
+from tlvr_cli.train.lora import BaseReference, MergedWeights, reference_mode
 from tlvr_cli.train.optim import build_optimizer, build_scheduler
+from tlvr_cli.train.packed import varlen_attention_available
 from tlvr_cli.train.parallel import Parallel
-from tlvr_cli.train.policy import PolicyLogprobs
-from tlvr_cli.train.rollout import PromptBatch, prompt_ids
+from tlvr_cli.train.policy import PolicyLogprobs, micro_batch_order, sequence_logprobs
+from tlvr_cli.train.rollout import PromptBatch, pad_completions, prompt_ids, tower_features
 from tlvr_cli.train.setup import apply_tuning
 
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -85,12 +98,141 @@ def bench_config(args: argparse.Namespace, world_size: int) -> GRPOConfig:
         extra["engine"]["compile"] = False
     if args.no_graphs or not args.device.startswith("cuda"):
         extra["engine"]["cuda_graphs"] = False
+    if args.logprob_path:
+        extra["perf"]["shared_prompt"], extra["perf"]["packing"] = LAYOUTS[args.logprob_path]
+    if args.no_grad_checkpointing:
+        extra["optim"] = {"gradient_checkpointing": False}
     cfg = load_config(GRPOConfig, args.preset, overrides=args.set, extra=extra)
     if not args.engine_max_batch:
         rows = cfg.data.prompts_per_step // world_size * cfg.algo.num_generations
         extra["engine"]["max_batch"] = max(1, min(cfg.engine.max_batch, rows))
         cfg = load_config(GRPOConfig, args.preset, overrides=args.set, extra=extra)
     return cfg
+
+
+# ----------------------------------------------------------------------------- completion lengths and layouts
+
+LAYOUTS = {"padded": (False, False), "shared": (True, False), "packed": (True, True)}  # (shared_prompt, packing)
+
+
+def parse_lengths(spec: str, new_tokens: int) -> tuple[int, int] | None:
+    """``forced`` → None; ``uniform:A-B`` → (A, B) with 1 <= A <= B <= new_tokens."""
+    if spec == "forced":
+        return None
+    try:
+        kind, span = spec.split(":")
+        lo, hi = (int(x) for x in span.split("-"))
+    except ValueError:
+        kind, lo, hi = "", 0, 0
+    if kind != "uniform" or not 1 <= lo <= hi <= new_tokens:
+        raise SystemExit(f"--lengths {spec!r}: expected 'forced' or 'uniform:A-B' with "
+                         f"1 <= A <= B <= --new-tokens ({new_tokens})")
+    return lo, hi
+
+
+class DrawnLengths:
+    """The rollout engine with eos forced at drawn lengths: row ``key`` keeps the first L - 1 of its sampled
+    tokens and then eos, L drawn from ``span`` by a generator seeded with (rollout seed, key), so every
+    layout and rerun sees the same lengths. Keeps the last rollout for ``compare_training``."""
+
+    def __init__(self, engine: Engine, span: tuple[int, int] | None) -> None:
+        self.engine, self.span, self.last = engine, span, []
+
+    def generate(self, prompts, params, max_new_tokens, eos_token_id, *, seed: int = 0, row_keys=None, **kwargs):
+        outs = self.engine.generate(prompts, params, max_new_tokens, eos_token_id, seed=seed, row_keys=row_keys,
+                                    **kwargs)
+        if self.span is not None:
+            eos = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
+            for o, key in zip(outs, row_keys if row_keys is not None else range(len(outs))):
+                n = random.Random(f"{seed}:{key}").randint(*self.span)
+                o.tokens, o.finished = o.tokens[:n - 1] + [eos], True
+        self.last = outs
+        return outs
+
+
+def compare_training(cfg: GRPOConfig, model, ref, par: Parallel, batch: PromptBatch, rollouts: list, repeats: int,
+                     sync) -> dict:
+    """Reference log-probs and policy log-probs + backward of one step's rollouts under each layout, timed
+    side by side after one warm-up each: median seconds, peak memory, and the log-prob / gradient agreement
+    with the padded rows. The loss is a fixed per-token weighting of the log-probs: the backward through
+    the network, which is what the layouts change, is the GRPO loss's."""
+    device, tok, G = par.ctx.device, model.tokenizer, cfg.algo.num_generations
+    feats = tower_features(model, batch, device, None)
+    completions = pad_completions([o.tokens for o in rollouts], tok.pad_token_id, device)
+    mask = completion_mask(completions, tok.eos_token_id)
+    lengths = mask.sum(1)
+    seq_prompt = [i // G for i in range(len(rollouts))]
+    weight = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)).to(device) * mask / mask.sum()
+    args = (feats, batch.input_ids, seq_prompt, completions, lengths)
+    ref_feats = feats.to(next(ref.connector.parameters()).dtype)
+    chunk = cfg.perf.logprob_chunk_size
+    cuda = device.type == "cuda"
+    out = {"tokens": int(lengths.sum()), "rows": len(rollouts), "mean_length": float(lengths.float().mean())}
+    base_logp = base_grad = None
+    model.zero_grad(set_to_none=True)
+    out["base_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")  # weights, optimizer, engine
+    for name, (shared, packing) in LAYOUTS.items():
+        layout = {"shared_prompt": shared, "packing": packing}
+        groups = micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size, group_size=G if shared else 1)
+        ref_s, pol_s = [], []
+        for rep in range(1 + repeats):  # the first run warms kernels and the allocator up
+            model.zero_grad(set_to_none=True)
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            ref_logp = torch.zeros(mask.shape, device=device)
+            with torch.no_grad(), reference_mode(ref):
+                for rows in groups:
+                    ref_logp[rows] = sequence_logprobs(ref, ref_feats, *args[1:], rows, chunk_size=chunk,
+                                                       **layout).float()
+            sync()
+            t_ref = time.perf_counter()
+            model.train()
+            model.vision_tower.eval()
+            for j, rows in enumerate(groups):
+                with par.no_sync(j < len(groups) - 1):
+                    logp = par.module(*args, rows, chunk_size=chunk, **layout).float()
+                    (logp * weight[rows]).sum().backward()
+            sync()
+            if rep:
+                ref_s.append(t_ref - t)
+                pol_s.append(time.perf_counter() - t_ref)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if base_logp is None:
+            # the padded gradient waits in host memory, so it adds nothing to the other layouts' peaks
+            base_logp, base_grad = ref_logp, [g.to("cpu", copy=True) for g in grads]
+        diff = sum(float((g.float() - b.to(g.device).float()).square().sum()) for g, b in zip(grads, base_grad))
+        norm = sum(float(b.float().square().sum()) for b in base_grad)
+        out[name] = {"ref_s": statistics.median(ref_s), "policy_s": statistics.median(pol_s),
+                     "micro_batches": len(groups), "peak_gib": peak,
+                     "max_logp_diff": float((ref_logp - base_logp).abs().max()), "grad_rel_diff": (diff / norm) ** 0.5}
+        del grads
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def print_comparison(res: dict, lengths: str, micro: int, checkpointing: bool, attention: str) -> None:
+    print()
+    print(f"training log-probs of one step's rollouts on this process: {res['rows']} completions, lengths {lengths} "
+          f"(mean {res['mean_length']:.0f}, {res['tokens']} tokens), micro-batch {micro}, gradient checkpointing "
+          f"{'on' if checkpointing else 'off'}, flat-layout attention: {attention}")
+    print(f"{'layout':<10}{'ref s':>9}{'policy s':>10}{'total s':>9}{'speed-up':>10}{'policy x':>10}{'peak GiB':>10}"
+          f"{'+GiB':>8}{'micro':>7}{'max|dlogp|':>12}{'grad rel':>10}")
+    base = res["padded"]
+    for name in LAYOUTS:
+        r = res[name]
+        total, base_total = r["ref_s"] + r["policy_s"], base["ref_s"] + base["policy_s"]
+        print(f"{name:<10}{r['ref_s']:>9.3f}{r['policy_s']:>10.3f}{total:>9.3f}{base_total / total:>9.2f}x"
+              f"{base['policy_s'] / r['policy_s']:>9.2f}x{r['peak_gib']:>10.1f}{r['peak_gib'] - res['base_gib']:>8.1f}"
+              f"{r['micro_batches']:>7}"
+              f"{r['max_logp_diff']:>12.2e}{r['grad_rel_diff']:>10.2e}")
+    print("padded = one row per completion with its prompt copy (perf.shared_prompt=false perf.packing=false); "
+          "shared = prompt once per group; packed = shared + no padding (the defaults);\n"
+          "speed-up = padded total / total, policy x = the same for policy log-probs + backward alone; "
+          "+GiB = peak above the weights, optimizer and engine buffers held before; "
+          "max|dlogp| (reference log-probs) and grad rel (policy gradient) against padded")
 
 
 class Phase:
@@ -131,7 +273,8 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
     engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=prompt_len + new_tokens,
                     cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
                     copy_weights=par.sharded, weights=MergedWeights(model.language_model) if lora else None)
-    grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine)
+    rollouts = DrawnLengths(engine, parse_lengths(args.lengths, new_tokens))
+    grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, rollouts)
     n_params = sum(p.numel() for p in model.parameters()) / 1e9
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e9
     if ctx.is_main:
@@ -140,7 +283,8 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
               f"optimizer {cfg.optim.kind} / masters {cfg.optim.master_weights} ({type(optimizer).__name__}), "
               f"prompt {prompt_len} embeddings, {cfg.data.prompts_per_step} prompts x G {cfg.algo.num_generations} x "
               f"{new_tokens} new tokens, micro-batch {cfg.perf.micro_batch_size}, engine batch {cfg.engine.max_batch}, "
-              f"{args.frames} frames, {device} {dtype}, {ctx.world_size} process(es), {par.strategy}", flush=True)
+              f"(lengths {args.lengths}), {args.frames} frames, {device} {dtype}, {ctx.world_size} process(es), "
+              f"{par.strategy}, log-probs {_layout_name(cfg)}", flush=True)
 
     def sync():
         if device.type == "cuda":
@@ -148,21 +292,31 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
 
     phase.name = "warm-up step"
     grpo_step(batch, 0)  # compiles and captures the engine
-    times, parts = [], {}
+    times, parts, kept = [], {}, 0
     for step in range(1, args.steps + 1):
         phase.name = f"step {step}"
         sync()
         t = time.perf_counter()
-        m = grpo_step(batch, step).metrics
+        step_out = grpo_step(batch, step)
+        m, kept = step_out.metrics, kept + step_out.tokens
         ctx.barrier()
         sync()
         times.append(time.perf_counter() - t)
         for k in PARTS:
             parts[k] = parts.get(k, 0.0) + m.get(k, 0.0) / args.steps
     step_s = sum(times) / len(times)
-    n_tok = cfg.data.prompts_per_step * cfg.algo.num_generations * new_tokens
+    n_tok = kept * ctx.world_size // args.steps  # completion tokens per step, eos included (the drawn lengths)
     out = {"step_s": step_s, "parts": {k[5:-2]: v for k, v in parts.items()}, "tokens_per_step": n_tok,
            "trained_params_b": n_trained}
+    if args.compare_training and ref is None:
+        raise SystemExit("--compare-training times the reference log-probs too: use a preset with algo.beta > 0")
+    if args.compare_training:
+        phase.name = "compare training"
+        out["compare_training"] = compare_training(cfg, model, ref, par, batch, rollouts.last, args.compare_repeats, sync)
+        if ctx.is_main:
+            attention = "flash-attn varlen" if varlen_attention_available(device, dtype) else "SDPA, padded inside attention only"
+            print_comparison(out["compare_training"], args.lengths, cfg.perf.micro_batch_size,
+                             cfg.optim.gradient_checkpointing, attention)
     if args.reference_estimate and ctx.is_main:
         phase.name = "reference estimate"
         shape = (prompt_len + new_tokens // 2, model.config.hidden_size)
@@ -211,7 +365,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reference-estimate", action="store_true",
                     help="also estimate the step done the reference way (no KV cache), from a few timed forwards")
     ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for that estimate")
+    # completion lengths and the training log-prob layout
+    ap.add_argument("--lengths", default="forced",
+                    help="forced: every completion max_new_tokens long; "
+                         "uniform:A-B: eos forced at a length drawn per completion from A..B")
+    ap.add_argument("--logprob-path", choices=list(LAYOUTS), default="",
+                    help="layout of the timed steps (default: the preset's perf.shared_prompt / perf.packing): padded "
+                         "(both off), shared, packed")
+    ap.add_argument("--compare-training", action="store_true",
+                    help="then time reference log-probs and policy log-probs + backward of one step under every "
+                         "layout, side by side")
+    ap.add_argument("--compare-repeats", type=int, default=3,
+                    help="timed runs per layout in --compare-training (after one warm-up); the median is printed")
+    ap.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations instead of recomputing them")
     args = ap.parse_args(argv)
+    if args.compare_training and args.strategy == "fsdp2":
+        raise SystemExit("--compare-training: fsdp2 keeps the padded layout (perf.shared_prompt / perf.packing are "
+                         "ignored there)")
 
     ctx = init_distributed(args.device, need_group=args.strategy == "fsdp2")  # no group for one plain process
     cfg = bench_config(args, ctx.world_size)
@@ -252,6 +422,11 @@ def _is_oom(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _layout_name(cfg: GRPOConfig) -> str:
+    key = (cfg.perf.shared_prompt, cfg.perf.packing)
+    return next((name for name, layout in LAYOUTS.items() if layout == key), f"packing only {key}")
 
 
 def _device_name(device: torch.device) -> str:

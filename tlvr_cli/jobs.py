@@ -280,6 +280,15 @@ class GRPOPerfConfig:
     micro_batch_size: int = option(16, "Sequences per forward/backward chunk of the loss.", ge=1)
     logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).", ge=1)
     force_max_new_tokens: bool = option(False, "Benchmarking only: ignore eos so every completion is max_new_tokens long.")
+    shared_prompt: bool = option(
+        True, "Compute each group's prompt (text + visual tokens) once per micro-batch; its completions attend to "
+        "its keys/values and their gradients sum into it: the loss and gradients of one prompt copy per completion "
+        "up to fp rounding, without G-1 of the G copies' work. false: the reference's one padded row per completion "
+        "(micro-batches then sort all completions by length instead of keeping groups whole). Off under fsdp2.")
+    packing: bool = option(
+        True, "Run the completions without padding (flash-attn's varlen attention when installed, else SDPA with "
+        "padding inside attention only; the LM head sees real tokens only): numerics-neutral up to fp rounding. "
+        "Off under dist.strategy=fsdp2, whose sharded layers only run through their own forward.")
 
 
 @dataclass

@@ -74,6 +74,9 @@ class GRPOStep:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
         self.timings: dict[str, float] = {}
+        # the flat log-prob layout calls the decoder layers' modules directly, which fsdp2's sharded layers refuse
+        flat = not par.sharded
+        self.layout = {"shared_prompt": cfg.perf.shared_prompt and flat, "packing": cfg.perf.packing and flat}
 
     def __call__(self, batch: PromptBatch, step: int) -> StepOutput:
         """One step on ``batch`` as the reference takes it: one draw, every group trained on."""
@@ -211,7 +214,10 @@ class GRPOStep:
         inputs = (live.feats, live.input_ids, [i // G for i in range(B * G)], live.completions, lengths)
 
         t = time.perf_counter()
-        everything = micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size)
+        # micro-batches of similar length (padding inside one costs little), whole groups together when
+        # their prompt is computed once
+        share = G if self.layout["shared_prompt"] else 1
+        everything = micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size, group_size=share)
         off_policy = cfg.algo.num_iterations > 1 or cfg.algo.mini_batches > 1
         ref_logp, old_logp = self._frozen_logprobs(inputs, everything, mask.shape, off_policy, real=ro is not None)
         self._time("time/ref_logprob_s", t)
@@ -264,13 +270,13 @@ class GRPOStep:
                 with reference_mode(self.ref):  # a LoRA policy's base: its adapters off
                     for rows in groups:
                         ref_logp[rows] = sequence_logprobs(self.ref, ref_feats, *rest, rows,
-                                                           chunk_size=cfg.perf.logprob_chunk_size).float()
+                                                           chunk_size=cfg.perf.logprob_chunk_size, **self.layout).float()
             if need_old:
                 old_logp = torch.zeros(shape, device=device)
                 # as many forwards on every rank (a wrapped forward may gather weights or broadcast buffers)
                 for i in range(ctx.all_reduce_max(len(groups) if real else 0)):
                     rows = groups[i] if real and i < len(groups) else groups[0]
-                    out = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size).float()
+                    out = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size, **self.layout).float()
                     if real and i < len(groups):
                         old_logp[rows] = out
         return ref_logp, (old_logp if real else None)
@@ -288,7 +294,9 @@ class GRPOStep:
                               device=ctx.device)
         counts = (ctx.all_reduce_sum(counts) / ctx.world_size).tolist()
         size = cfg.perf.micro_batch_size
-        micro = [[[p[i] for i in mb] for mb in micro_batch_order([int(lengths[s]) for s in p], size)] for p in parts]
+        share = cfg.algo.num_generations if self.layout["shared_prompt"] else 1  # a part holds whole groups
+        micro = [[[p[i] for i in mb] for mb in micro_batch_order([int(lengths[s]) for s in p], size, group_size=share)]
+                 for p in parts]
         # every rank runs the same number of micro-batches (one short of groups repeats a sequence with
         # weight 0), so DistributedDataParallel's collective calls line up
         n_micro = [ctx.all_reduce_max(len(m)) for m in micro]
@@ -301,7 +309,8 @@ class GRPOStep:
                 for j, (rows, weight) in enumerate(plan):
                     # gradients are reduced across processes only on the last micro-batch of a mini-batch
                     with self.par.no_sync(j < len(plan) - 1):
-                        logp = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size).float()
+                        logp = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size,
+                                               **self.layout).float()
                         if weight == 0.0:
                             (logp.sum() * 0.0).backward()
                             continue

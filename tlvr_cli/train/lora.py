@@ -114,6 +114,7 @@ class BaseReference:
         self.connector = copy.deepcopy(model.connector).requires_grad_(False).eval()
         self.language_model = model.language_model
         self.embed_inputs = model.embed_inputs
+        self.prompt_embeddings = model.prompt_embeddings
 
 
 def reference_mode(ref) -> AbstractContextManager[None]:

@@ -1,0 +1,191 @@
+"""The flat log-prob layouts (prompt once per group, completions without padding) against the padded
+rows: equal log-probs, loss and every parameter's gradient (CPU fp32, ≤ 1e-5 relative), with and
+without gradient checkpointing; the group-keeping micro-batch plan; one GRPO run either way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tlvr_cli.data.template import build_prompt, tokenize_with_image
+from tlvr_cli.jobs import TuneConfig
+from tlvr_cli.train.packed import PackedLayout, packed_hidden
+from tlvr_cli.train.policy import micro_batch_order, sequence_logprobs
+from tlvr_cli.train.setup import apply_tuning
+
+FLAT = [(True, False), (True, True), (False, True)]  # (shared_prompt, packing); (False, False) is the padded path
+TOL = 1e-5
+
+
+@pytest.fixture()
+def batch(tiny_model):
+    """Two prompts of different lengths, G = 4 completions each, of lengths 1 to the full width."""
+    tok = tiny_model.tokenizer
+    ids = [tokenize_with_image(tok, build_prompt("<image>\nWhat is on the table?")),
+           tokenize_with_image(tok, build_prompt("<image>\nWhy does the man in the red coat leave the room so early?"))]
+    assert len(ids[0]) != len(ids[1])
+    pixels = torch.randn(2, 16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    feats = tiny_model.tower_features(pixels).detach()
+    comps = torch.randint(1, 600, (8, 11), generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([11, 3, 6, 1, 7, 2, 11, 4])
+    weights = torch.randn(8, 11, generator=torch.Generator().manual_seed(5))  # a distinct gradient for every token
+    return feats, ids, [i // 4 for i in range(8)], comps, lengths, weights  # sequence_logprobs' order, then weights
+
+
+def _loss_and_grads(model, batch, rows, **layout):
+    model.zero_grad(set_to_none=True)
+    logp = sequence_logprobs(model, *batch[:5], rows, chunk_size=100, **layout)
+    loss = (logp * batch[5][rows]).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logp.detach(), loss.detach(), grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("shared_prompt,packing", FLAT)
+def test_flat_layouts_match_padded_rows_in_loss_and_every_gradient(tiny_model, batch, checkpointing, shared_prompt,
+                                                                    packing):
+    model = tiny_model.train()
+    apply_tuning(model, TuneConfig(), gradient_checkpointing=checkpointing)
+    rows = [5, 0, 1, 2, 3, 4, 6, 7]  # any order: results follow ``rows``
+    logp0, loss0, grads0 = _loss_and_grads(model, batch, rows)
+    logp, loss, grads = _loss_and_grads(model, batch, rows, shared_prompt=shared_prompt, packing=packing)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == grads0.keys() == trained
+    assert any(n.startswith("connector.") for n in trained)
+    assert _rel(logp, logp0) <= TOL and _rel(loss, loss0) <= TOL
+    lengths = batch[4][rows]
+    assert (logp[torch.arange(11)[None] >= lengths[:, None]] == 0).all()
+    for n in grads0:
+        assert _rel(grads[n], grads0[n]) <= TOL, n
+
+
+def test_flat_layout_equals_padded_rows_on_a_split_group(tiny_model, batch):
+    # a micro-batch holding part of one group and all of another, and a one-token completion alone
+    with torch.no_grad():
+        for rows in ([2, 3, 4, 5, 6, 7], [3]):
+            want = sequence_logprobs(tiny_model, *batch[:5], rows, chunk_size=64)
+            got = sequence_logprobs(tiny_model, *batch[:5], rows, chunk_size=64, shared_prompt=True, packing=True)
+            assert _rel(got, want) <= TOL
+
+
+class _Counted(torch.nn.Module):
+    """Wraps a module and counts its calls (forward hooks do not fire during a checkpoint's recompute)."""
+
+    def __init__(self, inner: torch.nn.Module, calls: list) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, calls
+
+    def forward(self, x):
+        self.calls.append(1)
+        return self.inner(x)
+
+
+def test_checkpointing_recomputes_each_layer_in_the_flat_forward(tiny_model, batch):
+    model = tiny_model.train()
+    calls: list = []
+    for layer in model.language_model.model.layers:
+        layer.mlp.act_fn = _Counted(layer.mlp.act_fn, calls)
+    for checkpointing, per_layer in ((False, 1), (True, 2)):
+        apply_tuning(model, TuneConfig(), gradient_checkpointing=checkpointing)
+        calls.clear()
+        _loss_and_grads(model, batch, list(range(8)), shared_prompt=True, packing=True)
+        assert len(calls) == per_layer * len(model.language_model.model.layers)
+
+
+def test_packed_hidden_matches_the_hf_forward_of_each_sequence(tiny_model):
+    lm = tiny_model.language_model
+    prompts = [torch.randn(5, 128), torch.randn(3, 128)]
+    comps = [torch.randn(4, 128), torch.randn(2, 128), torch.randn(0, 128), torch.randn(6, 128)]
+    owner = [0, 1, 0, 1]
+    with torch.no_grad():
+        flat = packed_hidden(lm.model, torch.cat(prompts + comps), PackedLayout([5, 3], [4, 2, 0, 6], owner))
+        layout = PackedLayout([5, 3], [4, 2, 0, 6], owner)
+        for u, p in enumerate(prompts):
+            h = lm.model(inputs_embeds=p[None]).last_hidden_state[0]
+            s = layout.prompt_starts[u]
+            assert torch.allclose(flat[s:s + len(p)], h, atol=1e-5)
+        for i, c in enumerate(comps):
+            h = lm.model(inputs_embeds=torch.cat([prompts[owner[i]], c])[None]).last_hidden_state[0]
+            s = layout.completion_starts[i]
+            assert torch.allclose(flat[s:s + len(c)], h[len(prompts[owner[i]]):], atol=1e-5)
+
+
+def test_packed_attention_gradients_repeat_bit_for_bit():
+    # the prompt's keys feed every completion of its group; their gradients must sum in a fixed order,
+    # or a resumed run drifts from an uninterrupted one
+    from tlvr_cli.train.packed import PackedAttention
+
+    layout = PackedLayout([80, 76], [10, 2, 5, 0, 6, 1, 10, 3], [0, 0, 0, 0, 1, 1, 1, 1])
+    attend = PackedAttention(layout, torch.device("cpu"), varlen=False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.total, h, 32, generator=g, requires_grad=True) for h in (4, 2, 2))
+    w = torch.randn(layout.total, 128, generator=g)
+    first = None
+    for _ in range(40):
+        q.grad = k.grad = v.grad = None
+        (attend(q, k, v, 32**-0.5, 0.0) * w).sum().backward()
+        grads = [q.grad.clone(), k.grad.clone(), v.grad.clone()]
+        first = first or grads
+        assert all(torch.equal(a, b) for a, b in zip(first, grads))
+
+
+def test_micro_batch_order_keeps_groups_whole():
+    lengths = [3, 9, 1, 2,  5, 5, 6, 1,  8, 2, 2, 2]  # three groups of 4; longest completions 9, 6, 8
+    assert micro_batch_order(lengths, 8, group_size=4) == [[1, 0, 3, 2, 8, 9, 10, 11], [6, 4, 5, 7]]
+    assert micro_batch_order(lengths, 5, group_size=4) == [[1, 0, 3, 2], [8, 9, 10, 11], [6, 4, 5, 7]]
+    # below one group: each group in parts, longest first
+    assert micro_batch_order(lengths, 3, group_size=4) == [[1, 0, 3], [2], [8, 9, 10], [11], [6, 4, 5], [7]]
+    # without groups: all sequences by length, as before
+    assert micro_batch_order(lengths, 4) == [[1, 8, 6, 4], [5, 0, 3, 9], [10, 11, 2, 7]]
+    with pytest.raises(ValueError, match="groups of 4"):
+        micro_batch_order(lengths[:10], 8, group_size=4)
+
+
+def test_grpo_run_is_the_same_with_either_layout(tmp_path):
+    from tlvr_cli.config import load_config
+    from tlvr_cli.jobs import GRPOConfig, SynthConfig
+    from tlvr_cli.model.checkpoint import read_state_dict, save_model
+    from tlvr_cli.model.tiny import build_tiny_model
+    from tlvr_cli.synth import write_synthetic_dataset
+    from tlvr_cli.train.grpo import run_grpo
+
+    write_synthetic_dataset(SynthConfig(root=str(tmp_path / "synth"), train=4, eval=2, coldstart=2, size=32, seed=0))
+    ckpt = save_model(build_tiny_model(), tmp_path / "tiny")
+    finals = []
+    for tag, flat in (("padded", False), ("flat", True)):
+        cfg = load_config(GRPOConfig, None, extra={
+            "model": {"path": str(ckpt), "dtype": "float32", "device": "cpu"},
+            "data": {"root": str(tmp_path / "synth"), "prompts_per_step": 2, "num_workers": 0},
+            "rollout": {"max_new_tokens": 8}, "algo": {"num_generations": 4},
+            "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "max_steps": 2},
+            "perf": {"micro_batch_size": 3, "shared_prompt": flat, "packing": flat},
+            "engine": {"max_batch": 8, "cuda_graphs": False}, "output": {"run_dir": str(tmp_path / tag)}})
+        finals.append(read_state_dict(run_grpo(cfg, show_progress=False)))
+    for k in finals[0]:
+        assert torch.allclose(finals[0][k], finals[1][k], atol=1e-6, rtol=1e-5), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flat_layout_on_cuda_matches_padded_rows_and_sdpa(tiny_model, batch):
+    from tlvr_cli.train.packed import _flash_varlen
+
+    model = tiny_model.to("cuda", torch.bfloat16)
+    feats, ids, seq_prompt, comps, lengths, _ = batch
+    args = (feats.to("cuda", torch.bfloat16), ids, seq_prompt, comps.cuda(), lengths.cuda(), list(range(8)))
+    with torch.no_grad():
+        want = sequence_logprobs(model, *args, chunk_size=100)
+        got = sequence_logprobs(model, *args, chunk_size=100, shared_prompt=True, packing=True)
+    assert torch.allclose(got, want, atol=5e-2, rtol=5e-2)  # bf16 rounding, two attention kernels
+    if _flash_varlen() is not None:
+        layout = PackedLayout([5, 4], [3, 0, 2], [0, 1, 1])
+        x = torch.randn(layout.total, 128, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            a = packed_hidden(model.language_model.model, x, layout, varlen=True)
+            b = packed_hidden(model.language_model.model, x, layout, varlen=False)
+        assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
