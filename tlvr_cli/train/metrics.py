@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,14 @@ def plot_metrics(metrics_path: Path, out_png: Path, keys: Sequence[str], title: 
 RUN_CURVES = ("reward", "rewards/*", "completion_length", "kl", "train/loss", "train/grad_norm", "train/lr")
 
 
-def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) -> Path:
+def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) -> Path | None:
     """The PNG of a run's training curves (GRPO: reward, each reward function, length, KL; cold start:
     loss, gradient norm, learning rate), from the metrics it logged."""
     metrics = Path(run_dir) / "metrics.jsonl"
     logged = {k for row in read_metrics(metrics) for k in row}
+    if not logged:  # e.g. a finished run resumed into a fresh directory logs no step: nothing to draw, not an error
+        warnings.warn(f"{metrics}: no metrics logged, so no curves plotted", stacklevel=2)
+        return None
     keys = [k for pattern in RUN_CURVES for k in (sorted(x for x in logged if x.startswith(pattern[:-1]))
                                                     if pattern.endswith("*") else [pattern])]
     return plot_metrics(metrics, Path(run_dir) / name, keys, title=Path(run_dir).name if title is None else title)
