@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ev = time_eval(args, ckpt, data, work, device)
     cfg, model = ev.pop("cfg"), ev.pop("model").eval()
+    dtype = next(model.parameters()).dtype
     items = load_eval_items(cfg)
     rollout = time_rollout(model, cfg, eval_prompts(model, cfg, items), device)
     del model
@@ -192,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     videos = len(video_jobs(items, True))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"bench_eval: {args.config} on {device} ({name}); synthetic, {ev['items']} questions on {videos} videos, "
-          f"{cfg.video.num_frames} frames, max_new_tokens {cfg.sampling.max_new_tokens}, {cfg.protocol}, dtype "
-          f"{cfg.model.dtype} (reference fp32), engine max_batch {rollout['max_batch']}"
+          f"{cfg.video.num_frames} frames, max_new_tokens {cfg.sampling.max_new_tokens}, {cfg.protocol}, "
+          f"{str(dtype).removeprefix('torch.')} (reference float32), engine max_batch {rollout['max_batch']}"
           f"{' (auto)' if cfg.engine.max_batch == 0 else ''}, decode_workers {cfg.decode_workers}")
     n, tokens = ev["items"], ev["tokens"]
     ref_s = ref["per_item"] * n

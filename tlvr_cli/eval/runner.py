@@ -108,7 +108,7 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
     todo = [it for it in mine if it.item_id not in done]
 
     if todo:
-        with DecodePool(usable_workers(cfg.decode_workers)) as pool:  # the workers start while the model loads
+        with DecodePool(usable_workers(cfg.decode_workers)) as pool:  # workers start before the model loads
             if model is None:
                 model = load_model(cfg.model)
             model.eval()
