@@ -69,7 +69,7 @@ def _evaluate(model_path: str, data: Path, out_dir: Path, cfg: DemoConfig, proto
         "benchmark": "synthetic", "data_dir": str(data), "protocol": protocol, "output_dir": str(out_dir),
         "model": {**dataclasses.asdict(cfg.model), "path": model_path}, "sampling": dataclasses.asdict(cfg.rollout),
         "limit": cfg.prepare.eval_limit, "video": dataclasses.asdict(cfg.video),
-        "engine": {"max_batch": cfg.prepare.eval_batch_size}, "seed": cfg.seed})
+        "engine": {"max_batch": cfg.prepare.eval_batch_size}, "seed": cfg.seed, "overwrite_stale": True})
     report = run_eval(ev)
     rows = [r for r in read_answers(out_dir / "answers.jsonl") if not r.get("skipped")]
     fmt = format_reward([r["output"] for r in rows]) if rows else []

@@ -70,7 +70,8 @@ class VideoConfig:
 class EngineConfig:
     """The generation engine (shared by GRPO rollouts, evaluation and inference)."""
 
-    max_batch: int = option(64, "Rows the engine decodes at once.", ge=1)
+    max_batch: int = option(64, "Rows the engine decodes at once; 0 sizes it from the free GPU memory and the KV cache "
+                            "of a row (at most 256; 8 on CPU).", ge=0)
     cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
     compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, cache writes); "
                            "the first generate call spends ~20-40 s compiling.")
@@ -384,13 +385,20 @@ class EvalConfig:
     video: VideoConfig = option(VideoConfig(), "Frame sampling.")
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=1024), "Decoding: temperature/top-k/top-p for the paper "
                                       "protocol (spec §6: T 1.0, top-k 50); max_new_tokens for both protocols (1024).")
-    engine: EngineConfig = option(EngineConfig(max_batch=8), "Generation engine (max_batch: items decoded together).")
-    decode_workers: int = option(4, "Threads decoding the next items' videos while the engine generates.", ge=1)
+    engine: EngineConfig = option(EngineConfig(max_batch=0), "Generation engine (max_batch: items decoded together; "
+                                  "0 fills the free GPU memory). The engine stays full over the whole benchmark.")
+    decode_workers: int = option(4, "Worker processes decoding videos ahead of the engine, at most the CPUs less one "
+                                 "(0: in the main process).", ge=0)
+    share_features: bool = option(True, "Decode each (video, frame spec) and run the tower once for all its questions "
+                                  "(Video-MME asks 3 per video); false: once per question, as the reference.")
     limit: int = option(0, "Evaluate only the first N items (0: all).", ge=0)
     seed: int = option(0, "Seed for sampling and the random fallback.", ge=0)
     bootstrap: int = option(1000, "Bootstrap resamples for the 95% confidence intervals.", ge=0)
     reflection: ReflectionConfig = option(ReflectionConfig(), "Reflection metrics in the report.")
-    output_dir: str = option("", "Where answers.jsonl and results.json go ('' = runs/eval/<benchmark>[-<duration>]).")
+    output_dir: str = option("", "Where answers.jsonl and results.json go ('' = runs/eval/<benchmark>[-<duration>]/"
+                             "<model>-<mode>-<protocol>-<settings hash>); a resume must match its model and settings.")
+    overwrite_stale: bool = option(False, "When output_dir holds answers of another model or other settings: false "
+                                   "refuses to run, true deletes them and starts afresh.")
 
 
 @dataclass

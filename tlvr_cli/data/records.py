@@ -43,11 +43,15 @@ class ColdstartRecord:
     extra: dict = field(default_factory=dict)
 
 
-def resolve_under_root(root: Path, rel: str) -> Path:
-    """``rel`` joined under ``root`` (leading ``./`` dropped); absolute paths are kept; escaping ``root`` is an error."""
+def resolve_under_root(root: Path, rel: str, *, allow_absolute: bool = True) -> Path:
+    """``rel`` joined under ``root`` (leading ``./`` dropped); escaping ``root`` is an error. Absolute
+    paths are kept (training annotations may point anywhere) unless ``allow_absolute`` is off (benchmark
+    annotations name files inside the benchmark's own folders)."""
     if not rel or not rel.strip():
         raise TlvrError("empty video path")
     if os.path.isabs(rel):
+        if not allow_absolute:
+            raise TlvrError(f"video path {rel!r} is absolute; expected a path under {root}")
         return Path(rel)
     norm = os.path.normpath(rel)
     if norm == ".." or norm.startswith(".." + os.sep) or norm == ".":

@@ -9,7 +9,9 @@ the prompts of the admitted rows are prefilled together (right-padded, causal), 
 prompt's keys/values are copied into each of its ``num_samples`` rows. Row ``r`` draws its token
 at position ``p`` with the uniform ``keyed_uniform(row_seed(seed, key_r), p)`` (``key_r = r``
 unless the caller gives keys), so samples do not depend on ``max_batch``, on which rows share a
-step, or on how a batch is split across processes.
+step, or on how a batch is split across processes. ``generate_stream`` pulls requests lazily, only
+when a slot frees, and yields each row as it finishes, so a caller can keep the engine full over a
+whole benchmark while producing prompts on the way; ``generate`` is that stream over a list.
 
 A decode step (forward, sampling, writing the sampled token and the next position back into the
 step's own input buffers, and into a token history) is one CUDA graph on GPU; the host replays it
@@ -37,8 +39,10 @@ attention is not implemented (Qwen2.5-3B does not use it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,6 +50,7 @@ import torch.nn.functional as F
 
 from .layers import attn_in, attn_out, compiled_decode, decode_layer, mark_dynamic
 from .sampling import SamplingParams, sample_keyed
+from .sizing import auto_max_batch
 from .tensor_parallel import TensorParallel, assert_same, fingerprint
 from .weights import ModelWeights, WeightCopy, WeightSource, fused_parts
 
@@ -64,11 +69,51 @@ class Completion:
 
 
 @dataclass
+class Request:
+    """One prompt for ``Engine.generate_stream``: its embeddings (L, D) and one sampling key per
+    output row (``len(keys)`` completions share one prefill)."""
+
+    prompt: torch.Tensor
+    keys: Sequence[int]  # row j samples with row_seed(seed, keys[j]): e.g. a stable hash of the item
+    tag: Any = None  # returned with the completions (e.g. the question it answers)
+
+
+@dataclass
+class Finished:
+    """One output row of ``Engine.generate_stream``, yielded when it finishes."""
+
+    request: Request
+    sample: int  # which of the request's keys
+    row: int  # output row number, in pull order (request-major)
+    completion: Completion
+
+
+@dataclass
+class _Row:
+    row: int
+    request_no: int  # position of its request in the stream
+    request: Request
+    sample: int
+    seed: int
+    completion: Completion = field(default_factory=lambda: Completion([], False))
+
+
+@dataclass
 class _Prefill:
     keys: torch.Tensor  # (layers, kv_heads, L, head_dim)
     values: torch.Tensor
     logits: torch.Tensor  # (1, vocab) float32, for the first new token
     rows_left: int  # rows of this prompt still waiting for a slot
+
+
+def _weight_copy_bytes(lm: torch.nn.Module, compile: bool, fuse_weights: bool, copy_weights: bool) -> int:
+    """Bytes of the weights the engine copies on the GPU: the whole model, or the fused q|k|v and gate|up buffers."""
+    if copy_weights:
+        return sum(p.numel() * p.element_size() for p in lm.parameters())
+    if not (compile and fuse_weights and lm.model.embed_tokens.weight.device.type in COMPILE_DEVICES):
+        return 0
+    parts = [getattr(mod, attr) for layer in lm.model.layers for mods, attr in fused_parts(layer) for mod in mods]
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -78,6 +123,7 @@ def row_seed(seed: int, row: int) -> int:
 
 class Engine:
     """Generate from prompt embeddings with a static KV cache, shared prefills and continuous batching.
+    ``max_batch=0`` sizes the cache from free device memory (``auto_max_batch``).
 
     With ``tp_group`` (one rank per device; ``lm`` holds the full current weights on every rank) the
     engine decodes tensor-parallel over the group; see the module docstring."""
@@ -90,9 +136,13 @@ class Engine:
         layer_types = getattr(cfg, "layer_types", None) or []
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
             raise ValueError("Engine supports full attention only; this config uses sliding-window layers")
-        if max_batch < 1 or max_seq_len < 2:
-            raise ValueError(f"Engine needs max_batch >= 1 and max_seq_len >= 2, got {max_batch} and {max_seq_len}")
+        if max_batch < 0 or max_seq_len < 2:
+            raise ValueError(f"Engine needs max_batch >= 0 (0: auto) and max_seq_len >= 2, got {max_batch} and "
+                             f"{max_seq_len}")
         self.lm = lm
+        if max_batch == 0:
+            copies = _weight_copy_bytes(lm, compile, fuse_weights, copy_weights)
+            max_batch = auto_max_batch(lm, max_seq_len, extra_bytes=copies)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
@@ -326,23 +376,85 @@ class Engine:
         ``sync_every`` (at most ``SYNC_EVERY``) decode steps run between host reads of the tokens:
         fewer reads are faster, streaming (``on_token``) wants smaller chunks.
         """
-        if not 1 <= sync_every <= SYNC_EVERY:
-            raise ValueError(f"sync_every must be in 1..{SYNC_EVERY}, got {sync_every}")
+        _check_sync_every(sync_every)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        for i, p in enumerate(prompts):
-            if p.dim() != 2 or p.shape[0] == 0:
-                raise ValueError(f"prompt {i}: expected embeddings of shape (L, D) with L >= 1, got {tuple(p.shape)}")
-            if p.shape[0] + max_new_tokens > self.max_seq_len:
-                raise ValueError(
-                    f"prompt {i} has {p.shape[0]} tokens; with max_new_tokens={max_new_tokens} it needs "
-                    f"{p.shape[0] + max_new_tokens} cache positions but the engine's max_seq_len is {self.max_seq_len} "
-                    f"(prompts may be at most {self.max_seq_len - max_new_tokens} tokens)")
+        for i, p in enumerate(prompts):  # all checked before any work, not when the stream reaches them
+            self._check_prompt(i, p, max_new_tokens)
         n_rows = len(prompts) * num_samples
-        out = [Completion([], False) for _ in range(n_rows)]
+        if row_keys is not None and len(row_keys) != n_rows:
+            raise ValueError(f"row_keys has {len(row_keys)} keys for {n_rows} output rows")
         if n_rows == 0 or max_new_tokens <= 0:
-            return out
+            return [Completion([], False) for _ in range(n_rows)]
+        keys = list(range(n_rows)) if row_keys is None else list(row_keys)
+        requests = [Request(p, keys[i * num_samples:(i + 1) * num_samples]) for i, p in enumerate(prompts)]
+        out = [Completion([], False) for _ in range(n_rows)]
+        for done in self.generate_stream(requests, params, max_new_tokens, eos_token_id, seed=seed, on_token=on_token,
+                                         ignore_eos=ignore_eos, sync_every=sync_every):
+            out[done.row] = done.completion
+        return out
+
+    def generate_stream(
+        self,
+        requests: Iterable[Request],
+        params: SamplingParams,
+        max_new_tokens: int,
+        eos_token_id: int | list[int] | None,
+        *,
+        seed: int = 0,
+        on_token: Callable[[int, int], None] | None = None,
+        ignore_eos: bool = False,
+        sync_every: int = SYNC_EVERY,
+    ) -> Iterator[Finished]:
+        """Complete a stream of requests, pulling the next one only when a slot frees (so prompts can
+        be produced lazily, e.g. while videos decode) and yielding each output row as it finishes.
+
+        Output rows are numbered in pull order (request-major), as ``on_token(row, token)`` and
+        ``Finished.row`` see them; row ``j`` of a request samples with ``row_seed(seed, keys[j])``,
+        so its tokens do not depend on what else is in flight. ``generate`` is this stream over a list.
+        """
+        _check_sync_every(sync_every)
+        return self._stream(iter(requests), params, max_new_tokens, eos_token_id, seed, on_token, ignore_eos,
+                            sync_every)
+
+    def _check_prompt(self, i: int, p: torch.Tensor, max_new_tokens: int) -> None:
+        if p.dim() != 2 or p.shape[0] == 0:
+            raise ValueError(f"prompt {i}: expected embeddings of shape (L, D) with L >= 1, got {tuple(p.shape)}")
+        if p.shape[0] + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {p.shape[0]} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{p.shape[0] + max_new_tokens} cache positions but the engine's max_seq_len is {self.max_seq_len} "
+                f"(prompts may be at most {self.max_seq_len - max_new_tokens} tokens)")
+
+    def _stream(self, source: Iterator[Request], params: SamplingParams, max_new_tokens: int,
+                eos_token_id: int | list[int] | None, seed: int, on_token: Callable[[int, int], None] | None,
+                ignore_eos: bool, sync_every: int) -> Iterator[Finished]:
         eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        pulled = next_row = 0  # requests taken from ``source``; output rows they make
+        waiting: deque[_Row] = deque()  # rows pulled and not yet placed in a slot, in row order
+
+        def pull(want: int) -> None:
+            """Take requests from the source until ``want`` rows wait for a slot or the source ends."""
+            nonlocal pulled, next_row
+            while len(waiting) < want:
+                req = next(source, None)
+                if req is None:
+                    return
+                self._check_prompt(pulled, req.prompt, max_new_tokens)
+                if not req.keys:
+                    raise ValueError(f"request {pulled}: no keys, so no output rows")
+                for j, key in enumerate(req.keys):
+                    waiting.append(_Row(next_row, pulled, req, j, row_seed(seed, key)))
+                    next_row += 1
+                pulled += 1
+
+        if max_new_tokens <= 0:  # nothing to generate: every row is empty, the model is not touched
+            pull(1)
+            while waiting:
+                row = waiting.popleft()
+                yield Finished(row.request, row.sample, row.row, row.completion)
+                pull(1)
+            return
         weight = self.lm.model.embed_tokens.weight
         device, dtype = weight.device, weight.dtype
         self._ensure_cache(device, dtype)
@@ -355,63 +467,63 @@ class Engine:
         elif compiled and self.fuse_weights:
             self._sync_fused()
         graphs = self._use_graphs(device)
-        if row_keys is not None and len(row_keys) != n_rows:
-            raise ValueError(f"row_keys has {len(row_keys)} keys for {n_rows} output rows")
-        keys = range(n_rows) if row_keys is None else row_keys
-        seed_list = [row_seed(seed, k) for k in keys]
-        seeds = torch.tensor(seed_list, dtype=torch.long, device=device)
-        if self.tp is not None and self.check_agreement:  # everything the host loop's decisions depend on
-            settings = (num_samples, max_new_tokens, params.temperature, params.top_k, params.top_p, ignore_eos,
-                        sync_every, self.max_batch, len(eos), sum(eos))
-            assert_same(self.tp, fingerprint(prompts, seeds, settings), "the prompts, seeds or settings")
 
-        def emit(row: int, token: int) -> bool:
+        def emit(row: _Row, token: int) -> bool:
             """Record one token; True when the row is done."""
             if on_token is not None:
-                on_token(row, token)
+                on_token(row.row, token)
             if token in eos and not ignore_eos:
-                out[row].finished = True
+                row.completion.finished = True
                 return True
-            out[row].tokens.append(token)
-            return len(out[row].tokens) >= max_new_tokens
+            row.completion.tokens.append(token)
+            return len(row.completion.tokens) >= max_new_tokens
 
-        slot_row = [-1] * self.max_batch  # output row decoded in each slot, -1 when free
+        slot_row: list[_Row | None] = [None] * self.max_batch  # row decoded in each slot, None when free
         slot_pos = [0] * self.max_batch  # position of the slot's next input token (= its cache index)
-        prefills: dict[int, _Prefill] = {}
-        next_row = 0
+        prefills: dict[int, _Prefill] = {}  # by request number, until all the request's rows are placed
         state = self._state
         with torch.no_grad():
             while True:
                 # admission: fill every free slot with the next rows (continuous batching), prefilling
                 # each of their prompts once; a prompt's prefill waits here until all its rows are placed
-                free = [s for s in range(self.max_batch) if slot_row[s] < 0]
-                while free and next_row < n_rows:
-                    window = range(next_row, min(n_rows, next_row + len(free)))
-                    todo = sorted({r // num_samples for r in window} - prefills.keys())
-                    for p, pre in zip(todo, self._prefill([prompts[p].to(device=device, dtype=dtype) for p in todo])):
-                        pre.rows_left = num_samples
-                        prefills[p] = pre
+                free = [s for s in range(self.max_batch) if slot_row[s] is None]
+                while free:
+                    pull(len(free))
+                    if not waiting:
+                        break
+                    window = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+                    todo = list(dict.fromkeys(r.request_no for r in window if r.request_no not in prefills))
+                    firsts = {r.request_no: r.request for r in window}
+                    embs = [firsts[n].prompt.to(device=device, dtype=dtype) for n in todo]
+                    for n, pre in zip(todo, self._prefill(embs)):
+                        pre.rows_left = len(firsts[n].keys)
+                        prefills[n] = pre
                     # first tokens of the whole window in one draw; each prompt's keys/values copied
                     # into all its new slots at once; the slots' decode state set in one write
-                    window = list(window)
-                    next_row = window[-1] + 1
-                    pres = [prefills[r // num_samples] for r in window]
+                    pres = [prefills[r.request_no] for r in window]
                     lens = [pre.keys.shape[2] for pre in pres]
-                    first = sample_keyed(torch.cat([pre.logits for pre in pres]), params, seeds[window[0]:next_row],
+                    seeds = torch.tensor([r.seed for r in window], dtype=torch.long, device=device)
+                    if self.tp is not None and self.check_agreement:  # what the host loop's decisions depend on
+                        settings = (max_new_tokens, params.temperature, params.top_k, params.top_p, ignore_eos,
+                                    sync_every, self.max_batch, len(eos), sum(eos))
+                        assert_same(self.tp, fingerprint([r.request.prompt for r in window], seeds, settings),
+                                    "the prompts, seeds or settings")
+                    first = sample_keyed(torch.cat([pre.logits for pre in pres]), params, seeds,
                                          torch.tensor(lens, device=device) - 1)
                     self._agree(first, "the first sampled tokens")
                     first = first.tolist()
                     placed: dict[int, list[int]] = {}
-                    admitted = []
+                    admitted, finished = [], []
                     for row, token, n in zip(window, first, lens):
                         if emit(row, token):
-                            continue  # done after one token: the slot stays free for the next row
+                            finished.append(row)  # done after one token: the slot stays free for the next row
+                            continue
                         s = free.pop(0)
-                        placed.setdefault(row // num_samples, []).append(s)
-                        admitted.append((s, token, n, seed_list[row]))
+                        placed.setdefault(row.request_no, []).append(s)
+                        admitted.append((s, token, n, row.seed))
                         slot_row[s], slot_pos[s] = row, n
-                    for p, slots in placed.items():
-                        pre, idx = prefills[p], torch.tensor(slots, device=device)
+                    for n, slots in placed.items():
+                        pre, idx = prefills[n], torch.tensor(slots, device=device)
                         for i in range(self.n_layers):
                             self._k[i][idx, :, :pre.keys.shape[2]] = pre.keys[i]
                             self._v[i][idx, :, :pre.keys.shape[2]] = pre.values[i]
@@ -421,8 +533,10 @@ class Engine:
                     for pre, row in zip(pres, window):
                         pre.rows_left -= 1
                         if pre.rows_left == 0:
-                            del prefills[row // num_samples]
-                active = [s for s in range(self.max_batch) if slot_row[s] >= 0]
+                            del prefills[row.request_no]
+                    for row in finished:
+                        yield Finished(row.request, row.sample, row.row, row.completion)
+                active = [s for s in range(self.max_batch) if slot_row[s] is not None]
                 if not active:
                     break
                 # decode the smallest power-of-two prefix of slots that covers every active one; free
@@ -431,7 +545,7 @@ class Engine:
                 # several steps per host read (the device writes each step's tokens into the history);
                 # attention reads only the keys any row can reach in them, rounded up to a bucket so
                 # few distinct shapes (CUDA graphs) exist
-                left = max(max_new_tokens - len(out[slot_row[s]].tokens) for s in active)
+                left = max(max_new_tokens - len(slot_row[s].completion.tokens) for s in active)
                 steps = max(1, min(sync_every, left))
                 reach = max(slot_pos[s] for s in active) + steps
                 kv_len = min(self.max_seq_len, -(-reach // KV_LEN_BUCKET) * KV_LEN_BUCKET)
@@ -439,10 +553,18 @@ class Engine:
                 self._agree(self._hist[:b, :steps], "the sampled tokens")
                 # a row that hit eos or its budget mid-chunk frees its slot; tokens after it are dropped
                 hist = self._hist[:b, :steps].tolist()
+                finished = []
                 for s in active:
                     for token in hist[s]:
                         if emit(slot_row[s], token):
-                            slot_row[s] = -1
+                            finished.append(slot_row[s])
+                            slot_row[s] = None
                             break
                     slot_pos[s] += steps
-        return out
+                for row in finished:
+                    yield Finished(row.request, row.sample, row.row, row.completion)
+
+
+def _check_sync_every(sync_every: int) -> None:
+    if not 1 <= sync_every <= SYNC_EVERY:
+        raise ValueError(f"sync_every must be in 1..{SYNC_EVERY}, got {sync_every}")

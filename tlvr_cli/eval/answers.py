@@ -1,5 +1,6 @@
 """The answers file of an evaluation: one JSON object per item (``item_id`` first), appended and
-flushed as each item is answered, so a killed run resumes where it stopped."""
+flushed as each item is answered, so a killed run resumes where it stopped. A run killed mid-write
+leaves a torn last line: ``truncate_torn_tail`` drops it before the next run appends."""
 
 from __future__ import annotations
 
@@ -31,6 +32,27 @@ def read_answers(path: Path, *, missing_ok: bool = True) -> list[dict]:
     return rows
 
 
+def truncate_torn_tail(path: Path) -> int:
+    """Cut a last line that has no newline (a write cut short), so appended rows start on a line of
+    their own; returns the bytes dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with path.open("rb+") as f:
+        f.truncate(keep)
+    return len(data) - keep
+
+
+def answer_files(out_dir: Path) -> list[Path]:
+    """Every answers file in ``out_dir``: ``answers.jsonl`` and the per-process ``answers.rank*.jsonl``."""
+    out_dir = Path(out_dir)
+    return [p for p in [out_dir / ANSWERS, *sorted(out_dir.glob("answers.rank*.jsonl"))] if p.is_file()]
+
+
 def rank_answers_path(out_dir: Path, rank: int, world_size: int) -> Path:
     """Each process of a sharded evaluation appends to its own file; one process writes answers.jsonl."""
     return Path(out_dir) / (ANSWERS if world_size == 1 else f"answers.rank{rank}.jsonl")
@@ -44,5 +66,10 @@ def merge_rank_answers(out_dir: Path, world_size: int, item_order: list[str]) ->
         for row in read_answers(rank_answers_path(out_dir, r, world_size)):
             rows[row["item_id"]] = row
     merged = sorted(rows.values(), key=lambda row: order.get(row["item_id"], len(order)))
-    write_text_atomic(Path(out_dir) / ANSWERS, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
+    write_answers(Path(out_dir) / ANSWERS, merged)
     return merged
+
+
+def write_answers(path: Path, rows: list[dict]) -> None:
+    """Replace an answers file by ``rows`` atomically (e.g. put in benchmark order once complete)."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

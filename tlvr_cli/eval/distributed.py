@@ -1,13 +1,15 @@
 """Evaluation across processes: items are sharded by rank, each rank appends its own answers file,
-and rank 0 merges them in benchmark order and scores — the same report as one process (greedy)."""
+and rank 0 merges them in benchmark order and scores — the same report as one process (greedy).
+Rank 0 checks the output directory against the resume key and records it before any rank writes."""
 
 from __future__ import annotations
 
+from ..errors import TlvrError
 from ..jobs import EvalConfig
 from ..runtime import init_distributed, launch_world_size, shutdown_distributed
 from .answers import merge_rank_answers
 from .report import Report, score_answers, write_report
-from .runner import load_eval_items, output_dir, run_eval
+from .runner import load_eval_items, prepare_output, run_eval
 
 
 def run_eval_sharded(cfg: EvalConfig, *, model=None, show_progress: bool = True) -> Report | None:
@@ -18,11 +20,21 @@ def run_eval_sharded(cfg: EvalConfig, *, model=None, show_progress: bool = True)
     ctx = init_distributed(cfg.model.device)
     if cfg.model.device in ("auto", "cuda"):
         cfg.model.device = str(ctx.device)
-    run_eval(cfg, model=model, show_progress=show_progress and ctx.is_main, rank=ctx.rank, world_size=ctx.world_size)
+    refused, out_dir = None, None
+    if ctx.is_main:
+        try:
+            out_dir = prepare_output(cfg, model)
+        except TlvrError as e:
+            refused = str(e)
+    refused = ctx.all_gather_objects(refused)[0]  # every rank stops, not only the one that checked
+    if refused is not None:
+        shutdown_distributed()
+        raise TlvrError(refused)
+    run_eval(cfg, model=model, show_progress=show_progress and ctx.is_main, rank=ctx.rank, world_size=ctx.world_size,
+             prepared=True)
     ctx.barrier()
     report = None
     if ctx.is_main:
-        out_dir = output_dir(cfg)
         rows = merge_rank_answers(out_dir, ctx.world_size, [it.item_id for it in load_eval_items(cfg)])
         report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed, phrases=cfg.reflection.phrases)
         write_report(report, out_dir)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.records import resolve_under_root
 from ..data.template import OPTION_INSTRUCTION, REASON_INSTRUCTION, video_question
 from ..errors import TlvrError
 from ..video.decode import FrameSpec
@@ -47,6 +48,17 @@ def gold_letter(candidates: list[str], answer: str) -> str:
 def finish_prompt(body: str, mode: str) -> str:
     """The user message: the video, ``body`` and the reason (spec §3.3) or option instruction."""
     return video_question(body, REASON_INSTRUCTION if mode == "reason" else OPTION_INSTRUCTION)
+
+
+def video_under(folder: Path, rel, where: str) -> Path:
+    """The annotation's video ``rel`` inside ``folder`` (the folder the reference joins it onto); a
+    name that climbs out with ``..`` or is absolute is refused, naming the annotation."""
+    if not isinstance(rel, str):
+        raise TlvrError(f"{where}: video path must be a string, got {type(rel).__name__}")
+    try:
+        return resolve_under_root(folder, rel, allow_absolute=False)
+    except TlvrError as e:
+        raise TlvrError(f"{where}: {e}") from None
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -1,5 +1,12 @@
-"""Run a benchmark: decode videos, generate answers in batches through the engine, append them to
-``answers.jsonl`` (flushed per item, so a killed run resumes where it stopped), then score.
+"""Run a benchmark: decode videos ahead in worker processes, stream the questions through the
+engine (kept full over the whole benchmark), append each answer to ``answers.jsonl`` as it finishes
+(flushed, so a killed run resumes where it stopped), then score.
+
+Resume reuses only rows written under the same resume key (``resume.py``: model and weights,
+benchmark, split, protocol, mode, frames, dtype, max tokens, and the seed when sampling); a torn
+last line is cut before appending. Questions about the same video share its frames and tower
+features (``share_features``); each question's tokens are sampled with a key hashed from its id, so
+its answer does not depend on the batch size, the resume point or the number of processes.
 
 Protocols (spec §6): ``greedy`` decodes greedily and counts unparseable answers as wrong; ``paper``
 samples at T 1.0 / top-k 50 as the authors did and picks a random option when parsing fails, with a
@@ -8,44 +15,48 @@ per-item seeded RNG so the fallback is reproducible.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import torch
 
 from ..config import to_yaml
 from ..data.template import build_prompt, tokenize_with_image
-from ..engine.generate import Engine
+from ..engine.generate import Engine, Request
 from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..files import write_text_atomic
-from ..jobs import EvalConfig, VideoConfig
+from ..jobs import EvalConfig
 from ..model.checkpoint import load_model
 from ..progress import JobProgress
 from ..runtime import resolve_root
-from ..video.decode import read_video
-from ..video.preprocess import preprocess_frames
 from .answer import parse_option_answer, parse_reason_answer
-from .answers import rank_answers_path, read_answers
+from .answers import rank_answers_path, read_answers, truncate_torn_tail, write_answers
 from .benchmarks import get_benchmark
+from .decode_ahead import Decoded, DecodePool, VideoJob, decode_video, usable_workers, video_jobs
 from .items import EvalItem
 from .report import Report, score_answers, write_report
-
-# items handed to one engine.generate call, in engine batches: rows that finish early are refilled
-# from the same call, and the next items' videos decode in the background meanwhile
-BATCHES_PER_CALL = 4
+from .resume import check_resume, default_dir_name, read_provenance, run_settings, weights_fingerprint, write_provenance
 
 
-def default_output_dir(cfg: EvalConfig) -> Path:
-    name = cfg.benchmark + (f"-{cfg.duration}" if cfg.benchmark == "videomme" else "")
-    return Path("runs") / "eval" / name
+def output_dir(cfg: EvalConfig, model: torch.nn.Module | None = None) -> Path:
+    """``cfg.output_dir``, or the default directory of this model and these settings."""
+    return Path(cfg.output_dir) if cfg.output_dir else default_dir_name(cfg, run_settings(cfg, _dtype_of(model)))
 
 
-def output_dir(cfg: EvalConfig) -> Path:
-    return Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+def _dtype_of(model: torch.nn.Module | None) -> torch.dtype | None:
+    return None if model is None else next(model.parameters()).dtype
+
+
+def item_row_key(item_id: str) -> int:
+    """The engine's sampling key of an item: a stable hash of its id (not of its position in a batch)."""
+    return int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big") >> 2
 
 
 def load_eval_items(cfg: EvalConfig) -> list[EvalItem]:
@@ -59,11 +70,6 @@ def load_eval_items(cfg: EvalConfig) -> list[EvalItem]:
     return items
 
 
-def _decode(item: EvalItem, video: VideoConfig, image_size: int):
-    frames = read_video(item.video, item.frame_spec, **video.frame_args(item.frame_spec))
-    return preprocess_frames(frames.frames, size=image_size), list(frames.indices)
-
-
 def _parse(cfg: EvalConfig, output: str, item: EvalItem):
     rng = random.Random(f"{cfg.seed}:{item.item_id}") if cfg.protocol == "paper" else None
     if cfg.mode == "reason":
@@ -71,98 +77,117 @@ def _parse(cfg: EvalConfig, output: str, item: EvalItem):
     return parse_option_answer(output, item.choices, rng, option_texts=item.meta.get("option_texts"))
 
 
-def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: int = 0, world_size: int = 1) -> Report | None:
-    """Evaluate ``cfg.model`` on ``cfg.benchmark``; returns the scored report (also written to disk).
-    With several processes each evaluates its share (``rank::world_size``) and returns None: the
-    caller merges the rank files (``eval.distributed``)."""
-    items = load_eval_items(cfg)
-    out_dir = output_dir(cfg)
+def prepare_output(cfg: EvalConfig, model: torch.nn.Module | None = None) -> Path:
+    """The output directory, checked against the resume key (refused, or cleared with
+    ``overwrite_stale``, when it holds answers of another model or settings), with the key and the
+    config recorded in it before any answer is written."""
+    settings = run_settings(cfg, _dtype_of(model))
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_dir_name(cfg, settings)
+    provenance = read_provenance(out_dir)
+    digest, files = weights_fingerprint(cfg.model.path, model, provenance["files"] if provenance else None)
+    key = {"model": settings.pop("model"), "weights": digest, **settings}
+    check_resume(out_dir, key, provenance, overwrite=cfg.overwrite_stale)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_provenance(out_dir, key, files)
+    write_text_atomic(out_dir / "config.yaml", to_yaml(cfg))
+    return out_dir
+
+
+def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: int = 0, world_size: int = 1,
+             prepared: bool = False) -> Report | None:
+    """Evaluate ``cfg.model`` (or ``model``) on ``cfg.benchmark``; returns the scored report (also
+    written to disk). With several processes each evaluates its share (``rank::world_size``) and
+    returns None: the caller prepares the directory once before (``prepared``) and merges the rank
+    files after (``eval.distributed``)."""
+    items = load_eval_items(cfg)
+    out_dir = output_dir(cfg, model) if prepared else prepare_output(cfg, model)
     answers_path = rank_answers_path(out_dir, rank, world_size)
-    if rank == 0:
-        write_text_atomic(out_dir / "config.yaml", to_yaml(cfg))
+    truncate_torn_tail(answers_path)  # a run killed mid-write: the next row must start on its own line
     done = {r["item_id"] for r in read_answers(answers_path)}
     mine = items[rank::world_size]
     todo = [it for it in mine if it.item_id not in done]
 
     if todo:
-        if model is None:
-            model = load_model(cfg.model)
-        model.eval()
-        _generate_answers(cfg, model, todo, answers_path, len(mine) - len(todo), len(mine), show_progress)
+        with DecodePool(usable_workers(cfg.decode_workers)) as pool:  # workers start before the model loads
+            if model is None:
+                model = load_model(cfg.model)
+            model.eval()
+            _generate_answers(cfg, model, todo, pool, answers_path, len(mine) - len(todo), len(mine), show_progress)
     if world_size > 1:
         return None
     order = {it.item_id: i for i, it in enumerate(items)}
-    rows = sorted((r for r in read_answers(answers_path) if r["item_id"] in order), key=lambda r: order[r["item_id"]])
+    written = read_answers(answers_path)
+    rows = sorted((r for r in written if r["item_id"] in order), key=lambda r: order[r["item_id"]])
+    if todo and len(rows) == len(written):  # answered in the order they finished: stored in benchmark order
+        write_answers(answers_path, rows)
     report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed, phrases=cfg.reflection.phrases)
     write_report(report, out_dir)
     return report
 
 
-def _generate_answers(cfg: EvalConfig, model, todo: list[EvalItem], answers_path: Path, already: int, total: int,
-                      show_progress: bool) -> None:
+def _generate_answers(cfg: EvalConfig, model, todo: list[EvalItem], pool: DecodePool, answers_path: Path, already: int,
+                      total: int, show_progress: bool) -> None:
     tok = model.tokenizer
-    device = model.device
-    dtype = next(model.vision_tower.parameters()).dtype
-    image_size = model.config.vision_config.image_size
     params = SamplingParams(temperature=0.0) if cfg.protocol == "greedy" else SamplingParams(
         temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
     max_new = cfg.sampling.max_new_tokens
     engine = Engine(model.language_model, max_batch=cfg.engine.max_batch,
                     max_seq_len=model.config.tokenizer_model_max_length + max_new, cuda_graphs=cfg.engine.cuda_graphs,
                     compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights)
-    chunk = cfg.engine.max_batch * BATCHES_PER_CALL
-    pool = ThreadPoolExecutor(max_workers=cfg.decode_workers)
+    decode = functools.partial(decode_video, video=cfg.video, image_size=model.config.vision_config.image_size)
+    jobs = video_jobs(todo, cfg.share_features)
     progress = JobProgress(cfg.benchmark, total, enabled=show_progress)
     progress.start(already)
-    done, correct, seen, skipped = already, 0, 0, 0
+    counts = {"done": already, "correct": 0, "seen": 0, "skipped": 0}
     try:
-        with answers_path.open("a") as out:
-            futures = [pool.submit(_decode, it, cfg.video, image_size) for it in todo[:chunk]]
-            for start in range(0, len(todo), chunk):
-                items = todo[start:start + chunk]
-                decoded = [f.result() if not f.exception() else f.exception() for f in futures]
-                # the next chunk's videos decode while this chunk generates
-                nxt = todo[start + chunk:start + 2 * chunk]
-                futures = [pool.submit(_decode, it, cfg.video, image_size) for it in nxt]
-                t0 = time.perf_counter()
-                good, rows = [], []
-                for it, dec in zip(items, decoded):
-                    if isinstance(dec, BaseException):  # a broken video is recorded as skipped, not fatal
-                        rows.append({"item_id": it.item_id, "task": it.task, "video": str(it.video), "video_key": it.video_key,
-                                     "gold": it.gold, "skipped": True, "error": f"{type(dec).__name__}: {dec}"})
-                    else:
-                        good.append((it, dec))
-                if good:
-                    with torch.no_grad():
-                        # path B can return fewer frames for some videos: encode a list when shapes differ
-                        pix = [d[0].to(device=device, dtype=dtype) for _, d in good]
-                        feats = model.encode_videos(torch.stack(pix) if len({p.shape for p in pix}) == 1 else pix)
-                        ids = [tokenize_with_image(tok, build_prompt(it.prompt)) for it, _ in good]
-                        prompts = model.prompt_embeddings(ids, feats)
-                    outs = engine.generate(prompts, params, max_new, tok.eos_token_id, seed=_chunk_seed(cfg, items[0]))
-                    secs = (time.perf_counter() - t0) / len(good)
-                    for (it, (_, idx)), o in zip(good, outs):
-                        text = tok.decode(o.tokens, skip_special_tokens=True).strip()
-                        parsed = _parse(cfg, text, it)
-                        ok = parsed.letter is not None and parsed.letter == it.gold
-                        rows.append({"item_id": it.item_id, "task": it.task, "video": str(it.video), "video_key": it.video_key,
-                                     "frame_indices": idx, "output": text, "parsed": parsed.letter, "parse_how": parsed.how,
-                                     "gold": it.gold, "correct": ok, "new_tokens": len(o.tokens), "seconds": round(secs, 4)})
-                for row in rows:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    out.flush()
-                    if row.get("skipped"):
-                        skipped += 1
-                    else:
-                        seen += 1
-                        correct += row["correct"]
-                done += len(items)
-                progress.update(done, {"acc %": 100 * correct / max(1, seen), "skipped": skipped})
+        with answers_path.open("a") as out, closing(pool.decode(jobs, decode)) as decoded:
+            def write(row: dict) -> None:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+                counts["done"] += 1
+                if row.get("skipped"):
+                    counts["skipped"] += 1
+                else:
+                    counts["seen"] += 1
+                    counts["correct"] += row["correct"]
+                progress.update(counts["done"], {"acc %": 100 * counts["correct"] / max(1, counts["seen"]),
+                                                 "skipped": counts["skipped"]})
+
+            def skip(job: VideoJob, error: str) -> None:  # a broken video is recorded as skipped, not fatal
+                for it in job.items:
+                    write({"item_id": it.item_id, "task": it.task, "video": str(it.video), "video_key": it.video_key,
+                           "gold": it.gold, "skipped": True, "error": error})
+
+            requests = _requests(model, decoded, skip)
+            for fin in engine.generate_stream(requests, params, max_new, tok.eos_token_id, seed=cfg.seed):
+                it, indices, ready = fin.request.tag
+                text = tok.decode(fin.completion.tokens, skip_special_tokens=True).strip()
+                parsed = _parse(cfg, text, it)
+                write({"item_id": it.item_id, "task": it.task, "video": str(it.video), "video_key": it.video_key,
+                       "frame_indices": indices, "output": text, "parsed": parsed.letter, "parse_how": parsed.how,
+                       "gold": it.gold, "correct": parsed.letter is not None and parsed.letter == it.gold,
+                       "new_tokens": len(fin.completion.tokens), "seconds": round(time.perf_counter() - ready, 4)})
     finally:
         progress.stop()
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _chunk_seed(cfg: EvalConfig, first: EvalItem) -> int:
-    return random.Random(f"{cfg.seed}:{first.item_id}").getrandbits(63)
+def _requests(model, decoded: Iterator[tuple[VideoJob, Decoded]], skip: Callable[[VideoJob, str], None]
+              ) -> Iterator[Request]:
+    """The engine's requests, produced as it asks for them: per decoded video, the tower and
+    connector once (one video's frames in one batch, so its features do not depend on its neighbours),
+    then each question's prompt embedding. ``seconds`` in a row counts from here to its last token."""
+    tok = model.tokenizer
+    device = model.device
+    dtype = next(model.vision_tower.parameters()).dtype
+    for job, result in decoded:
+        if isinstance(result, str):
+            skip(job, result)
+            continue
+        pixels, indices = result
+        with torch.no_grad():
+            visual = model.encode_videos(pixels[None].to(device=device, dtype=dtype))
+            ids = [tokenize_with_image(tok, build_prompt(it.prompt)) for it in job.items]
+            prompts = model.prompt_embeddings(ids, visual.expand(len(ids), -1, -1))
+        ready = time.perf_counter()
+        for it, prompt in zip(job.items, prompts):
+            yield Request(prompt, [item_row_key(it.item_id)], tag=(it, indices, ready))

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,16 @@ RUN_CURVES = ("reward", "rewards/*", "completion_length", "kl", "reflection/rate
               "reflection/accuracy_*", "dynamic/filtered_fraction", "train/loss", "train/grad_norm", "train/lr")
 
 
-def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) -> Path:
+def plot_run(run_dir: Path, name: str = "curves.png", title: str | None = None) -> Path | None:
     """The PNG of a run's training curves (GRPO: reward, each reward function, length, KL, reflection
     rate, think length and accuracy with/without reflection, filtered groups; cold start: loss,
-    gradient norm, learning rate), from the metrics it logged."""
+    gradient norm, learning rate), from the metrics it logged; None when it logged no step."""
     metrics = Path(run_dir) / "metrics.jsonl"
-    keys = curve_keys(read_metrics(metrics))
+    rows = read_metrics(metrics)
+    if not rows:  # e.g. a finished run resumed into a fresh directory logs no step: nothing to draw, not an error
+        warnings.warn(f"{metrics}: no metrics logged, so no curves plotted", stacklevel=2)
+        return None
+    keys = curve_keys(rows)
     return plot_metrics(metrics, Path(run_dir) / name, keys, title=Path(run_dir).name if title is None else title)
 
 

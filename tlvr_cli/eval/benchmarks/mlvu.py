@@ -10,7 +10,16 @@ from pathlib import Path
 
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, choice_letters, finish_prompt, gold_letter, read_json, require_dir, require_keys
+from ..items import (
+    EvalItem,
+    choice_letters,
+    finish_prompt,
+    gold_letter,
+    read_json,
+    require_dir,
+    require_keys,
+    video_under,
+)
 
 NAME = "mlvu"
 AGGREGATE = "macro"  # spec §6.3: Avg = mean of the 7 task accuracies
@@ -42,13 +51,14 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
     for task, stem in TASKS:
         records = read_json(json_dir / f"{stem}.json", f"MLVU {task}")
         for i, rec in enumerate(records):
-            require_keys(rec, ("video", "question", "candidates", "answer"), f"{json_dir / stem}.json item {i}")
+            where = f"{json_dir / stem}.json item {i}"
+            require_keys(rec, ("video", "question", "candidates", "answer"), where)
             candidates = [str(c) for c in rec["candidates"]]
             letters = choice_letters(len(candidates))
             items.append(EvalItem(
                 item_id=f"{stem}/{i}",
                 task=task,
-                video=data_dir / "video" / stem / rec["video"],
+                video=video_under(data_dir / "video" / stem, rec["video"], where),
                 video_key=f"{stem}/{rec['video']}",
                 frame_spec=FrameSpec(kind=kind),
                 prompt=build_prompt(rec["question"], candidates, cfg.mode),

@@ -12,7 +12,7 @@ from pathlib import Path
 from ...errors import TlvrError
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, finish_prompt, read_json, require_keys
+from ..items import EvalItem, finish_prompt, read_json, require_keys, video_under
 
 NAME = "mmvu"
 AGGREGATE = "micro"  # spec §6.4: item mean over the multiple-choice questions
@@ -25,9 +25,9 @@ def build_prompt(question: str, choices: dict[str, str], mode: str) -> str:
     return finish_prompt(body, mode)
 
 
-def _video_path(root: Path, video: str) -> Path:
-    rel = video.removeprefix(URL_PREFIX)
-    return root / rel.lstrip("/")
+def _video_path(root: Path, video, where: str) -> Path:
+    rel = video.removeprefix(URL_PREFIX).lstrip("/") if isinstance(video, str) else video
+    return video_under(root, rel, where)
 
 
 def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
@@ -47,7 +47,7 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
         items.append(EvalItem(
             item_id=str(rec.get("id") or f"validation/{i}"),
             task=subject,
-            video=_video_path(data_dir, rec["video"]),
+            video=_video_path(data_dir, rec["video"], f"{path} item {i}"),
             video_key=rec["video"],
             frame_spec=FrameSpec(kind="uniform"),  # path A in both frame protocols
             prompt=build_prompt(rec["question"], choices, cfg.mode),

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, choice_letters, finish_prompt, gold_letter, read_json, require_dir, require_keys
+from ..items import (
+    EvalItem,
+    choice_letters,
+    finish_prompt,
+    gold_letter,
+    read_json,
+    require_dir,
+    require_keys,
+    video_under,
+)
 
 NAME = "mvbench"
 AGGREGATE = "micro"  # spec §6.2: Avg = correct / total over all items
@@ -66,10 +75,10 @@ def build_prompt(question: str, candidates: list[str], mode: str) -> str:
     return finish_prompt(body.rstrip(), mode)
 
 
-def _video_path(video_root: Path, prefix: str, video: str) -> Path:
-    path = video_root / prefix / video
+def _video_path(video_root: Path, prefix: str, video, where: str) -> Path:
+    path = video_under(video_root / prefix, video, where)
     if not path.exists():
-        moved = video_root / "data0613" / prefix / video
+        moved = video_under(video_root / "data0613" / prefix, video, where)
         if moved.exists():
             return moved
     return path
@@ -91,7 +100,7 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
             items.append(EvalItem(
                 item_id=f"{json_name[:-5]}/{i}",
                 task=task,
-                video=_video_path(video_root, prefix, rec["video"]),
+                video=_video_path(video_root, prefix, rec["video"], where),
                 video_key=prefix + rec["video"],
                 frame_spec=frame_spec(reader, bound, cfg.frame_protocol),
                 prompt=build_prompt(rec["question"], candidates, cfg.mode),

@@ -11,7 +11,7 @@ from ...data.tags import answer_block_stripped
 from ...errors import TlvrError
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, finish_prompt, read_jsonl, require_keys
+from ..items import EvalItem, finish_prompt, read_jsonl, require_keys, video_under
 
 NAME = "synthetic"
 AGGREGATE = "micro"
@@ -28,12 +28,13 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
         gold = answer_block_stripped(row["solution"])
         if not options or gold is None:
             raise TlvrError(f"{where}: expected 'A. …' option lines in problem and '<answer>X</answer>' in solution")
+        # names are relative to the root, "./" or "/" in front (formats §1); "../" may not climb out of it
         rel = row["video_filename"]
-        rel = rel[2:] if rel.startswith("./") else rel.lstrip("/")
+        video = video_under(data_dir, rel.lstrip("/") if isinstance(rel, str) else rel, where)
         items.append(EvalItem(
             item_id=str(row.get("problem_id", i)),
             task=str(row.get("question_type") or row.get("task") or "all"),
-            video=data_dir / rel,
+            video=video,
             video_key=row["video_filename"],
             frame_spec=FrameSpec(kind="uniform"),
             prompt=finish_prompt(row["problem"], cfg.mode),

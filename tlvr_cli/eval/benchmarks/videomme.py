@@ -13,7 +13,7 @@ from pathlib import Path
 from ...errors import TlvrError
 from ...jobs import EvalConfig
 from ...video.decode import FrameSpec
-from ..items import EvalItem, finish_prompt, require_file, require_keys
+from ..items import EvalItem, finish_prompt, require_file, require_keys, video_under
 
 NAME = "videomme"
 AGGREGATE = "micro"  # spec §6.1: per-item mean per duration; equal-size splits, so overall = mean
@@ -22,12 +22,14 @@ DURATIONS = ("short", "medium", "long")
 _VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv")  # formats §3: lmms-eval also tries .MP4/.mkv
 
 
-def _video_path(root: Path, video_id: str) -> Path:
+def _video_path(root: Path, video_id, where: str) -> Path:
+    if not isinstance(video_id, str):
+        raise TlvrError(f"{where}: videoID must be a string, got {type(video_id).__name__}")
     for suffix in _VIDEO_SUFFIXES:
-        path = root / "data" / f"{video_id}{suffix}"
+        path = video_under(root / "data", f"{video_id}{suffix}", where)
         if path.exists():
             return path
-    return root / "data" / f"{video_id}.mp4"  # missing: the runner records it as skipped
+    return video_under(root / "data", f"{video_id}.mp4", where)  # missing: the runner records it as skipped
 
 
 def _option_text(option: str) -> str:
@@ -64,7 +66,7 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
         items.append(EvalItem(
             item_id=f"{row['duration']}/{qid}",
             task=row.get("task_type") or row["duration"],
-            video=_video_path(data_dir, row["videoID"]),
+            video=_video_path(data_dir, row["videoID"], f"{path} row {i}"),
             video_key=row["videoID"],
             frame_spec=FrameSpec(kind=kind),
             prompt=build_prompt(row["question"], options, cfg.mode),

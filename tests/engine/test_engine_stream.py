@@ -1,0 +1,127 @@
+"""The engine's streaming admission (``generate_stream``) and its memory-based sizing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from tlvr_cli.engine import sizing
+from tlvr_cli.engine.generate import Engine, Request
+from tlvr_cli.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+SAMPLED = SamplingParams(temperature=1.0, top_k=40)
+LENGTHS = (5, 11, 3, 17, 8, 6, 9)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                      initializer_range=0.3)  # a wide init: greedy outputs vary from token to token
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(lm) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen)) for n in LENGTHS]
+
+
+@pytest.mark.parametrize("params,max_batch,samples", [(GREEDY, 3, 1), (SAMPLED, 2, 2), (SAMPLED, 16, 3)])
+def test_stream_gives_generates_completions_for_the_same_keys(lm, prompts, params, max_batch, samples):
+    keys = [1000 + 7 * r for r in range(len(prompts) * samples)]
+    want = Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, params, 10, 299, num_samples=samples, seed=3,
+                                                            row_keys=keys)
+    requests = [Request(p, keys[i * samples:(i + 1) * samples], tag=i) for i, p in enumerate(prompts)]
+    got = {}
+    for fin in Engine(lm, max_batch=max_batch, max_seq_len=64).generate_stream(requests, params, 10, 299, seed=3):
+        assert fin.row == fin.request.tag * samples + fin.sample
+        got[fin.row] = fin.completion.tokens
+    assert [got[r] for r in range(len(want))] == [o.tokens for o in want]
+    if params is SAMPLED:
+        assert len({tuple(t) for t in got.values()}) == len(got)  # the comparison is not vacuous
+
+
+def test_a_request_samples_by_its_key_not_its_place(lm, prompts):
+    # the same (prompt, key) pairs in reverse order, or behind other requests, draw the same tokens
+    engine = Engine(lm, max_batch=2, max_seq_len=64)
+
+    def by_key(requests) -> dict[int, list[int]]:
+        return {fin.request.keys[fin.sample]: fin.completion.tokens
+                for fin in engine.generate_stream(requests, SAMPLED, 8, 299, seed=9)}
+
+    pairs = [(p, 50 + i) for i, p in enumerate(prompts)]
+    forward = by_key(Request(p, [k]) for p, k in pairs)
+    assert by_key(Request(p, [k]) for p, k in reversed(pairs)) == forward
+    extra = [Request(prompts[0], [999]), *(Request(p, [k]) for p, k in pairs[3:])]
+    assert {k: v for k, v in by_key(extra).items() if k != 999} == {k: forward[k] for _, k in pairs[3:]}
+
+
+def test_requests_are_pulled_only_when_a_slot_frees(lm, prompts):
+    pulled = []
+
+    def source():
+        for i in range(40):
+            pulled.append(i)
+            yield Request(prompts[i % len(prompts)], [i], tag=i)
+
+    stream = Engine(lm, max_batch=3, max_seq_len=64).generate_stream(source(), GREEDY, 6, 299)
+    first = next(stream)
+    assert len(pulled) == 3 and first.request.tag in (0, 1, 2)  # one request per slot, nothing read ahead
+    rest = list(stream)
+    assert len(pulled) == 40 and sorted(f.request.tag for f in [first, *rest]) == list(range(40))
+
+
+def test_rows_are_yielded_as_they_finish(lm, prompts):
+    ref = Engine(lm, max_batch=8, max_seq_len=64).generate(prompts, GREEDY, 12, 299)
+    eos = ref[2].tokens[1]  # prompt 2's row stops after 2 tokens; rows without it run all 12
+    ends = [o.tokens.index(eos) if eos in o.tokens else 12 for o in ref]
+    assert len(set(ends)) > 1
+    order = [fin.row for fin in Engine(lm, max_batch=8, max_seq_len=64).generate_stream(
+        (Request(p, [r]) for r, p in enumerate(prompts)), GREEDY, 12, eos, sync_every=1)]
+    assert sorted(order) == list(range(len(prompts)))
+    assert [ends[r] for r in order] == sorted(ends)  # earliest finish first (ties in row order)
+
+
+def test_stream_errors_and_empty_budget(lm, prompts):
+    engine = Engine(lm, max_batch=2, max_seq_len=20)
+    with pytest.raises(ValueError, match=r"prompt 1 has 17 tokens"):
+        list(engine.generate_stream([Request(prompts[0], [0]), Request(prompts[3], [1])], GREEDY, 8, 299))
+    with pytest.raises(ValueError, match="request 0: no keys"):
+        list(engine.generate_stream([Request(prompts[0], [])], GREEDY, 8, 299))
+    with pytest.raises(ValueError, match="sync_every"):
+        engine.generate_stream([], GREEDY, 8, 299, sync_every=0)  # checked at the call, not at the first row
+    fresh = Engine(lm, max_batch=2, max_seq_len=64)
+    out = list(fresh.generate_stream([Request(p, [0, 1]) for p in prompts[:2]], GREEDY, 0, 299))
+    assert [(f.row, f.completion.tokens, f.completion.finished) for f in out] == [(r, [], False) for r in range(4)]
+    assert fresh._k == []  # nothing to generate: no cache allocated
+
+
+def test_auto_max_batch_from_free_memory(lm):
+    per_row = sizing.kv_cache_bytes_per_row(lm, 100)
+    # 2 layers x 2 kv heads x 16 head dims x 100 positions, keys and values, fp32; plus the logits row
+    assert per_row == 2 * 2 * 2 * 16 * 100 * 4 + 300 * 12
+    fixed = sizing.AUTO_RESERVE_BYTES + 10_000
+
+    def rows(n: float) -> int:
+        free = int((fixed + n * per_row) / sizing.AUTO_MEMORY_FRACTION) + 1
+        return sizing.auto_max_batch(lm, 100, extra_bytes=10_000, free_bytes=free)
+
+    assert rows(37) == 37 and rows(37.5) == 37
+    assert rows(10_000) == sizing.AUTO_ROWS_CAP and rows(-5) == 1
+    assert sizing.auto_max_batch(lm, 100) == sizing.AUTO_ROWS_CPU  # the model is on the CPU
+    assert Engine(lm, max_batch=0, max_seq_len=64).max_batch == sizing.AUTO_ROWS_CPU
+    with pytest.raises(ValueError, match="max_batch >= 0"):
+        Engine(lm, max_batch=-1)

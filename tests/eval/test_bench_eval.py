@@ -1,0 +1,29 @@
+"""benchmarks/bench_eval.py runs end to end on the tiny config on CPU and reports every rate."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_eval_smoke(tmp_path, one_thread):
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_eval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--config", "tiny", "--device", "cpu", "--items", "6", "--max-new-tokens", "4",
+                         "--reference-items", "1", "--reference-tokens", "3", "--workdir", str(tmp_path)])
+    assert len(result["tokens_per_s"]) == 4 and all(r > 0 for r in result["tokens_per_s"].values())
+    assert result["skipped"] == 0 and 0 < result["eval_of_rollout"]

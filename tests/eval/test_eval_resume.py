@@ -1,0 +1,45 @@
+"""The pieces of the resume key: the checkpoint fingerprint and the torn-tail repair."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tlvr_cli.eval import resume
+from tlvr_cli.eval.answers import read_answers, truncate_torn_tail
+
+
+def test_fingerprint_covers_every_byte_and_reuses_recorded_digests(tmp_path, monkeypatch):
+    monkeypatch.setattr(resume, "HASH_CHUNK", 1000)  # several chunks per file, hashed in parallel
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    weights = bytearray(os.urandom(4500))
+    (ckpt / "model.safetensors").write_bytes(weights)
+    (ckpt / "README.md").write_text("not part of the fingerprint")
+    digest, files = resume.weights_fingerprint(str(ckpt))
+    assert sorted(files) == ["config.json", "model.safetensors"]
+    (ckpt / "README.md").write_text("edited")
+    (ckpt / "model.safetensors").write_bytes(weights)  # rewritten unchanged: new mtime, same digest
+    assert resume.weights_fingerprint(str(ckpt))[0] == digest
+    weights[3333] ^= 1  # one bit in the fourth chunk
+    (ckpt / "model.safetensors").write_bytes(weights)
+    changed, changed_files = resume.weights_fingerprint(str(ckpt), known=files)
+    assert changed != digest and changed_files["config.json"] == files["config.json"]
+    # unchanged sizes and mtimes: the recorded digests are used, nothing is read
+    monkeypatch.setattr(resume, "_chunk_digest", lambda *a: pytest.fail("read a file whose digest was recorded"))
+    assert resume.weights_fingerprint(str(ckpt), known=changed_files) == (changed, changed_files)
+
+
+def test_truncate_torn_tail(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    assert truncate_torn_tail(path) == 0  # no file yet
+    path.write_text('{"item_id": "a"}\n{"item_id": "b"}\n')
+    assert truncate_torn_tail(path) == 0
+    with path.open("a") as f:
+        f.write('{"item_id": "c", "out')
+    assert truncate_torn_tail(path) == len('{"item_id": "c", "out')
+    assert [r["item_id"] for r in read_answers(path)] == ["a", "b"] and path.read_text().endswith("}\n")
+    path.write_text('{"item_id": "only", "torn')
+    assert truncate_torn_tail(path) > 0 and path.read_bytes() == b""

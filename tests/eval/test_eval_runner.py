@@ -1,0 +1,191 @@
+"""The evaluation runner end to end on the synthetic split (4 videos x 3 questions) with tiny models:
+resume keyed by what produced the answers, torn lines, per-item sampling seeds, shared video features."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlvr_cli.config import deep_merge, load_config
+from tlvr_cli.errors import TlvrError
+from tlvr_cli.eval import runner
+from tlvr_cli.eval.decode_ahead import DecodePool, decode_video, video_jobs
+from tlvr_cli.eval.runner import load_eval_items, run_eval
+from tlvr_cli.jobs import EvalConfig, SynthConfig, VideoConfig
+from tlvr_cli.model.checkpoint import load_model, save_model
+from tlvr_cli.model.tiny import build_tiny_model
+from tlvr_cli.synth import write_synthetic_dataset
+
+PAPER = {"protocol": "paper"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evalrun")
+    write_synthetic_dataset(SynthConfig(root=str(root / "synth"), train=0, eval=12, coldstart=0, size=32, seed=1),
+                            progress=False)
+    save_model(build_tiny_model(seed=1), root / "coldstart" / "final")  # stands in for the demo's cold-start model
+    return root
+
+
+def config(data: Path, out: Path | str, model: str | Path = "tiny", **extra) -> EvalConfig:
+    base = {"model": {"path": str(model), "device": "cpu", "dtype": "float32"}, "benchmark": "synthetic",
+            "data_dir": str(data / "synth"), "sampling": {"max_new_tokens": 6}, "bootstrap": 20, "output_dir": str(out),
+            "decode_workers": 0}
+    return load_config(EvalConfig, None, extra=deep_merge(base, extra))
+
+
+def answers(out: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len({r["item_id"] for r in rows}) == len(rows)
+    return {r["item_id"]: {k: v for k, v in r.items() if k != "seconds"} for r in rows}
+
+
+def test_another_model_into_the_same_dir_is_refused(data, tmp_path, capsys):
+    # the reported case: the demo's cold-start model, then `--model tiny` into the same directory
+    from tlvr_cli.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["eval", "synthetic", "--data-dir", str(data / "synth"), "--device", "cpu", "--max-new-tokens", "4",
+            "-o", str(out), "--set", "decode_workers=0", "--set", "bootstrap=20"]
+    main([*argv, "--model", str(data / "coldstart" / "final")])
+    kept = {name: (out / name).read_bytes() for name in ("answers.jsonl", "results.json", "config.yaml")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--model", "tiny"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds answers of another evaluation (model: {(data / 'coldstart' / 'final').resolve()} -> tiny; " \
+           "weights: " in err
+    assert len(err.strip().splitlines()) == 1
+    assert {name: (out / name).read_bytes() for name in kept} == kept  # nothing rewritten, config.yaml included
+
+
+def test_default_dirs_are_per_model_and_settings(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cold = run_eval(config(data, "", data / "coldstart" / "final"), show_progress=False)
+    tiny = run_eval(config(data, ""), show_progress=False)
+    dirs = sorted((tmp_path / "runs" / "eval" / "synthetic").iterdir())
+    assert [d.name.rsplit("-", 1)[0] for d in dirs] == ["coldstart-final-reason-greedy", "tiny-reason-greedy"]
+    assert cold.n == tiny.n == 12
+    keys = [json.loads((d / "provenance.json").read_text())["key"] for d in dirs]
+    assert keys[0]["weights"] != keys[1]["weights"] and keys[1]["model"] == "tiny"
+    # the same model and settings again: the same directory, resumed with nothing left to do
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("nothing to generate, nothing to load"))
+    before = (dirs[1] / "answers.jsonl").read_bytes()
+    assert run_eval(config(data, ""), show_progress=False).headline == tiny.headline
+    assert (dirs[1] / "answers.jsonl").read_bytes() == before
+    # other settings: another directory
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    run_eval(config(data, "", sampling={"max_new_tokens": 3}, limit=2), show_progress=False)
+    assert len(list((tmp_path / "runs" / "eval" / "synthetic").iterdir())) == 3
+
+
+def test_resume_key_in_an_explicit_dir(data, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(data / "coldstart" / "final", model)
+    out = tmp_path / "e"
+    run_eval(config(data, out, model, limit=4), show_progress=False)
+    # settings that cannot change an answer may change on resume: the rest is appended
+    run_eval(config(data, out, model, limit=6, engine={"max_batch": 2}), show_progress=False)
+    assert len(answers(out)) == 6
+    for extra, diff in (({"sampling": {"max_new_tokens": 5}}, "max_new_tokens: 6 -> 5"),
+                        (PAPER, "protocol: greedy -> paper; seed: unset -> 0; temperature: unset -> 1.0"),
+                        ({"video": {"num_frames": 8}}, "frames: 16 -> 8"),
+                        ({"mode": "option"}, "mode: reason -> option")):
+        with pytest.raises(TlvrError, match=f"holds answers of another evaluation \\({diff}"):
+            run_eval(config(data, out, model, **extra), show_progress=False)
+    # the same weights written again (new mtime): hashed again, equal, accepted
+    save_model(load_model(str(model), device="cpu", dtype="float32"), model)
+    run_eval(config(data, out, model, limit=6), show_progress=False)
+    # other weights at the same path are refused, naming the fingerprint
+    save_model(build_tiny_model(seed=2), model)
+    with pytest.raises(TlvrError, match=r"\(weights: [0-9a-f]{12} -> [0-9a-f]{12}\)"):
+        run_eval(config(data, out, model), show_progress=False)
+    # overwrite_stale starts afresh with the new model
+    stale = answers(out)
+    report = run_eval(config(data, out, model, overwrite_stale=True), show_progress=False)
+    assert report.n == 12 and answers(out).keys() >= stale.keys()
+    # answers with no record of what wrote them are refused
+    (out / "provenance.json").unlink()
+    with pytest.raises(TlvrError, match="no provenance.json, so what produced them is unknown"):
+        run_eval(config(data, out, model), show_progress=False)
+
+
+def test_torn_last_line_is_cut_before_appending(data, tmp_path):
+    full = tmp_path / "full"
+    run_eval(config(data, full), show_progress=False)
+    out = tmp_path / "killed"
+    run_eval(config(data, out, limit=5), show_progress=False)
+    lines = (full / "answers.jsonl").read_text().splitlines()
+    with (out / "answers.jsonl").open("a") as f:
+        f.write(lines[5][: len(lines[5]) // 2])  # the 6th row, cut short by a kill
+    report = run_eval(config(data, out), show_progress=False)
+    text = (out / "answers.jsonl").read_text()
+    assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+    assert report.n == 12 and answers(out) == answers(full)
+
+
+def test_paper_answers_do_not_depend_on_batch_or_resume(data, tmp_path):
+    runs = {}
+    for name, batch in (("one", 1), ("eight", 8)):
+        run_eval(config(data, tmp_path / name, engine={"max_batch": batch}, **PAPER), show_progress=False)
+        runs[name] = answers(tmp_path / name)
+    resumed = tmp_path / "resumed"  # stopped after 5 items (not a batch boundary), resumed at another batch size
+    run_eval(config(data, resumed, limit=5, engine={"max_batch": 3}, **PAPER), show_progress=False)
+    run_eval(config(data, resumed, engine={"max_batch": 8}, **PAPER), show_progress=False)
+    runs["resumed"] = answers(resumed)
+    assert runs["one"] == runs["eight"] == runs["resumed"]
+    assert len({r["output"] for r in runs["one"].values()}) > 6  # sampled answers differ by item: not vacuous
+
+
+def test_feature_sharing_changes_nothing_but_the_work(data, tmp_path):
+    model = build_tiny_model().eval()
+    encode = model.encode_videos
+    calls = []
+    model.encode_videos = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    results = []
+    for share, workers in ((True, 2), (False, 0)):  # the shared run also decodes in worker processes
+        calls.clear()
+        out = tmp_path / f"share-{share}"
+        run_eval(config(data, out, share_features=share, decode_workers=workers, **PAPER), model=model,
+                 show_progress=False)
+        results.append((len(calls), answers(out), json.loads((out / "results.json").read_text())))
+    (n_shared, rows_shared, res_shared), (n_each, rows_each, res_each) = results
+    assert (n_shared, n_each) == (4, 12)  # the tower ran once per video, or once per question
+    assert rows_shared == rows_each and res_shared == res_each
+    # the engine's inputs themselves are bitwise equal
+    cfg = config(data, tmp_path / "x")
+    items = load_eval_items(cfg)
+    prompts = []
+    for share in (True, False):
+        decoded = DecodePool(0).decode(video_jobs(items, share), lambda v, s: decode_video(v, s, VideoConfig(num_frames=16), 32))
+        prompts.append({r.tag[0].item_id: r.prompt for r in runner._requests(model, decoded, pytest.fail)})
+    assert prompts[0].keys() == prompts[1].keys() and len(prompts[0]) == 12
+    assert all(torch.equal(prompts[0][k], prompts[1][k]) for k in prompts[0])
+
+
+def test_a_broken_video_skips_all_its_questions(data, tmp_path):
+    synth = tmp_path / "synth"
+    shutil.copytree(data / "synth", synth)
+    broken = load_eval_items(config(data, tmp_path / "x"))[0].video
+    (synth / broken.relative_to(data / "synth")).write_bytes(b"not a video")
+    report = run_eval(config(data, tmp_path / "out", data_dir=str(synth)), show_progress=False)
+    rows = answers(tmp_path / "out")
+    skipped = [r for r in rows.values() if r.get("skipped")]
+    assert report.n_skipped == len(skipped) == 3
+    assert {r["video"] for r in skipped} == {str(synth / broken.relative_to(data / "synth"))}
