@@ -301,6 +301,8 @@ class InferConfig:
     sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "Decoding (default greedy).")
     reason: bool = option(True, "Append the <think>/<answer> instruction (spec §3.3).")
     seed: int = option(0, "Sampling seed.", ge=0)
+    cuda_graphs: bool = option(True, "Decode in CUDA graphs (GPU only; captured in well under a second, no "
+                               "torch.compile): what makes one stream fast.")
 
 
 JOBS = {cls.JOB: cls for cls in (ColdstartConfig, GRPOConfig, DemoConfig, EvalConfig, InferConfig, SynthConfig)}

@@ -12,6 +12,7 @@ Differences from the reference, all numerics-neutral or optional:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -56,9 +57,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
     ref = None
     if cfg.algo.beta > 0:  # with beta 0 the KL term vanishes: no reference model in memory at all
-        ref = load_model(replace(cfg.model, device=str(ctx.device), path=cfg.ref_model or cfg.model.path))
-        ref.requires_grad_(False)
-        ref.eval()
+        ref = load_reference(cfg, model, ctx.device)
     par = Parallel(PolicyLogprobs(model), model, ctx, cfg.dist.strategy, prefix="model.")
 
     per_step = cfg.data.prompts_per_step
@@ -136,6 +135,20 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     if ctx.is_main:
         plot_run(run_dir, title="GRPO")
     return final
+
+
+def load_reference(cfg: GRPOConfig, policy: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The frozen reference model on ``device``. From the policy's own start checkpoint (the default)
+    it is a device-side copy of ``policy``, which must not have trained yet: the weights are read from
+    disk and moved to the device once instead of twice."""
+    path = cfg.ref_model or cfg.model.path
+    if path == cfg.model.path:
+        ref = copy.deepcopy(policy, memo={id(policy.tokenizer): policy.tokenizer})  # one tokenizer for both
+    else:
+        ref = load_model(replace(cfg.model, device=str(device), path=path))
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
 
 
 def _gather_metrics(m: dict, ctx) -> dict:
