@@ -82,8 +82,8 @@ def run_infer(video: Path, ckpt: Path, args, extra: list[str]) -> dict:
 
 
 def breakdown(video: Path, ckpt: Path, args) -> dict[str, float]:
-    """The same question in this process, part by part: what a first call pays (tower warm-up, graph
-    capture) against a second one, and how much of the load is reading the weights."""
+    """The same question in this process, part by part: what a first call pays (library start-up,
+    tower warm-up, graph capture) against a second one, and how much of the load is reading the weights."""
     from tlvr_cli.data.template import tokenize_with_image
     from tlvr_cli.engine.generate import Engine
     from tlvr_cli.engine.sampling import SamplingParams
@@ -109,7 +109,14 @@ def breakdown(video: Path, ckpt: Path, args) -> dict[str, float]:
     frames = read_frames(video, 16)
     dtype = next(model.vision_tower.parameters()).dtype
     pixels = preprocess_frames(frames.frames, size=model.config.vision_config.image_size)[None].to(device, dtype)
+
+    def first_kernels():  # one small GEMM, conv and attention: the library start-up any first call pays
+        x = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
+        F = torch.nn.functional
+        return x @ x, F.conv2d(x, x[:, :, :3, :3]), F.scaled_dot_product_attention(x, x, x)
+
     with torch.no_grad():
+        _, out["first_kernels_s"] = timed(first_kernels)
         for name in ("tower_first_s", "tower_second_s"):
             feats, out[name] = timed(lambda: model.encode_videos(pixels))
         ids = tokenize_with_image(model.tokenizer, inference_prompt(QUESTION, True))

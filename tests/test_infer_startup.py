@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tlvr_cli.config import load_config
 from tlvr_cli.errors import TlvrError
@@ -67,3 +68,14 @@ def test_cuda_graphs_fall_back_to_eager_on_cpu(make_video, tiny_model):
     b = answer_question(eager, video, "What color is the square?", model=tiny_model)
     assert a.output == b.output and a.new_tokens == b.new_tokens > 0
     assert set(a.timings) >= {"decode_s", "import_s", "load_s", "encode_s", "generate_s"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_answer_as_eager_on_gpu(make_video, tiny_model):
+    video = make_video(n=24)
+    model = tiny_model.cuda()
+    cfgs = [load_config(InferConfig, "tiny", ["model.device=cuda", "sampling.max_new_tokens=24", f"cuda_graphs={flag}"])
+            for flag in ("true", "false")]
+    outs = [answer_question(cfg, video, "Which colour?", model=model) for cfg in cfgs]
+    assert outs[0].output == outs[1].output and outs[0].new_tokens == outs[1].new_tokens

@@ -52,7 +52,8 @@ class EngineConfig:
     max_batch: int = option(64, "Rows the engine decodes at once.", ge=1)
     cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
     compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, cache writes); "
-                           "the first generate call spends ~20-40 s compiling.")
+                           "the first run spends ~20-40 s compiling, later runs load the kernels from "
+                           "$TLVR_COMPILE_CACHE.")
     fused_weights: bool = option(True, "With compile: decode from concatenated q|k|v and gate|up weight copies (3.6 GB "
                                  "for Qwen2.5-3B, refreshed before every rollout); off saves that memory.")
 

@@ -56,3 +56,46 @@ def test_released_shapes_one_question_reads_the_whole_cache_rollouts_use_buckets
     assert rollout._kv_len(64, 700) == 704  # 64 rows of full-length keys would weigh 43 % of the weights: buckets
     evaluate = Engine(lm, max_batch=8, max_seq_len=650 + 1024)
     assert evaluate._kv_len(8, 700) == 704 and evaluate._kv_len(1, 700) == 650 + 1024
+
+
+def test_graphs_are_captured_once_per_key_and_survive_optimizer_steps(lm, monkeypatch):
+    # the CUDA-graph bookkeeping on CPU: a "graph" that replays the eager step, captures counted
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        prompts = [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen)) for n in (30, 12)]
+    params = SamplingParams(temperature=1.0, top_k=20)
+    engine = Engine(lm, max_batch=4, max_seq_len=128, cuda_graphs=True)
+    captured: list[tuple[int, int]] = []
+
+    class ReplayEager:
+        def __init__(self, b, kv_len, p):
+            captured.append((b, kv_len))
+            self.replay = lambda: engine._decode_sample(b, kv_len, p)
+
+    monkeypatch.setattr(engine, "_capture", ReplayEager)
+    monkeypatch.setattr(engine, "_use_graphs", lambda device: Engine._use_graphs(engine, torch.device("cuda")))
+
+    def rollout() -> list[list[int]]:
+        return [c.tokens for c in engine.generate(prompts, params, 60, 299, num_samples=2, seed=7, ignore_eos=True)]
+
+    eager = [c.tokens for c in Engine(lm, max_batch=4, max_seq_len=128).generate(
+        prompts, params, 60, 299, num_samples=2, seed=7, ignore_eos=True)]
+    assert rollout() == eager
+    first = list(captured)
+    assert len(first) == len(set(first)) > 1  # one capture per (rows, key length) key
+    weights = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    try:
+        with torch.no_grad():
+            for p in lm.parameters():
+                p.mul_(1.01)  # an optimizer step updates in place: the captured pointers stay valid
+        rollout()
+        assert captured == first  # the next rollout replays what the first captured
+        old = lm.model.norm.weight
+        lm.model.norm.weight = torch.nn.Parameter(old.detach().clone())  # a replaced tensor: recapture
+        rollout()
+        assert len(captured) == 2 * len(first)
+    finally:
+        lm.model.norm.weight = old
+        with torch.no_grad():
+            for n, p in lm.named_parameters():
+                p.copy_(weights[n])
