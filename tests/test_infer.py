@@ -51,8 +51,8 @@ def test_cli_infer_json_on_a_saved_checkpoint(make_video, tiny_model, tmp_path, 
     assert set(res) >= {"output", "think", "answer", "frame_indices", "timings"} and res["new_tokens"] <= 6
 
 
-def test_cli_infer_errors_are_one_line(tmp_path, capsys):
+def test_cli_infer_errors_are_one_line(make_video, tmp_path, capsys):
     code, _, err = run_cli(["infer", str(tmp_path / "missing.mp4"), "q", "--model", "tiny", "--device", "cpu"], capsys)
     assert code == 2 and "missing.mp4" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(["infer", str(tmp_path / "x.mp4"), "q", "--model", str(tmp_path / "nockpt")], capsys)
+    code, _, err = run_cli(["infer", str(make_video()), "q", "--model", str(tmp_path / "nockpt")], capsys)
     assert code == 2 and "nockpt" in err

@@ -7,10 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .data.tags import answer_block, think_block
 from .data.template import REASON_INSTRUCTION, build_prompt, tokenize_with_image, video_question
+from .errors import TlvrError
 from .jobs import InferConfig
 
 STREAM_SYNC_EVERY = 4  # decode steps between streamed chunks: small enough to read as it is written
@@ -37,14 +36,27 @@ def inference_prompt(question: str, reason: bool) -> str:
 
 def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model=None,
                     on_text: Callable[[str], None] | None = None) -> InferResult:
-    """Decode ``video``, build the prompt, generate; ``on_text`` receives the answer as it streams."""
+    """Decode ``video``, load the model, build the prompt, generate; ``on_text`` receives the answer as it streams."""
+    # the inputs are checked and the video decoded before torch is even imported: a missing or broken
+    # file, or an empty question, fails in a fraction of a second instead of after the model loads
+    if not question.strip():
+        raise TlvrError("the question is empty")
+    from .video.decode import read_frames
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    frames = read_frames(video, **cfg.video.frame_args(), backend=cfg.video.backend)
+    timings["decode_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    import torch
+
     from .engine.generate import Engine
     from .engine.sampling import SamplingParams
     from .model.checkpoint import load_model
-    from .video.decode import read_frames
     from .video.preprocess import preprocess_frames
 
-    timings: dict[str, float] = {}
+    timings["import_s"] = time.perf_counter() - t  # torch and transformers: a fixed cost of every command
     t = time.perf_counter()
     if model is None:
         model = load_model(cfg.model)
@@ -54,9 +66,8 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     dtype = next(model.vision_tower.parameters()).dtype
 
     t = time.perf_counter()
-    frames = read_frames(video, **cfg.video.frame_args(), backend=cfg.video.backend)
     pixels = preprocess_frames(frames.frames, size=model.config.vision_config.image_size)
-    timings["decode_s"] = time.perf_counter() - t
+    timings["decode_s"] += time.perf_counter() - t
 
     tok = model.tokenizer
     ids = tokenize_with_image(tok, inference_prompt(question, cfg.reason))
@@ -66,7 +77,10 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
         prompt = model.prompt_embeddings([ids], feats)
     timings["encode_s"] = time.perf_counter() - t
 
-    engine = Engine(model.language_model, max_batch=1, max_seq_len=prompt[0].shape[0] + cfg.sampling.max_new_tokens, cuda_graphs=False)
+    # one row: CUDA graphs alone remove the per-kernel launch cost that bounds a single stream, and
+    # capture in well under a second; torch.compile would add more seconds than a whole answer takes
+    engine = Engine(model.language_model, max_batch=1, max_seq_len=prompt[0].shape[0] + cfg.sampling.max_new_tokens,
+                    cuda_graphs=cfg.cuda_graphs)
     params = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
     streamed: list[int] = []
     shown = [""]

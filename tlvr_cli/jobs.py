@@ -74,7 +74,8 @@ class EngineConfig:
                             "of a row (at most 256; 8 on CPU).", ge=0)
     cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
     compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, cache writes); "
-                           "the first generate call spends ~20-40 s compiling.")
+                           "the first run spends ~20-40 s compiling, later runs load the kernels from "
+                           "$TLVR_COMPILE_CACHE.")
     fused_weights: bool = option(True, "With compile: decode from concatenated q|k|v and gate|up weight copies (3.6 GB "
                                  "for Qwen2.5-3B, refreshed before every rollout); off saves that memory.")
 
@@ -411,6 +412,8 @@ class InferConfig:
     sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "Decoding (default greedy).")
     reason: bool = option(True, "Append the <think>/<answer> instruction (spec §3.3).")
     seed: int = option(0, "Sampling seed.", ge=0)
+    cuda_graphs: bool = option(True, "Decode in CUDA graphs (GPU only; captured in well under a second, no "
+                               "torch.compile): what makes one stream fast.")
 
 
 JOBS = {cls.JOB: cls for cls in (ColdstartConfig, GRPOConfig, DemoConfig, EvalConfig, InferConfig, SynthConfig)}

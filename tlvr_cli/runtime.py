@@ -1,4 +1,5 @@
-"""Where a job runs: device and dtype, the data root, and the process group of a multi-process launch.
+"""Where a job runs: device and dtype, the data root, the compile cache, and the process group of a
+multi-process launch.
 
 Every job reads these the same way. ``torchrun`` and ``accelerate launch`` both describe a launch
 with RANK / WORLD_SIZE / LOCAL_RANK; a single process without them runs with no process group
@@ -57,6 +58,43 @@ def data_root() -> Path:
 def resolve_root(value: str | os.PathLike | None, sub: str) -> Path:
     """A configured root (``data.root``, ``--root``, ``data_dir``) or, when empty, ``data_root()/<sub>``."""
     return Path(value).expanduser() if value else data_root() / sub
+
+
+# ----------------------------------------------------------------------------- compile cache
+
+COMPILE_CACHE_ENV = "TLVR_COMPILE_CACHE"
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_dir() -> Path | None:
+    """Where torch.compile's caches persist between runs: ``$TLVR_COMPILE_CACHE``, else
+    ``data_root()/compile-cache``; ``TLVR_COMPILE_CACHE=off`` leaves torch's own default (a temp dir)."""
+    value = os.environ.get(COMPILE_CACHE_ENV, "")
+    if value.lower() == "off":
+        return None
+    return Path(value).expanduser() if value else data_root() / "compile-cache"
+
+
+def use_compile_cache() -> Path | None:
+    """Point inductor's on-disk caches at ``compile_cache_dir()`` (call before the first compile) and
+    return the directory compiles will use; a TORCHINDUCTOR_CACHE_DIR set by the user wins."""
+    # one directory holds every cache a warm start reads: the FX-graph and AOTAutograd caches, the
+    # Triton kernels and their autotune results (inductor points TRITON_CACHE_DIR below it) and
+    # dynamo's dynamic-shape profile; torch's default is a temp dir that a reboot or a fresh
+    # container empties, which is why every run paid the whole compile
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # importing torch._dynamo (transformers does) fills the variable in with torch's default: only
+    # another value is the user's choice
+    chosen = os.environ.get(INDUCTOR_CACHE_ENV)
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen)
+    path = compile_cache_dir()
+    if path is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[INDUCTOR_CACHE_ENV] = str(path.resolve())
+    return path
 
 
 # ----------------------------------------------------------------------------- process group

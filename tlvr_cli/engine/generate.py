@@ -3,7 +3,7 @@
 The engine owns a static cache, per layer ``(max_batch, kv_heads, max_seq_len, head_dim)`` in the
 model's dtype. Slot ``s`` holds one sequence left-aligned: token ``j`` sits at cache index ``j``
 and has RoPE position ``j``, so a decode step writes each row's new key at its own position and
-attends over ``[0, kv_len)`` (``kv_len`` rounded up to ``KV_LEN_BUCKET``) under an additive mask
+attends over ``[0, kv_len)`` (a ``KV_LEN_BUCKET`` multiple or the whole cache, ``_kv_len``) under an additive mask
 ``key_index <= position``. Sequences are admitted whenever a slot is free (continuous batching):
 the prompts of the admitted rows are prefilled together (right-padded, causal), each once, and a
 prompt's keys/values are copied into each of its ``num_samples`` rows. Row ``r`` draws its token
@@ -55,6 +55,9 @@ from .tensor_parallel import TensorParallel, assert_same, fingerprint
 from .weights import ModelWeights, WeightCopy, WeightSource, fused_parts
 
 KV_LEN_BUCKET = 64  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
+# a step reads its rows' whole cache when that costs at most this share of the weight reads: one CUDA
+# graph per row count (one question: one capture instead of one per bucket the answer passes through)
+FULL_CACHE_SHARE = 1 / 32
 SYNC_EVERY = 16  # decode steps between host reads of the sampled tokens
 COMPILE_DEVICES = ("cuda",)  # where ``compile=True`` takes effect (elsewhere the engine runs eager)
 PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward
@@ -173,6 +176,9 @@ class Engine:
         self.n_heads = cfg.num_attention_heads // world  # this rank's heads
         self.n_kv_heads = cfg.num_key_value_heads // world
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # rows x positions of cache (keys and values of every layer) that weigh FULL_CACHE_SHARE of the weights
+        per_position = self.n_layers * 2 * self.n_kv_heads * self.head_dim
+        self._full_cache_rows = int(sum(p.numel() for p in lm.parameters()) / world * FULL_CACHE_SHARE) // per_position
         self._k: list[torch.Tensor] = []  # per layer, allocated on first use on the model's device and dtype
         self._v: torch.Tensor | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -319,6 +325,13 @@ class Engine:
         tok.copy_(new)
         # a finished row may run a few steps past its end before the host notices: stay inside the cache
         pos.copy_((pos + 1).clamp(max=self.max_seq_len - 1))
+
+    def _kv_len(self, b: int, reach: int) -> int:
+        """Cache positions a step over ``b`` rows attends to when its rows reach position ``reach``:
+        all of them while that is cheap (see ``FULL_CACHE_SHARE``), else ``reach`` rounded up to a bucket."""
+        if b * self.max_seq_len <= self._full_cache_rows:
+            return self.max_seq_len  # masked keys weigh exactly 0: the same attention, one graph
+        return min(self.max_seq_len, -(-reach // KV_LEN_BUCKET) * KV_LEN_BUCKET)
 
     def _run_steps(self, b: int, kv_len: int, params: SamplingParams, n: int, graphs: bool) -> None:
         self._col.zero_()
@@ -548,7 +561,7 @@ class Engine:
                 left = max(max_new_tokens - len(slot_row[s].completion.tokens) for s in active)
                 steps = max(1, min(sync_every, left))
                 reach = max(slot_pos[s] for s in active) + steps
-                kv_len = min(self.max_seq_len, -(-reach // KV_LEN_BUCKET) * KV_LEN_BUCKET)
+                kv_len = self._kv_len(b, reach)
                 self._run_steps(b, kv_len, params, steps, graphs)
                 self._agree(self._hist[:b, :steps], "the sampled tokens")
                 # a row that hit eos or its budget mid-chunk frees its slot; tokens after it are dropped

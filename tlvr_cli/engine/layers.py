@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from ..runtime import use_compile_cache
 from .sampling import sample_keyed
 
 
@@ -83,6 +84,8 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
 def compiled_decode() -> tuple[Callable, Callable]:
     """The compiled decoder layer and sampler, shared by every engine (compiled code is cached per
     wrapper: a new wrapper per engine would recompile and soon hit dynamo's recompile limit)."""
+    # the persistent cache directory must be in place before the first compile reads or writes it
+    use_compile_cache()
     # not fullgraph: should a long-lived process exhaust dynamo's recompile limit, the layer runs eager instead of failing
     return torch.compile(decode_layer), torch.compile(sample_keyed)
 

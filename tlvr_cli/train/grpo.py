@@ -16,6 +16,7 @@ Differences from the reference, all numerics-neutral or optional:
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import time
@@ -66,9 +67,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     if cfg.algo.beta > 0 and lora and not cfg.ref_model:
         ref = BaseReference(model)  # the start model is the policy with its adapters off: no second LLM
     elif cfg.algo.beta > 0:  # with beta 0 the KL term vanishes: no reference model in memory at all
-        ref = load_model(replace(cfg.model, device=str(ctx.device), path=cfg.ref_model or cfg.model.path))
-        ref.requires_grad_(False)
-        ref.eval()
+        ref = load_reference(cfg, model, ctx.device, lora)
     par = Parallel(PolicyLogprobs(model), model, ctx, cfg.dist.strategy, prefix="model.")
 
     per_step = cfg.data.prompts_per_step
@@ -154,6 +153,20 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     # the final model records the sampling settings its policy was trained with
     r = cfg.rollout
     return R.save_final(run_dir, par, generation_from_sampling(r.temperature, r.top_k, r.top_p, r.max_new_tokens))
+
+
+def load_reference(cfg: GRPOConfig, policy: torch.nn.Module, device: torch.device, lora: bool = False) -> torch.nn.Module:
+    """The frozen reference model on ``device``. From the policy's own start checkpoint (the default)
+    it is a device-side copy of ``policy``, which must not have trained yet: the weights are read from
+    disk and moved to the device once instead of twice. A LoRA policy holds adapters: always loaded."""
+    path = cfg.ref_model or cfg.model.path
+    if path == cfg.model.path and not lora:
+        ref = copy.deepcopy(policy, memo={id(policy.tokenizer): policy.tokenizer})  # one tokenizer for both
+    else:
+        ref = load_model(replace(cfg.model, device=str(device), path=path))
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
 
 
 def _gather_metrics(m: dict, ctx) -> dict:

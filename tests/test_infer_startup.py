@@ -1,0 +1,81 @@
+"""``tlvr infer`` checks its inputs before it loads anything, and decodes in CUDA graphs where it can
+(on CPU the same answer, eager)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlvr_cli.config import load_config
+from tlvr_cli.errors import TlvrError
+from tlvr_cli.infer import answer_question
+from tlvr_cli.jobs import InferConfig
+from tlvr_cli.video.frames import VideoError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = """
+import json, sys
+from tlvr_cli.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    print(json.dumps({"code": e.code, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    def refuse(*_, **__):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("tlvr_cli.model.checkpoint.load_model", refuse)
+
+
+def test_a_missing_video_fails_before_torch_is_imported(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = ["infer", str(tmp_path / "missing.mp4"), "q", "--model", "tiny", "--device", "cpu"]
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], env=env, capture_output=True, text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"code": 2, "torch": False}
+    assert "missing.mp4" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bad_inputs_are_refused_before_the_model_loads(tmp_path, make_video, no_loading):
+    cfg = load_config(InferConfig, "tiny")
+    with pytest.raises(VideoError, match="missing"):
+        answer_question(cfg, tmp_path / "missing.mp4", "q")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00not a video" * 64)
+    with pytest.raises(VideoError):
+        answer_question(cfg, broken, "q")
+    with pytest.raises(TlvrError, match="question is empty"):
+        answer_question(cfg, make_video(), "  ")
+    with pytest.raises(AssertionError, match="loaded before"):  # good inputs do reach the loader
+        answer_question(cfg, make_video(), "q")
+
+
+def test_cuda_graphs_fall_back_to_eager_on_cpu(make_video, tiny_model):
+    video = make_video(n=24)
+    graphs = load_config(InferConfig, "tiny", ["sampling.max_new_tokens=10"])
+    eager = load_config(InferConfig, "tiny", ["sampling.max_new_tokens=10", "cuda_graphs=false"])
+    assert graphs.cuda_graphs and not eager.cuda_graphs
+    a = answer_question(graphs, video, "What color is the square?", model=tiny_model)
+    b = answer_question(eager, video, "What color is the square?", model=tiny_model)
+    assert a.output == b.output and a.new_tokens == b.new_tokens > 0
+    assert set(a.timings) >= {"decode_s", "import_s", "load_s", "encode_s", "generate_s"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_answer_as_eager_on_gpu(make_video, tiny_model):
+    video = make_video(n=24)
+    model = tiny_model.cuda()
+    cfgs = [load_config(InferConfig, "tiny", ["model.device=cuda", "sampling.max_new_tokens=24", f"cuda_graphs={flag}"])
+            for flag in ("true", "false")]
+    outs = [answer_question(cfg, video, "Which colour?", model=model) for cfg in cfgs]
+    assert outs[0].output == outs[1].output and outs[0].new_tokens == outs[1].new_tokens
