@@ -50,14 +50,19 @@ def finish_prompt(body: str, mode: str) -> str:
 
 
 def require_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file; else a one-line error naming the command that writes it."""
     if not path.is_file():
-        raise TlvrError(f"{what}: missing {path}")
+        from ..data.sources import missing_hint
+
+        raise TlvrError(f"{what}: missing {path}{missing_hint(path, '--data-dir')}")
     return path
 
 
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
-        raise TlvrError(f"{what}: missing directory {path}")
+        from ..data.sources import missing_hint
+
+        raise TlvrError(f"{what}: missing directory {path}{missing_hint(path, '--data-dir')}")
     return path
 
 
