@@ -84,7 +84,7 @@ def test_safe_keys_may_change(tmp_path):
     run = tmp_path / "run"
     fake_run(run, grpo(run), [2])
     changed = ["optim.max_steps=9", "output.save_every=3", "output.keep_last=5", "output.log_every=2",
-               "output.tensorboard=true", "sample_every=0", "data.num_workers=0", "dist.timeout_minutes=5"]
+               "output.trackers=[tensorboard]", "sample_every=0", "data.num_workers=0", "dist.timeout_minutes=5"]
     plan = plan_run(run, None, grpo(run, *changed), 9)
     assert plan.resume_from == checkpoint_dir(run, 2)
     assert sorted(plan.changes) == sorted(c.split("=")[0] for c in changed)
