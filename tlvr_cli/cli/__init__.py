@@ -112,5 +112,8 @@ def _usage_error(e: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``tlvr`` entry point (also ``python -m tlvr_cli``): exits with the command's status."""
-    sys.exit(run_cli(sys.argv[1:] if argv is None else argv))
+    """The ``tlvr`` entry point (also ``python -m tlvr_cli``): returns on success, else exits with the
+    command's status (``SystemExit``), so that a caller in Python sees every failure."""
+    code = run_cli(sys.argv[1:] if argv is None else argv)
+    if code:
+        sys.exit(code)
