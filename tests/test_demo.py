@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ SHORT = [
 
 
 def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
-    from tlvr_cli.cli import main
+    from test_readme import argv_in_bash
+
+    from tlvr_cli.cli import run_cli
     from tlvr_cli.model.checkpoint import load_model
     from tlvr_cli.train.rewards import format_reward
 
@@ -25,7 +28,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     # the demo names its cold-start preset; a two-line preset on top of demo-coldstart keeps it short
     (tmp_path / "cs.yaml").write_text("base: demo-coldstart\noptim:\n  epochs: 1\ndata:\n  num_workers: 0\n")
     argv = ["grpo", "--preset", "demo", *SHORT, "--set", f"prepare.coldstart_preset={tmp_path / 'cs.yaml'}"]
-    main(argv)
+    assert run_cli(argv) == 0
 
     run = tmp_path / "runs" / "demo"
     scores = json.loads((run / "demo.json").read_text())
@@ -54,7 +57,22 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     # a second run reuses every stage: nothing is trained again
     metrics = (run / "metrics.jsonl").read_text()
     capsys.readouterr()
-    main(argv)
+    run_cli(argv)
     err = capsys.readouterr().err
-    assert "reusing runs/demo-coldstart/final" in err and "reusing runs/demo/final" in err
+    assert "runs/demo-coldstart is complete: reusing runs/demo-coldstart/final" in err
+    assert "runs/demo is complete: reusing runs/demo/final" in err
     assert (run / "metrics.jsonl").read_text() == metrics
+
+    # it ends with the commands that go on from it, and they find the demo's data
+    follow = [line.strip() for line in err.split("next:", 1)[1].splitlines() if line.strip().startswith("tlvr ")]
+    assert follow[0] == "tlvr eval synthetic --model runs/demo/final --data-dir runs/demo-data"
+    assert run_cli([*shlex.split(follow[0])[1:], "--limit", "2", "--max-new-tokens", "8"]) == 0
+    infer = argv_in_bash(follow[1])
+    first = json.loads((tmp_path / "runs" / "demo-data" / "eval.jsonl").read_text().splitlines()[0])
+    assert infer[0] == "infer" and infer[2] == first["problem"] and "\n" in first["problem"]
+    assert run_cli([*infer, "--max-new-tokens", "4"]) == 0
+
+    # new values for the GRPO stage are refused, naming them, instead of being ignored
+    capsys.readouterr()
+    assert run_cli([*argv, "--set", "algo.beta=0.02"]) == 2
+    assert "runs/demo holds a run with another config: algo.beta=0.01 → 0.02;" in capsys.readouterr().err

@@ -56,3 +56,34 @@ def test_cli_infer_errors_are_one_line(make_video, tmp_path, capsys):
     assert code == 2 and "missing.mp4" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["infer", str(make_video()), "q", "--model", str(tmp_path / "nockpt")], capsys)
     assert code == 2 and "nockpt" in err
+
+
+def test_cli_infer_is_greedy_by_default(make_video, tiny_model, tmp_path, capsys):
+    # the CLI passes a partial sampling section; it must keep InferConfig's greedy default (not T 1.0 / top-k 50)
+    from tlvr_cli.cli import run_cli
+
+    ckpt = save_model(tiny_model, tmp_path / "ck")
+    video = make_video(n=24)
+    base = ["infer", str(video), "What color?\nA. red\nB. blue", "--model", str(ckpt), "--device", "cpu",
+            "--max-new-tokens", "10", "--json"]
+
+    def output(*extra):
+        assert run_cli([*base, *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output"]
+
+    default = output("--seed", "1")
+    assert default == output("--seed", "2") == output("--greedy")
+    assert len({output("--temperature", "1.0", "--seed", str(s)) for s in range(4)}) > 1
+
+
+def test_infer_says_when_fewer_distinct_frames_were_decoded(make_video, tiny_model, capsys):
+    from tlvr_cli.cli import run_cli
+
+    short = make_video("short.mp4", n=5)
+    cfg = load_config(InferConfig, "tiny", ["sampling.max_new_tokens=2"])
+    result = answer_question(cfg, short, "Q", model=tiny_model)
+    assert result.warnings == [f"{short}: only 5 distinct frames of the 16 asked could be decoded (5 in the file); "
+                               f"the answer sees repeated frames"]
+    assert answer_question(cfg, make_video("long.mp4", n=24), "Q", model=tiny_model).warnings == []
+    assert run_cli(["infer", str(short), "Q", "--preset", "tiny", "--max-new-tokens", "2"]) == 0
+    assert "warning: " + result.warnings[0] in capsys.readouterr().err

@@ -1,10 +1,13 @@
 """The embedded demo (``tlvr demo``, also ``tlvr grpo --preset demo``): synthetic data → tiny cold start
-→ GRPO → before/after evaluation on the held-out synthetic split. Each stage is skipped when its
-output exists."""
+→ GRPO → before/after evaluation on the held-out synthetic split. Each stage reuses its output when it
+is there: the training stages by the run-directory rule (``train/run_dir.plan_run``: the same config
+reuses a complete run, resumes an interrupted one, refuses another config unless forced)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,25 +44,28 @@ def ensure_synthetic(cfg: DemoConfig) -> Path:
     return root
 
 
-def ensure_coldstart(cfg: DemoConfig, data: Path) -> Path:
-    """Cold-start the tiny model with ``prepare.coldstart_preset`` unless ``model.path`` exists."""
+def ensure_coldstart(cfg: DemoConfig, data: Path, *, force: bool = False) -> Path:
+    """Cold-start the tiny model with ``prepare.coldstart_preset`` into the run whose final model is
+    ``model.path`` (reused when complete with that config); a ``model.path`` that is not the final
+    model of a run directory is used as it is."""
     target = Path(cfg.model.path)
     console.rule("[bold]2/4 cold start")
-    if (target / "config.json").exists():
+    run_dir = target.parent if target.name == "final" else target
+    if (target / "config.json").exists() and not (run_dir / "config.yaml").exists():
         console.print(f"reusing {target}")
         return target
     from .train.sft import run_coldstart
 
-    run_dir = target.parent if target.name == "final" else target
     cs = load_config(ColdstartConfig, cfg.prepare.coldstart_preset, extra={
         "data": {"root": str(data)}, "output": {"run_dir": str(run_dir)}})
-    final = run_coldstart(cs, resume="auto")
+    final = run_coldstart(cs, resume="auto", force=force)
     if final.resolve() != target.resolve():
         raise RuntimeError(f"cold start wrote {final}, expected {target}: set model.path to <run_dir>/final")
     return final
 
 
-def _evaluate(model_path: str, data: Path, out_dir: Path, cfg: DemoConfig, protocol: str) -> tuple[float, float, int, int]:
+def _evaluate(model_path: str, data: Path, out_dir: Path, cfg: DemoConfig,
+              protocol: str) -> tuple[float, float, int, int]:
     """(accuracy %, format %, unparseable, items) on the synthetic eval split with ``protocol``."""
     from .eval.answers import read_answers
     from .eval.runner import run_eval
@@ -89,27 +95,43 @@ def evaluate_synthetic(model_path: str, data: Path, out_dir: Path, cfg: DemoConf
     return score
 
 
-def run_demo(cfg: DemoConfig, *, resume: str | None = None) -> list[StageScore]:
-    """Prepare what is missing, run GRPO, and print the before/after table."""
+def run_demo(cfg: DemoConfig, *, resume: str | None = None, force: bool = False) -> list[StageScore]:
+    """Prepare what is missing, run GRPO, print the before/after table and the commands to go on with."""
     from .train.grpo import run_grpo
 
     data = ensure_synthetic(cfg)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data)))
-    coldstart = ensure_coldstart(cfg, data)
+    coldstart = ensure_coldstart(cfg, data, force=force)
     run_dir = Path(cfg.output.run_dir)
     console.rule("[bold]3/4 GRPO")
-    final = run_dir / "final"
-    if (final / "config.json").exists() and not resume:
-        console.print(f"reusing {final} (delete it or pass --resume to train again)")
-    else:
-        final = run_grpo(cfg, resume=resume or "auto")
+    final = run_grpo(cfg, resume=resume or "auto", force=force)
     scores = []
     if cfg.prepare.evaluate:
         console.rule("[bold]4/4 evaluation on the held-out synthetic split")
         scores = [evaluate_synthetic(str(coldstart), data, run_dir / "eval-coldstart", cfg, "cold start"),
                   evaluate_synthetic(str(final), data, run_dir / "eval-grpo", cfg, "GRPO")]
         _print_table(scores, run_dir)
+    console.print("next:", soft_wrap=True)
+    for line in next_commands(final, data):
+        console.print(f"  {line}", soft_wrap=True, markup=False)
     return scores
+
+
+def next_commands(final: Path, data: Path) -> list[str]:
+    """Commands that go on from the demo's outputs, with the demo's data directory spelled out."""
+    rows = (data / "eval.jsonl").read_text(encoding="utf-8").splitlines()
+    row = json.loads(rows[0]) if rows else None
+    commands = [f"tlvr eval synthetic --model {shlex.quote(str(final))} --data-dir {shlex.quote(str(data))}"]
+    if row is not None:
+        video = data / row["video_filename"].removeprefix("./")
+        commands.append(f"tlvr infer {shlex.quote(str(video))} {ansi_c_quote(row['problem'])} "
+                        f"--model {shlex.quote(str(final))}")
+    return commands
+
+
+def ansi_c_quote(text: str) -> str:
+    """``text`` as a bash ``$'…'`` word: its newlines reach the program as newlines, not as backslash-n."""
+    return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 def _print_table(scores: list[StageScore], run_dir: Path) -> None:

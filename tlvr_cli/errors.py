@@ -1,6 +1,8 @@
-"""The one user-facing error type: the CLI prints it as a single line and exits with its code."""
+"""The user-facing error types: the CLI prints each as a single line and exits with its code."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class TlvrError(Exception):
@@ -9,3 +11,12 @@ class TlvrError(Exception):
     def __init__(self, message: str, *, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(TlvrError):
+    """Ctrl-C stopped a job where it could stop cleanly; ``saved`` is the checkpoint it wrote, if any
+    (the CLI adds the command that resumes from it). Exit status 130, as a shell gives for SIGINT."""
+
+    def __init__(self, message: str, *, saved: Path | None = None) -> None:
+        super().__init__(message, exit_code=130)
+        self.saved = saved

@@ -23,10 +23,11 @@ class InferResult:
     frame_indices: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     new_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)  # e.g. fewer distinct frames than asked
 
     def to_json(self) -> dict:
         return {"output": self.output, "think": self.think, "answer": self.answer, "frame_indices": self.frame_indices,
-                "new_tokens": self.new_tokens, "timings": self.timings}
+                "new_tokens": self.new_tokens, "timings": self.timings, "warnings": self.warnings}
 
 
 def inference_prompt(question: str, reason: bool) -> str:
@@ -68,6 +69,10 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     t = time.perf_counter()
     pixels = preprocess_frames(frames.frames, size=model.config.vision_config.image_size)
     timings["decode_s"] += time.perf_counter() - t
+    warnings = []
+    if frames.distinct < len(frames.indices):  # a short or cut video: some frames repeat
+        warnings.append(f"{video}: only {frames.distinct} distinct frames of the {len(frames.indices)} asked could be "
+                        f"decoded ({frames.total} in the file); the answer sees repeated frames")
 
     tok = model.tokenizer
     ids = tokenize_with_image(tok, inference_prompt(question, cfg.reason))
@@ -95,10 +100,11 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
             shown[0] = text
 
     t = time.perf_counter()
-    out = engine.generate(prompt, params, cfg.sampling.max_new_tokens, tok.eos_token_id, seed=cfg.seed, on_token=on_token,
-                          sync_every=STREAM_SYNC_EVERY)[0]
+    out = engine.generate(prompt, params, cfg.sampling.max_new_tokens, tok.eos_token_id, seed=cfg.seed,
+                          on_token=on_token, sync_every=STREAM_SYNC_EVERY)[0]
     timings["generate_s"] = time.perf_counter() - t
     text = tok.decode(out.tokens, skip_special_tokens=True).strip()
     think, answer = think_block(text), answer_block(text)
-    return InferResult(text, think.strip() if think is not None else None, answer.strip() if answer is not None else None,
-                       list(frames.indices), timings, len(out.tokens))
+    return InferResult(text, think.strip() if think is not None else None,
+                       answer.strip() if answer is not None else None, list(frames.indices), timings, len(out.tokens),
+                       warnings)

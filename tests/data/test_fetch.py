@@ -303,3 +303,14 @@ def test_cli_dry_run_and_list(hub, tmp_path, monkeypatch):
     assert "would download" in dry.output and "total" in dry.output and not (tmp_path / "data").exists()
     bad = runner.invoke(app, ["data", "fetch", "r2", "--root", str(tmp_path)])
     assert isinstance(bad.exception, TlvrError) and "did you mean 'r1'" in str(bad.exception)
+
+
+def test_cli_fetch_problems_exit_1(hub, tmp_path, monkeypatch, capsys):
+    # the status a command raises (typer.Exit(1)) is the process's status, not swallowed into 0
+    import tlvr_cli.data.fetch as fetch_mod
+    from tlvr_cli.cli import run_cli
+
+    (hub / "datasets" / "Zhang199" / "TinyLLaVA-Video-R1-training-data" / "NextQA.tar.gz").unlink()
+    monkeypatch.setattr(fetch_mod, "HfHubClient", lambda: LocalHubClient(hub))
+    assert run_cli(["data", "fetch", "nextqa", "--root", str(tmp_path / "data"), "-q"]) == 1
+    assert run_cli(["data", "fetch", "mmvu", "--root", str(tmp_path / "data"), "-q"]) == 0

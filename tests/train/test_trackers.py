@@ -193,17 +193,18 @@ def test_missing_tracker_package_names_the_extra(monkeypatch):
 
 
 def test_only_rank_zero_opens_trackers(tmp_path, monkeypatch):
-    from tlvr_cli.train.run_dir import start_run
+    from tlvr_cli.train.run_dir import RunPlan, start_run
 
     fake = FakeModule("wandb")
     monkeypatch.setitem(sys.modules, "wandb", fake)
     par = types.SimpleNamespace(ctx=types.SimpleNamespace(is_main=False))
-    _, logger = start_run(tmp_path / "run", None, par, None, None, "seed: 1\n", output=OutputConfig(trackers=["wandb"]))
+    plan = RunPlan(tmp_path / "run", "seed: 1\n")
+    _, logger = start_run(plan, par, None, None, output=OutputConfig(trackers=["wandb"]))
     logger.log(1, {"reward": 1.0})
     logger.close()
     assert fake.runs == [] and not (tmp_path / "run").exists()
-    _, logger = start_run(tmp_path / "run", None, types.SimpleNamespace(ctx=types.SimpleNamespace(is_main=True)), None,
-                          None, "seed: 1\n", output=OutputConfig(trackers=["wandb"]))
+    _, logger = start_run(plan, types.SimpleNamespace(ctx=types.SimpleNamespace(is_main=True)), None, None,
+                          output=OutputConfig(trackers=["wandb"]))
     logger.close()
     assert fake.runs[0].kwargs["config"] == {"seed": 1}
 

@@ -1,5 +1,44 @@
-"""Help texts the commands share."""
+"""What the commands share: help texts, the bare-group rule and the command that resumes a run."""
+
+from __future__ import annotations
+
+import shlex
+
+import typer
 
 PRESET_HELP = "Preset name (see `tlvr presets list`) or path to a YAML file."
 SET_HELP = "Override a preset key: dotted.key=value (repeatable), e.g. --set optim.lr=1e-6."
-RESUME_HELP = "Resume from 'auto' (the latest checkpoint in the run directory) or a checkpoint directory."
+RESUME_HELP = ("Resume from 'auto' (the latest checkpoint in the run directory; a fresh start when there is none) "
+               "or a checkpoint directory. Without it, a run directory that holds a run with the same config is "
+               "continued, or reused when complete.")
+RUN_DIR_HELP = "Output directory (overrides output.run_dir)."
+FORCE_HELP = ("Go on in a run directory whose run has another config (beyond the keys that may change, see the "
+              "README): resume it with the new config; both configs are kept (config.previous.yaml, "
+              "config-changes.jsonl).")
+
+
+def help_when_bare(ctx: typer.Context) -> None:
+    """A group called without a subcommand prints its help and exits 2, as click's ``no_args_is_help``
+    does; done here so that the help goes out as the normal help text, never as an exception."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+
+
+def resume_command(args: list[str], world_size: int = 1) -> str:
+    """The command line that resumes an interrupted run: the same arguments with ``--resume auto``
+    (any other ``--resume`` and ``--force`` dropped: the run directory now holds the new config)."""
+    kept: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume=") or a == "--force":
+            continue
+        kept.append(a)
+    line = shlex.join([*kept, "--resume", "auto"])
+    return f"tlvr {line}" if world_size == 1 else f"the same launcher with: -m tlvr_cli {line}"

@@ -8,17 +8,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import PRESET_HELP
+from .common import PRESET_HELP, help_when_bare
 
-data_app = typer.Typer(help="Fetch weights and datasets, write the synthetic set, scan videos.", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch weights and datasets, write the synthetic set, scan videos.",
+                       callback=help_when_bare, invoke_without_command=True, rich_markup_mode=None)
 console = Console(highlight=False)
 
 
 @data_app.command("fetch")
 def fetch(
-    targets: list[str] | None = typer.Argument(None, help="r1, coldstart, base, nextqa, videomme, mvbench, mlvu, mmvu."),
-    root: Path | None = typer.Option(None, "--root", help="Data root (default $TLVR_DATA or ~/.cache/tlvr)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be downloaded and its size; download nothing."),
+    targets: list[str] | None = typer.Argument(None, metavar="TARGET...",
+                                               help="r1, coldstart, base, nextqa, videomme, mvbench, mlvu, mmvu."),
+    root: Path | None = typer.Option(None, "--root", metavar="DIR",
+                                     help="Data root (default $TLVR_DATA or ~/.cache/tlvr)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="List what would be downloaded and its size; download nothing."),
     list_targets: bool = typer.Option(False, "--list", help="Show the targets and where each one goes."),
     delete_archives: bool = typer.Option(False, "--delete-archives", help="Remove each archive once extracted."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -43,9 +47,11 @@ def fetch(
 
 @data_app.command()
 def synth(
-    preset: str | None = typer.Option(None, "--preset", "-p", help=PRESET_HELP),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: key=value (repeatable), e.g. --set train=512 --set seed=1."),
-    root: Path | None = typer.Option(None, "--root", help="Output directory (default $TLVR_DATA/synthetic)."),
+    preset: str | None = typer.Option(None, "--preset", "-p", metavar="NAME|PATH", help=PRESET_HELP),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="Override a key: key=value (repeatable), e.g. --set train=512 --set seed=1."),
+    root: Path | None = typer.Option(None, "--root", metavar="DIR",
+                                     help="Output directory (default $TLVR_DATA/synthetic)."),
 ) -> None:
     """Write the synthetic video-QA set in the NextQA GRPO and cold-start formats."""
     from ..config import load_config
@@ -58,20 +64,27 @@ def synth(
     out = write_synthetic_dataset(cfg)
     videos = sum(1 for _ in (out / "NextQA").rglob("*.mp4"))
     console.print(f"synthetic set in [bold]{out}[/]: {cfg.train} train rows ({TRAIN_FILE}), {cfg.eval} eval rows "
-                  f"({EVAL_FILE}), {cfg.coldstart} cold-start records ({COLDSTART_FILE}), {videos} videos", soft_wrap=True)
+                  f"({EVAL_FILE}), {cfg.coldstart} cold-start records ({COLDSTART_FILE}), {videos} videos",
+                  soft_wrap=True)
 
 
 @data_app.command()
 def check(
-    target: str = typer.Argument(..., help="nextqa | coldstart | synthetic | an annotation file (.jsonl/.json) | a directory of videos."),
-    root: Path | None = typer.Option(None, "--root", help="Data root the annotations resolve against (default: $TLVR_DATA/train, /synthetic, or the file's folder)."),
-    frames: int = typer.Option(16, "--frames", help="Frames sampled per video (linspace, as training does)."),
-    workers: int = typer.Option(4, "--workers", help="Videos decoded in parallel."),
-    min_frames: int = typer.Option(1, "--min-frames", help="Videos with fewer frames are reported as too_short."),
-    backend: str = typer.Option("auto", "--backend", help="Decoder: auto | decord | pyav."),
-    report: Path | None = typer.Option(None, "--report", help="JSON report path (default: beside the data, check-<target>.json)."),
+    target: str = typer.Argument(..., metavar="TARGET", help="nextqa | coldstart | synthetic | an annotation file "
+                                 "(.jsonl/.json) | a directory of videos."),
+    root: Path | None = typer.Option(None, "--root", metavar="DIR", help="Data root the annotations resolve against "
+                                     "(default: $TLVR_DATA/train, /synthetic, or the file's folder)."),
+    frames: int = typer.Option(16, "--frames", metavar="N",
+                               help="Frames sampled per video (linspace, as training does)."),
+    workers: int = typer.Option(4, "--workers", metavar="N", help="Videos decoded in parallel."),
+    min_frames: int = typer.Option(1, "--min-frames", metavar="N",
+                                   help="Videos with fewer frames are reported as too_short."),
+    backend: str = typer.Option("auto", "--backend", metavar="auto|decord|pyav", help="Decoder: auto | decord | pyav."),
+    report: Path | None = typer.Option(None, "--report", metavar="PATH",
+                                       help="JSON report path (default: beside the data, check-<target>.json)."),
 ) -> None:
-    """Decode-scan every video a target uses; exit 1 if any is bad (pass the report as data.skip_report to skip them)."""
+    """Decode-scan every video a target uses; exit 1 if any is bad (pass the report as data.skip_report to skip
+    them)."""
     from ..data.check import check_videos, default_report_path, videos_for_target, write_report
 
     paths = videos_for_target(target, root)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
 from ..config import load_config
+from .common import help_when_bare
 
-eval_app = typer.Typer(help="Evaluate on Video-MME, MVBench, MLVU, MMVU or the synthetic split; score and compare answer files.",
-                       no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate on Video-MME, MVBench, MLVU, MMVU or the synthetic split; score and compare "
+                       "answer files.",
+                       callback=help_when_bare, invoke_without_command=True, rich_markup_mode=None)
 console = Console(highlight=False)
 
 BENCHMARKS = {
@@ -19,28 +23,42 @@ BENCHMARKS = {
     "mvbench": "MVBench: 20 tasks, micro average.",
     "mlvu": "MLVU dev: 7 multiple-choice tasks, macro average.",
     "mmvu": "MMVU validation, multiple-choice subset, micro average.",
-    "synthetic": "The synthetic held-out split (demo).",
+    "synthetic": "The synthetic held-out split (after the demo: --data-dir runs/demo-data).",
 }
+# options only some benchmarks have: the command of every other benchmark leaves them out of its signature
+ONLY_FOR = {"duration": "videomme"}
 
 
 def _make_command(name: str):
     def command(
-        model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint dir, hub id (local cache) or 'tiny'."),
-        preset: str | None = typer.Option(None, "--preset", "-p", help="Eval preset (e.g. eval-paper)."),
-        set_: list[str] = typer.Option([], "--set", help="dotted.key=value override (repeatable)."),
-        data_dir: str | None = typer.Option(None, "--data-dir", help="Benchmark root (default $TLVR_DATA/<benchmark>)."),
-        duration: str | None = typer.Option(None, "--duration", help="Video-MME: short | medium | long | all."),
-        mode: str | None = typer.Option(None, "--mode", help="reason (default) | option."),
-        protocol: str | None = typer.Option(None, "--protocol", help="greedy (default) | paper."),
-        frame_protocol: str | None = typer.Option(None, "--frame-protocol", help="paper (default) | uniform."),
-        frames: int | None = typer.Option(None, "--frames", help="Frames per video (default 16)."),
-        dtype: str | None = typer.Option(None, "--dtype", help="float32 (the authors) | bfloat16 | float16 | auto."),
-        device: str | None = typer.Option(None, "--device", help="cuda | cpu | auto."),
-        batch_size: int | None = typer.Option(None, "--batch-size", help="Items decoded together (engine.max_batch)."),
-        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Most new tokens per answer."),
-        limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
-        seed: int | None = typer.Option(None, "--seed", help="Seed for sampling and the random fallback."),
-        output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where answers.jsonl and results.* go."),
+        model: str | None = typer.Option(None, "--model", "-m", metavar="PATH|ID",
+                                         help="Checkpoint dir, hub id (local cache) or 'tiny'."),
+        preset: str | None = typer.Option(None, "--preset", "-p", metavar="NAME",
+                                          help="Eval preset (e.g. eval-paper)."),
+        set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="dotted.key=value override (repeatable)."),
+        data_dir: str | None = typer.Option(None, "--data-dir", metavar="DIR",
+                                            help=f"Benchmark root (default $TLVR_DATA/{name})."),
+        duration: Annotated[str | None, typer.Option("--duration", metavar="short|medium|long|all",
+                                                     help="Which Video-MME videos (default all).")] = None,
+        mode: str | None = typer.Option(None, "--mode", metavar="reason|option",
+                                        help="Reasoning prompt (default) or the option-letter prompt."),
+        protocol: str | None = typer.Option(None, "--protocol", metavar="greedy|paper",
+                                            help="greedy (default) or the paper's seeded sampling."),
+        frame_protocol: str | None = typer.Option(None, "--frame-protocol", metavar="paper|uniform",
+                                                  help="Frame sampling: the benchmark's own (default) or uniform."),
+        frames: int | None = typer.Option(None, "--frames", metavar="N", help="Frames per video (default 16)."),
+        dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE",
+                                         help="float32 (the authors) | bfloat16 | float16 | auto."),
+        device: str | None = typer.Option(None, "--device", metavar="DEVICE", help="cuda | cpu | auto."),
+        batch_size: int | None = typer.Option(None, "--batch-size", metavar="N",
+                                              help="Items decoded together (engine.max_batch)."),
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", metavar="N",
+                                                  help="Most new tokens per answer."),
+        limit: int | None = typer.Option(None, "--limit", metavar="N", help="Only the first N items."),
+        seed: int | None = typer.Option(None, "--seed", metavar="N", help="Seed for sampling and the random fallback."),
+        output_dir: str | None = typer.Option(None, "--output-dir", "-o", metavar="DIR",
+                                              help="Where answers.jsonl and results.* go."),
     ) -> None:
         from ..eval.distributed import run_eval_sharded
         from ..jobs import EvalConfig
@@ -55,20 +73,31 @@ def _make_command(name: str):
             if value is not None:
                 (extra[section] if section else extra)[key] = value
         cfg = load_config(EvalConfig, preset, set_, extra=extra)
-        report = run_eval_sharded(cfg)
+        try:
+            report = run_eval_sharded(cfg)
+        except KeyboardInterrupt:
+            from ..errors import Interrupted
+
+            raise Interrupted("the answers written so far are kept: the same command resumes from them") from None
         if report is not None:
             console.print(Markdown(report.markdown()))
 
+    signature = inspect.signature(command, eval_str=True)  # typer reads the options from real annotations
+    command.__signature__ = signature.replace(parameters=[
+        p for p in signature.parameters.values() if ONLY_FOR.get(p.name, name) == name])
     command.__doc__ = BENCHMARKS[name]
     return command
 
 
 def score(
-    answers: Path = typer.Argument(..., help="An answers.jsonl written by `tlvr eval`."),
-    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: read from config.yaml beside the file)."),
-    bootstrap: int | None = typer.Option(None, "--bootstrap", help="Bootstrap resamples (default: the eval config's, 1000)."),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    write: bool = typer.Option(True, "--write/--no-write", help="Write results.json and results.md beside the answers."),
+    answers: Path = typer.Argument(..., metavar="ANSWERS.jsonl", help="An answers.jsonl written by `tlvr eval`."),
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", metavar="NAME",
+                                         help="Benchmark (default: read from config.yaml beside the file)."),
+    bootstrap: int | None = typer.Option(None, "--bootstrap", metavar="N",
+                                         help="Bootstrap resamples (default: the eval config's, 1000)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Bootstrap seed."),
+    write: bool = typer.Option(True, "--write/--no-write",
+                               help="Write results.json and results.md beside the answers."),
 ) -> None:
     """Recompute the report (per task, headline, 95% CIs) from an answers file."""
     from ..eval.report import score_answers_file
@@ -78,11 +107,13 @@ def score(
 
 
 def compare(
-    a: Path = typer.Argument(..., help="Answers file A (baseline)."),
-    b: Path = typer.Argument(..., help="Answers file B."),
-    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark (default: from config.yaml beside A)."),
-    bootstrap: int | None = typer.Option(None, "--bootstrap", help="Paired bootstrap resamples (default 1000)."),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    a: Path = typer.Argument(..., metavar="A.jsonl", help="Answers file A (baseline)."),
+    b: Path = typer.Argument(..., metavar="B.jsonl", help="Answers file B."),
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", metavar="NAME",
+                                         help="Benchmark (default: from config.yaml beside A)."),
+    bootstrap: int | None = typer.Option(None, "--bootstrap", metavar="N",
+                                         help="Paired bootstrap resamples (default 1000)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Bootstrap seed."),
 ) -> None:
     """Per-task difference B - A with a paired bootstrap 95% CI."""
     from ..eval.report import compare_answer_files

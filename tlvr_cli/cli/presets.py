@@ -9,15 +9,20 @@ from rich.table import Table
 from ..config import list_presets, load_config, load_preset_dict, read_yaml, to_yaml
 from ..errors import TlvrError
 from ..jobs import JOBS
+from .common import help_when_bare
 
-presets_app = typer.Typer(help="List and show the YAML presets.", no_args_is_help=True)
+presets_app = typer.Typer(help="List and show the YAML presets.", callback=help_when_bare, invoke_without_command=True,
+                          rich_markup_mode=None)
 console = Console(highlight=False)
 
 
 @presets_app.command("list")
 def list_() -> None:
     """List every preset with its job and the command that runs it."""
+    # long cells fold onto the next line instead of being cut with an ellipsis, at any terminal width
     table = Table("preset", "job", "runs with", "file")
+    for column in table.columns:
+        column.overflow = "fold"
     for name, path in list_presets().items():
         data = read_yaml(path)
         first = path.read_text().splitlines()[0] if path.read_text() else ""
@@ -28,9 +33,10 @@ def list_() -> None:
 
 @presets_app.command("show")
 def show(
-    name: str = typer.Argument(..., help="Preset name or YAML path."),
-    set_: list[str] = typer.Option([], "--set", help="dotted.key=value override (repeatable)."),
-    help_: bool = typer.Option(True, "--help-comments/--no-help-comments", help="Annotate each key with its help text."),
+    name: str = typer.Argument(..., metavar="NAME|PATH", help="Preset name or YAML path."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="dotted.key=value override (repeatable)."),
+    help_: bool = typer.Option(True, "--help-comments/--no-help-comments",
+                               help="Annotate each key with its help text."),
 ) -> None:
     """Print the resolved preset (defaults, base presets and overrides merged) as YAML."""
     job = load_preset_dict(name).get("job")

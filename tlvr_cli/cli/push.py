@@ -11,8 +11,9 @@ console = Console(highlight=False)
 
 
 def push(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint in the released layout, e.g. RUN_DIR/final."),
-    repo_id: str = typer.Argument(..., help="The model repo to create or update, owner/name."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="A checkpoint in the released layout, e.g. RUN_DIR/final."),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID", help="The model repo to create or update, owner/name."),
     private: bool = typer.Option(False, "--private", help="Create the repo private (an existing one stays as it is)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files, their sizes and the card; upload nothing."),
 ) -> None:

@@ -9,15 +9,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-runs_app = typer.Typer(help="Look at training run directories.", no_args_is_help=True)
+from .common import help_when_bare
+
+runs_app = typer.Typer(help="Look at training run directories.", callback=help_when_bare, invoke_without_command=True,
+                       rich_markup_mode=None)
 console = Console(highlight=False)
 
 
 @runs_app.command()
 def compare(
-    runs: list[Path] = typer.Argument(..., help="Run directories (each with config.yaml and metrics.jsonl)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="PNG of the overlaid curves (default: compare.png "
-                                    "in the directory holding the runs)."),
+    runs: list[Path] = typer.Argument(..., metavar="RUN_DIR...",
+                                      help="Run directories (each with config.yaml and metrics.jsonl)."),
+    out: Path | None = typer.Option(None, "--out", "-o", metavar="PATH", help="PNG of the overlaid curves (default: "
+                                    "compare.png in the directory holding the runs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summaries as one JSON object instead of a table."),
 ) -> None:
     """A table of the runs' last logged reward, accuracy, format, length, KL or loss, step time, peak memory and

@@ -374,7 +374,7 @@ def human_size(n: int) -> str:
 def targets_table(root: Path | None = None) -> Table:
     table = Table(title="fetch targets")
     for col in ("target", "repo", "dest", "description"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a repo id or a path is folded onto the next line, never cut
     for t in TARGETS.values():
         dest = str(root / t.dest) if root else t.dest
         table.add_row(t.name, f"{t.repo_id}{' (gated)' if t.gated else ''}", dest, t.description)
@@ -387,7 +387,7 @@ def plan_table(results: list[FetchResult]) -> Table:
     for col, justify in (("target", "left"), ("repo", "left"), ("files", "right"),
                          ("to download" if dry else "downloaded", "right"),
                          ("size", "right"), ("dest", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold")
     for r in results:
         table.add_row(r.target, r.repo_id, str(len(r.files)), str(len(r.to_download)),
                       human_size(r.bytes_to_download) if r.to_download else "up to date", str(r.dest))

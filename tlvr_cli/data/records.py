@@ -72,7 +72,9 @@ def problem_options(problem: str) -> dict[str, str]:
 def _read_text(path: Path, what: str) -> str:
     path = Path(path)
     if not path.is_file():
-        hint = " (run `tlvr data fetch` or `tlvr data synth`, or set data.root)" if not path.exists() else " (not a file)"
+        from .sources import missing_hint
+
+        hint = missing_hint(path, "--set data.root=") if not path.exists() else " (not a file)"
         raise TlvrError(f"{path}: {what} not found{hint}")
     try:
         return path.read_text(encoding="utf-8")

@@ -15,7 +15,8 @@ ANSWERS = "answers.jsonl"
 
 def read_answers(path: Path, *, missing_ok: bool = True) -> list[dict]:
     """The rows of an answers file, in file order; blank or torn lines (a run killed mid-write) and
-    lines that are not answer rows are ignored. A missing file is empty unless ``missing_ok`` is off."""
+    lines that are not answer rows are ignored. A missing file is empty unless ``missing_ok`` is off;
+    then a file without a single answer row (a metrics.jsonl, a check report) is an error too."""
     path = Path(path)
     if not path.is_file():
         if missing_ok:
@@ -29,6 +30,9 @@ def read_answers(path: Path, *, missing_ok: bool = True) -> list[dict]:
             continue
         if isinstance(row, dict) and "item_id" in row:
             rows.append(row)
+    if not rows and not missing_ok:
+        raise TlvrError(f"{path}: not an answers file (no line is an answer row with an item_id; `tlvr eval` writes "
+                        f"{ANSWERS} in its output directory)")
     return rows
 
 

@@ -62,14 +62,19 @@ def video_under(folder: Path, rel, where: str) -> Path:
 
 
 def require_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file; else a one-line error naming the command that writes it."""
     if not path.is_file():
-        raise TlvrError(f"{what}: missing {path}")
+        from ..data.sources import missing_hint
+
+        raise TlvrError(f"{what}: missing {path}{missing_hint(path, '--data-dir')}")
     return path
 
 
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
-        raise TlvrError(f"{what}: missing directory {path}")
+        from ..data.sources import missing_hint
+
+        raise TlvrError(f"{what}: missing directory {path}{missing_hint(path, '--data-dir')}")
     return path
 
 

@@ -54,9 +54,14 @@ def resolve_checkpoint(path: str) -> Path:
 
             return Path(snapshot_download(path, local_files_only=True))
         except Exception:
-            raise TlvrError(f"checkpoint {path!r} is neither a directory nor downloaded: run `tlvr data fetch` for it "
+            from ..data.sources import fetch_target_of_repo
+
+            target = fetch_target_of_repo(path)
+            fix = f"`tlvr data fetch {target}`" if target else f"`huggingface-cli download {path}`"
+            raise TlvrError(f"checkpoint {path!r} is neither a directory nor downloaded: run {fix} "
                             f"(or pass the path of a local copy)") from None
-    raise TlvrError(f"{path}: checkpoint directory not found")
+    hint = f" (it appears when the run in {p.parent} finishes)" if p.name == "final" else ""
+    raise TlvrError(f"{path}: checkpoint directory not found{hint}")
 
 
 def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..config import to_yaml
 from ..data.records import read_grpo_rows
 from ..engine.generate import Engine
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
 from ..model.checkpoint import generation_from_sampling, load_model
-from ..progress import JobProgress
+from ..progress import JobProgress, note
 from ..runtime import init_distributed, resolve_root
 from . import run_dir as R
 from .grpo_step import GRPOStep
@@ -44,8 +42,9 @@ from .rollout import FeatureCache, PromptDraws, PromptLoader, check_prompts_fit,
 from .setup import apply_tuning, drop_reported_videos
 
 
-def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool = True) -> Path:
-    """Run GRPO and return the final model directory (released layout)."""
+def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False, show_progress: bool = True) -> Path:
+    """Run GRPO and return the final model directory (released layout); ``resume``/``force`` follow the
+    run-directory rule of ``run_dir.plan_run``."""
     ctx = init_distributed(cfg.model.device, cfg.dist.backend, need_group=cfg.dist.strategy == "fsdp2",
                            timeout_minutes=cfg.dist.timeout_minutes)
     if cfg.data.prompts_per_step % ctx.world_size:
@@ -55,6 +54,15 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
     rows, n_skipped_report = drop_reported_videos(read_grpo_rows(root / cfg.data.annotations, root), cfg.data.skip_report)
     if not rows:
         raise TlvrError(f"{root / cfg.data.annotations}: no usable rows")
+    per_step = cfg.data.prompts_per_step
+    total = math.ceil(len(rows) / per_step) * cfg.optim.epochs
+    if cfg.optim.max_steps:
+        total = min(total, cfg.optim.max_steps)
+    plan = R.plan_run(run_dir, resume, cfg, total, force=force)  # before any model is loaded
+    if ctx.is_main and plan.message:
+        note(plan.message)
+    if plan.complete:
+        return run_dir / "final"
 
     R.seed_everything(cfg.seed)
     lora = cfg.tune.lora.enabled
@@ -70,15 +78,11 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
         ref = load_reference(cfg, model, ctx.device, lora)
     par = Parallel(PolicyLogprobs(model), model, ctx, cfg.dist.strategy, prefix="model.")
 
-    per_step = cfg.data.prompts_per_step
-    total = math.ceil(len(rows) / per_step) * cfg.optim.epochs
-    if cfg.optim.max_steps:
-        total = min(total, cfg.optim.max_steps)
     optimizer = build_optimizer(model, cfg.optim, cfg.tune)
     # with num_iterations or mini_batches > 1 every rollout batch takes several optimizer (and scheduler) steps
     scheduler = build_scheduler(optimizer, cfg.optim, total * cfg.algo.num_iterations * cfg.algo.mini_batches)
-    config_yaml = to_yaml(cfg)
-    st, logger = R.start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, output=cfg.output)
+    config_yaml = plan.config_yaml
+    st, logger = R.start_run(plan, par, optimizer, scheduler, output=cfg.output)
 
     cache = FeatureCache(int(cfg.data.feature_cache_gb * 1e9)) if cfg.data.feature_cache_gb > 0 else None
     loader = PromptLoader(model.tokenizer, cfg.data.question_template, cfg.video.frame_args(), cfg.video.backend,
@@ -94,9 +98,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
                     copy_weights=par.sharded, weights=MergedWeights(model.language_model) if lora else None)
     grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine, cache)
 
-    interrupted = {"flag": False}
-    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-    progress = JobProgress("grpo", total, enabled=show_progress and ctx.is_main)
+    progress = JobProgress("grpo", total, enabled=show_progress and ctx.is_main, plain_every=cfg.output.log_every)
+    stop = R.StopRequest(progress.note if ctx.is_main else lambda _: None)
     progress.start(st.step)
     # counted over the run, across resumes: skipped (reported up front + failed), failed, drawn, extra draws
     tally = {"skipped": n_skipped_report, "broken": 0, "drawn": 0, "extra_prompts": 0}
@@ -134,19 +137,20 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, show_progress: bool 
                 logger.log_samples(st.step, out.samples)
             too_many = skip_fraction > cfg.data.max_skip_fraction
             save_now = cfg.output.save_every and st.step % cfg.output.save_every == 0
-            if save_now or interrupted["flag"] or st.step == total or too_many:
-                R.save_checkpoint(run_dir, st, par, optimizer, scheduler, config_yaml, cfg.output.keep_last)
+            saved = None
+            if save_now or stop.requested or st.step == total or too_many:
+                saved = R.save_checkpoint(run_dir, st, par, optimizer, scheduler, config_yaml, cfg.output.keep_last)
             if too_many:
                 raise TlvrError(f"step {st.step}: {tally['broken']} prompts had a video that failed to decode, "
                                 f"{skip_fraction:.1%} of the data "
                                 f"(data.max_skip_fraction={cfg.data.max_skip_fraction}): scan the videos with "
                                 "`tlvr data check` and pass its report as data.skip_report")
-            if interrupted["flag"]:
-                raise KeyboardInterrupt
+            if stop.requested:
+                raise R.interrupted(saved, st.step, total)
         if ctx.is_main:  # the curves go to the trackers too, before they close
             logger.log_image(st.step, "curves", plot_run(run_dir, title="GRPO"))
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        stop.close()
         progress.stop()
         loader.close()
         logger.close()

@@ -117,10 +117,21 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+UNSMOOTHED = ("lr",)  # metric names (after any namespace) plotted without the smoothed line
+
+
 def running_mean(ys: Sequence[float]) -> list[float]:
     """The trailing mean over a tenth of the points (at least 2): the smoothed line drawn over a curve."""
     w = max(2, len(ys) // 10)
     return [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+
+
+def moving_mean(key: str, ys: Sequence[float]) -> tuple[list[float], int] | None:
+    """The smoothed line drawn over a curve and its window; None for short curves and for schedules
+    (the learning rate is exact as logged: a moving mean would only make it lag)."""
+    if len(ys) < 8 or key.rsplit("/", 1)[-1] in UNSMOOTHED:
+        return None
+    return running_mean(ys), max(2, len(ys) // 10)
 
 
 def plot_metrics(metrics_path: Path, out_png: Path, keys: Sequence[str], title: str = "") -> Path:
@@ -138,9 +149,11 @@ def plot_metrics(metrics_path: Path, out_png: Path, keys: Sequence[str], title: 
     for ax, key in zip(axes[:, 0], keys):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, lw=1.0, color="#3b6ea5")
-        if len(ys) >= 8:
-            ax.plot(xs, running_mean(ys), lw=2.0, color="#d0572b")
+        ax.plot(xs, ys, lw=1.0, color="#3b6ea5", label="logged")
+        smooth = moving_mean(key, ys)
+        if smooth is not None:
+            ax.plot(xs, smooth[0], lw=2.0, color="#d0572b", label=f"mean of the last {smooth[1]}")
+            ax.legend(fontsize=7, loc="best")
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")

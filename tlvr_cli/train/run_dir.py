@@ -13,6 +13,14 @@ A LoRA run (``tune.lora``) writes its merged weights in the released layout and 
 format beside them, ``step-N/adapter/`` and ``final/adapter/`` (``lora.save_adapter``); it resumes from the
 adapters, the released file's other trained weights and the run's start checkpoint (``lora.checkpoint_state``).
 
+The rule, the same for the cold start and GRPO (``plan_run``): a run directory holds one run. Running
+a job again into it goes on with that run (resumes from the latest checkpoint, or reuses ``final/``
+when the run is complete) as long as the resolved config equals the saved ``config.yaml`` up to the
+keys in ``SAFE_TO_CHANGE`` (where and how often it logs and saves, how long it runs, how its inputs
+are loaded). Any other difference is refused, naming each key, unless ``--force``: then the run
+resumes with the new config, the old one is kept as ``config.previous.yaml`` and every change is
+appended to ``config-changes.jsonl``.
+
 The trainer state is JSON and safetensors only: loading it cannot run code (a pickle could).
 Checkpoint directories are written under a temporary name and renamed, so a crash never leaves a
 half checkpoint that ``--resume auto`` would pick. Every process calls the save and load functions
@@ -24,15 +32,20 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-from ..errors import TlvrError
+from ..config import deep_merge, read_yaml, to_yaml
+from ..errors import Interrupted, TlvrError
 from ..files import write_json_atomic, write_text_atomic
 from ..jobs import OutputConfig
 from .parallel import Parallel
@@ -205,12 +218,13 @@ def save_checkpoint(run_dir: Path, state: TrainState, par: Parallel, optimizer: 
     return final
 
 
-def read_trainer_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The JSON payload and the tensors of a checkpoint's trainer state (on CPU); no code runs."""
+def read_trainer_state(ckpt: Path, *, with_tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON payload and (unless ``with_tensors`` is off) the tensors of a checkpoint's trainer state
+    (on CPU); no code runs."""
     ckpt = Path(ckpt)
     try:
         payload = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-        tensors = load_file(str(ckpt / TENSORS_FILE))
+        tensors = load_file(str(ckpt / TENSORS_FILE)) if with_tensors else {}
     except (OSError, ValueError) as e:
         raise TlvrError(f"{ckpt}: unreadable trainer state ({type(e).__name__}: {e})") from None
     return payload, tensors
@@ -260,20 +274,168 @@ def _save_weights(par: Parallel, out: Path, weights: dict[str, torch.Tensor] | N
         save_adapter(par.model, out / ADAPTER_DIR)
 
 
-def start_run(run_dir: Path, resume: str | None, par: Parallel, optimizer: Any, scheduler: Any, config_yaml: str, *,
-              output: OutputConfig):
-    """Restore the checkpoint ``resume`` names (if any), write the resolved config into the run
-    directory and open its metrics log (truncated to the resumed step) with the trackers ``output``
-    names (rank 0 only). Returns ``(state, logger)``."""
+# ----------------------------------------------------------------------------- the resume rule
+
+# keys that may differ between the runs of one run directory: where and how often it logs and saves
+# (the output section, trackers), how long it runs (optim.max_steps: the schedule spans the new
+# total from the resumed step on), how its inputs are loaded, and what the demo evaluates afterwards
+SAFE_TO_CHANGE = ("output", "trackers", "optim.max_steps", "sample_every", "data.num_workers", "data.feature_cache_gb",
+                  "data.max_skip_fraction",
+                  "dist.timeout_minutes", "prepare.evaluate", "prepare.eval_limit", "prepare.eval_batch_size",
+                  "prepare.eval_sampled")
+CONFIG = "config.yaml"
+PREVIOUS_CONFIG = "config.previous.yaml"
+CONFIG_CHANGES = "config-changes.jsonl"
+ABSENT = "(absent)"
+
+
+@dataclass
+class RunPlan:
+    """What a training job does with its run directory; ``message`` says it (empty for a plain fresh start)."""
+
+    run_dir: Path
+    config_yaml: str
+    resume_from: Path | None = None
+    complete: bool = False  # the run already finished with this config: ``final/`` is the result
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # saved → new, recorded when the run goes on
+    message: str = ""
+
+
+def plan_run(run_dir: Path, resume: str | None, cfg: Any, total: int, *, force: bool = False) -> RunPlan:
+    """Apply the run-directory rule (module docstring) before anything is loaded: which checkpoint to
+    resume (``resume``: None or 'auto' → the latest, or a checkpoint directory), whether the run is
+    complete, or a one-line refusal naming the keys that differ from the saved config."""
+    run_dir = Path(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    has_final = (run_dir / "final" / "config.json").exists()
+    explicit = bool(resume) and resume != "auto"
+    ckpt = resolve_resume(run_dir, resume) if explicit else (ckpts[-1] if ckpts else None)
+    goes_on = bool(ckpts) or has_final or explicit  # something trained is there: the config must match it
+    saved = _saved_config(run_dir, ckpt)
+    changes = config_changes(saved, cfg) if saved is not None and goes_on else {}
+    unsafe = {k: v for k, v in changes.items() if not is_safe_to_change(k)}
+    if unsafe and not force:
+        raise TlvrError(f"{run_dir} holds a run with another config: {describe_changes(unsafe)}; run it unchanged to "
+                        f"go on with it (--resume auto), add --force to resume it with the new config (the old one "
+                        f"is kept in {PREVIOUS_CONFIG}), or use another output.run_dir")
+    plan = RunPlan(run_dir, to_yaml(cfg), ckpt, changes=changes)
+    step = checkpoint_step(ckpt) if ckpt is not None else None
+    if step is not None and step > total:
+        raise TlvrError(f"{ckpt} is at step {step}, past the {total} steps this config trains (optim.max_steps or "
+                        f"the data shrank): use another output.run_dir")
+    forced = f" (forced: {describe_changes(unsafe)})" if unsafe else ""
+    if has_final and (step is None or step == total):
+        plan.complete = True
+        plan.message = f"{run_dir} is complete{forced}: reusing {run_dir / 'final'}"
+    elif ckpt is not None:
+        plan.message = f"resuming {run_dir} from step {step} of {total} ({ckpt}){forced}"
+    elif resume == "auto":
+        plan.message = f"--resume auto: no checkpoint in {run_dir}: starting fresh"
+    return plan
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    payload, _ = read_trainer_state(ckpt, with_tensors=False)
+    return int(payload["step"])
+
+
+def _saved_config(run_dir: Path, ckpt: Path | None) -> dict | None:
+    """The config the run was saved with: the run directory's, else the checkpoint's (an explicit one)."""
+    for path in (run_dir / CONFIG, *((ckpt / CONFIG,) if ckpt is not None else ())):
+        if path.is_file():
+            return read_yaml(path)
+    return None
+
+
+def config_changes(saved: dict, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Dotted key → (saved value, new value) for every key that differs; keys an older config.yaml
+    lacks count as their defaults (a new key is not a change)."""
+    new = yaml.safe_load(to_yaml(cfg))
+    old = deep_merge(yaml.safe_load(to_yaml(type(cfg)())), saved)
+    a, b = _flatten(old), _flatten(new)
+    keys = list(b) + [k for k in a if k not in b]
+    return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in keys if a.get(k, ABSENT) != b.get(k, ABSENT)}
+
+
+def is_safe_to_change(key: str) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in SAFE_TO_CHANGE)
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], most: int = 6) -> str:
+    """``optim.lr=1e-05 → 2e-05, algo.beta=0.04 → 0.0`` (the first ``most``, then a count)."""
+    parts = [f"{k}={_show(old)} → {_show(new)}" for k, (old, new) in list(changes.items())[:most]]
+    more = f" and {len(changes) - most} more" if len(changes) > most else ""
+    return ", ".join(parts) + more
+
+
+def _show(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _record_config(plan: RunPlan, step: int) -> None:
+    """Write the run's config; when it replaces a different one, keep that one and log the change."""
+    run_dir = plan.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if plan.changes and (run_dir / CONFIG).is_file():
+        write_text_atomic(run_dir / PREVIOUS_CONFIG, (run_dir / CONFIG).read_text(encoding="utf-8"))
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step,
+               "resumed_from": str(plan.resume_from) if plan.resume_from else None,
+               "changes": {k: [old, new] for k, (old, new) in plan.changes.items()},
+               "forced": [k for k in plan.changes if not is_safe_to_change(k)]}
+        with (run_dir / CONFIG_CHANGES).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    write_text_atomic(run_dir / CONFIG, plan.config_yaml)
+
+
+def start_run(plan: RunPlan, par: Parallel, optimizer: Any, scheduler: Any, *, output: OutputConfig):
+    """Restore the checkpoint the plan resumes from (if any), write the resolved config into the run
+    directory (recording what changed) and open its metrics log (truncated to the resumed step) with
+    the trackers ``output`` names (rank 0 only). Returns ``(state, logger)``."""
     from .metrics import MetricsLogger, print_warning
     from .trackers import trackers_for_run
 
-    ckpt = resolve_resume(run_dir, resume)
+    ckpt = plan.resume_from
     st = load_checkpoint(ckpt, par, optimizer, scheduler) if ckpt is not None else TrainState()
     if par.ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", config_yaml)
+        _record_config(plan, st.step)
     resume_step = st.step if ckpt else None
-    trackers = trackers_for_run(output, run_dir, config_yaml, resume_step, print_warning) if par.ctx.is_main else []
-    logger = MetricsLogger(run_dir, resume_step=resume_step, trackers=trackers, enabled=par.ctx.is_main)
+    trackers = (trackers_for_run(output, plan.run_dir, plan.config_yaml, resume_step, print_warning)
+                if par.ctx.is_main else [])
+    logger = MetricsLogger(plan.run_dir, resume_step=resume_step, trackers=trackers, enabled=par.ctx.is_main)
     return st, logger
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+class StopRequest:
+    """Ctrl-C during a training loop: the first asks the loop to stop after the step it is in (with a
+    checkpoint, see ``interrupted``); a second one stops at once (KeyboardInterrupt). ``close`` puts
+    the previous handler back."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.requested = False
+        self._say = say
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, *_: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        self._say("Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops now, without one)")
+
+    def close(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def interrupted(saved: Path, step: int, total: int) -> Interrupted:
+    return Interrupted(f"stopped at step {step} of {total}; checkpoint saved in {saved}", saved=saved)

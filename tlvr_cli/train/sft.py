@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,13 +21,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import to_yaml
 from ..data.records import ColdstartRecord, read_coldstart_records
 from ..data.template import build_sft_example
 from ..errors import TlvrError
 from ..jobs import ColdstartConfig
 from ..model.checkpoint import load_model
-from ..progress import JobProgress
+from ..progress import JobProgress, note
 from ..runtime import DistContext, init_distributed, resolve_root
 from ..video.decode import read_frames
 from ..video.preprocess import preprocess_frames
@@ -101,8 +99,10 @@ def micro_batches(chunk: list[int], cfg: ColdstartConfig, ctx: DistContext,
     return out
 
 
-def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progress: bool = True) -> Path:
-    """Train, checkpoint and return the final model directory (released layout)."""
+def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, force: bool = False,
+                  show_progress: bool = True) -> Path:
+    """Train, checkpoint and return the final model directory (released layout); ``resume``/``force``
+    follow the run-directory rule of ``run_dir.plan_run``."""
     ctx = init_distributed(cfg.model.device, cfg.dist.backend, need_group=cfg.dist.strategy == "fsdp2",
                            timeout_minutes=cfg.dist.timeout_minutes)
     run_dir = Path(cfg.output.run_dir)
@@ -111,11 +111,6 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                                                      cfg.data.skip_report)
     if not records:
         raise TlvrError(f"{root / cfg.data.annotations}: no usable records")
-
-    R.seed_everything(cfg.seed)
-    model = load_model(replace(cfg.model, device=str(ctx.device)))
-    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
-
     # the global batch: batch_size samples x accum micro-batches x processes
     accum = grad_accum_steps(cfg, ctx.world_size)
     per_step = cfg.batch_size * accum * ctx.world_size
@@ -123,17 +118,25 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
     total = steps_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps)
+    plan = R.plan_run(run_dir, resume, cfg, total, force=force)  # before any model is loaded
+    if ctx.is_main and plan.message:
+        note(plan.message)
+    if plan.complete:
+        return run_dir / "final"
+
+    R.seed_everything(cfg.seed)
+    model = load_model(replace(cfg.model, device=str(ctx.device)))
+    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
     par = Parallel(model, model, ctx, cfg.dist.strategy)
     train_model = par.module
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.tune)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
-    config_yaml = to_yaml(cfg)
-    st, logger = R.start_run(run_dir, resume, par, optimizer, scheduler, config_yaml, output=cfg.output)
+    config_yaml = plan.config_yaml
+    st, logger = R.start_run(plan, par, optimizer, scheduler, output=cfg.output)
 
     dataset = ColdstartDataset(records, model.tokenizer, model.config.vision_config.image_size, model.config.num_queries, cfg)
-    interrupted = {"flag": False}
-    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-    progress = JobProgress("cold start", total, enabled=show_progress and ctx.is_main)
+    progress = JobProgress("cold start", total, enabled=show_progress and ctx.is_main, plain_every=cfg.output.log_every)
+    stop = R.StopRequest(progress.note if ctx.is_main else lambda _: None)
     progress.start(st.step)
     skipped_total = int(st.extra.get("skipped", n_skipped_report))
     last_good = None
@@ -197,16 +200,15 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, show_progr
                     logger.log(st.step, metrics)
                 progress.update(st.step, {"loss": loss_sum, "lr": lr, "gnorm": grad_norm})
                 save_now = cfg.output.save_every and st.step % cfg.output.save_every == 0
-                if save_now or interrupted["flag"] or st.step == total:
-                    R.save_checkpoint(run_dir, st, par, optimizer, scheduler, config_yaml, cfg.output.keep_last)
-                if interrupted["flag"]:
-                    progress.stop()
-                    raise KeyboardInterrupt
+                if save_now or stop.requested or st.step == total:
+                    saved = R.save_checkpoint(run_dir, st, par, optimizer, scheduler, config_yaml, cfg.output.keep_last)
+                if stop.requested:
+                    raise R.interrupted(saved, st.step, total)
             del it, loader
         if ctx.is_main:  # the curves go to the trackers too, before they close
             logger.log_image(st.step, "curves", plot_run(run_dir, "loss.png", title="cold start"))
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        stop.close()
         progress.stop()
         logger.close()
     return R.save_final(run_dir, par)
