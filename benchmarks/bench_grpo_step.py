@@ -164,7 +164,8 @@ def compare_training(cfg: GRPOConfig, model, ref, par: Parallel, batch: PromptBa
     seq_prompt = [i // G for i in range(len(rollouts))]
     weight = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)).to(device) * mask / mask.sum()
     args = (feats, batch.input_ids, seq_prompt, completions, lengths)
-    ref_feats = feats.to(next(ref.connector.parameters()).dtype)
+    dtype_ref = next(ref.connector.parameters()).dtype
+    ref_feats = [f.to(dtype_ref) for f in feats] if isinstance(feats, list) else feats.to(dtype_ref)
     chunk = cfg.perf.logprob_chunk_size
     cuda = device.type == "cuda"
     out = {"tokens": int(lengths.sum()), "rows": len(rollouts), "mean_length": float(lengths.float().mean())}
@@ -308,6 +309,8 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
     n_tok = kept * ctx.world_size // args.steps  # completion tokens per step, eos included (the drawn lengths)
     out = {"step_s": step_s, "parts": {k[5:-2]: v for k, v in parts.items()}, "tokens_per_step": n_tok,
            "trained_params_b": n_trained}
+    if ctx.is_main:  # the steps' numbers first, whatever the comparison below does
+        print(f"timed steps: {step_s:.2f} s/step " + ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in parts.items()), flush=True)
     if args.compare_training and ref is None:
         raise SystemExit("--compare-training times the reference log-probs too: use a preset with algo.beta > 0")
     if args.compare_training:
@@ -393,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
     if args.memory_cap_gib and cuda:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), index)
     result: dict = {"preset": args.preset, "overrides": args.set, "config": args.config, "device": _device_name(device),
                     "cap_gib": args.memory_cap_gib if cuda else None, "completed": False}
     phase = Phase()
