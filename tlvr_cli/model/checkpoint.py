@@ -154,11 +154,16 @@ def load_model(path: str | ModelSpec, *, dtype: str = "auto", device: str = "aut
     ckpt = resolve_checkpoint(path)
     config = TinyLlavaConfig.from_json_file(ckpt / "config.json")
     tok = load_tokenizer(ckpt)
-    with torch.device(dev):
-        model = TinyLlava(config, tok, attn_implementation=attn)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dt)  # built in the target dtype: no transient fp32 copy (13.5 GiB at 3.6B) while loading
+    try:
+        with torch.device(dev):
+            model = TinyLlava(config, tok, attn_implementation=attn)
+    finally:
+        torch.set_default_dtype(default)
     load_weights(model, read_state_dict(ckpt), ckpt)
     model.generation_settings = read_generation_settings(ckpt)
-    return model.to(dtype=dt)
+    return model.to(dtype=dt)  # buffers too (e.g. the rotary table), as before
 
 
 def _check_attn(name: str, device: torch.device) -> str:
