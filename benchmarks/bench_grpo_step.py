@@ -6,6 +6,8 @@
     python benchmarks/bench_grpo_step.py --preset nextqa-lora --set perf.micro_batch_size=4   # any preset key
     python benchmarks/bench_grpo_step.py --config tiny --device cpu --dtype float32 --steps 1 # smoke run
     torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py   # data-parallel: the same 8 prompts split over 2 GPUs
+    torchrun --nproc-per-node 2 benchmarks/bench_grpo_step.py --rollout-parallel tensor   # each GPU decodes all 64
+                                                         # rows with half the weights; training stays data-parallel
     python benchmarks/bench_grpo_step.py --lengths uniform:64-512 --compare-training   # realistic lengths; the
                                                          # training log-prob layouts side by side on one step's rollouts
 
@@ -43,18 +45,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tlvr_cli.config import load_config
 from tlvr_cli.data.records import GRPORow
 from tlvr_cli.engine.generate import Engine
+from tlvr_cli.errors import TlvrError
 from tlvr_cli.jobs import GRPOConfig
 from tlvr_cli.model.config import TinyLlavaConfig
 from tlvr_cli.model.tinyllava import TinyLlava
 from tlvr_cli.runtime import init_distributed, resolve_dtype, shutdown_distributed
 from tlvr_cli.train.grpo_math import completion_mask
 from tlvr_cli.train.grpo_step import GRPOStep
-from tlvr_cli.train.lora import BaseReference, MergedWeights, reference_mode
+from tlvr_cli.train.lora import BaseReference, reference_mode
 from tlvr_cli.train.optim import build_optimizer, build_scheduler
 from tlvr_cli.train.packed import varlen_attention_available
 from tlvr_cli.train.parallel import Parallel
 from tlvr_cli.train.policy import PolicyLogprobs, micro_batch_order, sequence_logprobs
 from tlvr_cli.train.rollout import PromptBatch, pad_completions, prompt_ids, tower_features
+from tlvr_cli.train.rollout_parallel import check_rollout_processes, rollout_engine, rollout_group
 from tlvr_cli.train.setup import apply_tuning
 
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -84,8 +88,10 @@ def build(config: str, device: torch.device, dtype: torch.dtype):
 
 def bench_config(args: argparse.Namespace, world_size: int) -> GRPOConfig:
     """The preset with ``--set`` overrides, then the benchmark's own settings: forced completion lengths, the
-    flags given, and an engine that decodes all of this process's completions at once (at most the preset's)."""
-    extra: dict = {"perf": {"force_max_new_tokens": True}, "engine": {}, "algo": {}, "rollout": {}, "data": {}}
+    flags given, and an engine that decodes all of this process's completions at once (at most the preset's;
+    tensor-parallel rollouts: all of the step's, at most N times the preset's)."""
+    extra: dict = {"perf": {"force_max_new_tokens": True}, "engine": {}, "algo": {}, "rollout": {}, "data": {},
+                   "dist": {"rollout_parallel": args.rollout_parallel}}
     flags = {"prompts": ("data", "prompts_per_step"), "generations": ("algo", "num_generations"),
              "new_tokens": ("rollout", "max_new_tokens"), "micro_batch": ("perf", "micro_batch_size"),
              "engine_max_batch": ("engine", "max_batch")}
@@ -103,7 +109,7 @@ def bench_config(args: argparse.Namespace, world_size: int) -> GRPOConfig:
     if args.no_grad_checkpointing:
         extra["optim"] = {"gradient_checkpointing": False}
     cfg = load_config(GRPOConfig, args.preset, overrides=args.set, extra=extra)
-    if not args.engine_max_batch:
+    if not args.engine_max_batch and args.rollout_parallel == "data":
         rows = cfg.data.prompts_per_step // world_size * cfg.algo.num_generations
         extra["engine"]["max_batch"] = max(1, min(cfg.engine.max_batch, rows))
         cfg = load_config(GRPOConfig, args.preset, overrides=args.set, extra=extra)
@@ -264,26 +270,28 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
     tok = model.tokenizer
     size = model.config.vision_config.image_size
     problem = "What does the man do after picking up the cup?\nA. drink\nB. leave\nC. sit\nD. wave\nE. run"
+    first = ctx.rank * n_local  # each process's own prompts, as the data order deals them
     rows = [GRPORow(index=i, problem=problem, solution="<answer>A</answer>", video_filename=f"./v{i}.mp4",
-                    video_path=Path(f"/synthetic/v{i}.mp4"), extra={}) for i in range(n_local)]
+                    video_path=Path(f"/synthetic/v{i}.mp4"), extra={}) for i in range(first, first + n_local)]
     ids = [prompt_ids(tok, r, cfg.data.question_template) for r in rows]
     pixels = [torch.rand(args.frames, 3, size, size) * 2 - 1 for _ in rows]
     batch = PromptBatch(rows, ids, pixels)
     prompt_len = len(ids[0]) - 1 + model.config.num_queries
     new_tokens = cfg.rollout.max_new_tokens
-    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=prompt_len + new_tokens,
-                    cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
-                    copy_weights=par.sharded, weights=MergedWeights(model.language_model) if lora else None)
+    group = rollout_group(cfg, ctx, model.language_model)
+    engine = rollout_engine(cfg, model.language_model, par, prompt_len + new_tokens, group)
     rollouts = DrawnLengths(engine, parse_lengths(args.lengths, new_tokens))
-    grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, rollouts)
+    grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, rollouts, tp_group=group)
     n_params = sum(p.numel() for p in model.parameters()) / 1e9
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e9
     if ctx.is_main:
         adapters = f", LoRA rank {cfg.tune.lora.rank}" if lora else ""
+        decoding = f"rollouts tensor-parallel over {group.size()} processes, " if group is not None else ""
         print(f"model {args.config}: {n_params:.2f} B params ({n_trained:.3f} B trained{adapters}), "
               f"optimizer {cfg.optim.kind} / masters {cfg.optim.master_weights} ({type(optimizer).__name__}), "
               f"prompt {prompt_len} embeddings, {cfg.data.prompts_per_step} prompts x G {cfg.algo.num_generations} x "
-              f"{new_tokens} new tokens, micro-batch {cfg.perf.micro_batch_size}, engine batch {cfg.engine.max_batch}, "
+              f"{new_tokens} new tokens, micro-batch {cfg.perf.micro_batch_size}, {decoding}"
+              f"engine batch {engine.max_batch}, "
               f"(lengths {args.lengths}), {args.frames} frames, {device} {dtype}, {ctx.world_size} process(es), "
               f"{par.strategy}, log-probs {_layout_name(cfg)}", flush=True)
 
@@ -365,6 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-fused-weights", action="store_true", help="engine.fused_weights=false (3.4 GiB less at 3B)")
     ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp2"], default="auto",
                     help="dist.strategy (auto: ddp with several processes)")
+    ap.add_argument("--rollout-parallel", choices=["data", "tensor"], default="data",
+                    help="dist.rollout_parallel: each process decodes its own prompts (data), or all of the step's "
+                         "with 1/N of the weights (tensor; needs torchrun with N > 1)")
     ap.add_argument("--reference-estimate", action="store_true",
                     help="also estimate the step done the reference way (no KV cache), from a few timed forwards")
     ap.add_argument("--reference-tokens", type=int, default=4, help="tokens timed for that estimate")
@@ -388,6 +399,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     ctx = init_distributed(args.device, need_group=args.strategy == "fsdp2")  # no group for one plain process
     cfg = bench_config(args, ctx.world_size)
+    try:
+        check_rollout_processes(cfg, ctx.world_size)
+    except TlvrError as e:
+        raise SystemExit(str(e)) from None
     if cfg.data.prompts_per_step % ctx.world_size:
         raise SystemExit(f"{cfg.data.prompts_per_step} prompts per step must divide over {ctx.world_size} processes")
     if cfg.tune.lora.enabled and args.strategy == "fsdp2":
@@ -399,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), index)
     result: dict = {"preset": args.preset, "overrides": args.set, "config": args.config, "device": _device_name(device),
+                    "processes": ctx.world_size, "rollout_parallel": args.rollout_parallel,
                     "cap_gib": args.memory_cap_gib if cuda else None, "completed": False}
     phase = Phase()
     try:

@@ -163,6 +163,22 @@ class DistConfig:
                                     "checkpoint being written) before the run fails instead of hanging.", gt=0)
 
 
+@dataclass
+class GRPODistConfig(DistConfig):
+    """Multi-process GRPO: how the model is spread for training, and how the rollouts are."""
+
+    rollout_parallel: Literal["data", "tensor"] = option(
+        "data", "data: each process decodes its own prompts with the whole model; tensor: the N processes of a "
+        "group (dist.rollout_tensor_size) each decode all of the group's prompts with 1/N of the weights (heads and "
+        "MLP columns), reading 1/N of the weights per token where decoding is memory-bound; the engine decodes up "
+        "to engine.max_batch x N rows at once (each process caches 1/N of a row). data stays the default until "
+        "tensor is measured faster on GPUs. Training is data-parallel (dist.strategy) either way.")
+    rollout_tensor_size: int = option(
+        0, "With rollout_parallel=tensor: processes per tensor-parallel group, consecutive ranks of one host (0: all "
+        "of a host's). The attention heads, KV heads and MLP width must divide by it: at most 2 for Qwen2.5-3B, "
+        "whose 2 KV heads do not split further.", ge=0)
+
+
 # ----------------------------------------------------------------------------- cold start
 
 
@@ -312,7 +328,7 @@ class GRPOConfig:
     sample_every: int = option(10, "Write a sample of completions to samples.jsonl every N steps (0 disables).", ge=0)
     reflection: ReflectionConfig = option(ReflectionConfig(), "Reflection metrics (reflection/* in metrics.jsonl).")
     output: OutputConfig = option(OutputConfig(run_dir="runs/grpo"), "Outputs.")
-    dist: DistConfig = option(DistConfig(), "Distributed settings.")
+    dist: GRPODistConfig = option(GRPODistConfig(), "Distributed settings.")
 
 
 # ----------------------------------------------------------------------------- synthetic set and demo

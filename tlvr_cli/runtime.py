@@ -151,6 +151,21 @@ class DistContext:
         return out
 
 
+def launch_local_world_size() -> int:
+    """How many processes the launcher runs on this host (the world size without a launcher's word)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(launch_world_size())))
+
+
+def rank_group(size: int) -> torch_dist.ProcessGroup:
+    """This process's group of ``size`` consecutive ranks (the default group when that is every rank);
+    launchers number a host's processes consecutively, so a ``size`` dividing theirs stays on one host.
+    Collective: every process calls it."""
+    if size == launch_world_size():
+        return torch_dist.group.WORLD
+    group, _ = torch_dist.new_subgroups(group_size=size)
+    return group
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", *, need_group: bool = False,
                      timeout_minutes: float = 30.0) -> DistContext:
     """Join the process group the launcher describes (no-op for a single process unless

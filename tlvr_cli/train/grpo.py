@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from ..data.records import read_grpo_rows
-from ..engine.generate import Engine
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
 from ..model.checkpoint import generation_from_sampling, load_model
@@ -33,12 +32,13 @@ from ..progress import JobProgress, note
 from ..runtime import init_distributed, resolve_root
 from . import run_dir as R
 from .grpo_step import GRPOStep
-from .lora import BaseReference, MergedWeights
+from .lora import BaseReference
 from .metrics import plot_run
 from .optim import build_optimizer, build_scheduler
 from .parallel import Parallel
 from .policy import PolicyLogprobs
 from .rollout import FeatureCache, PromptDraws, PromptLoader, check_prompts_fit, prompt_ids
+from .rollout_parallel import check_rollout_processes, rollout_engine, rollout_group
 from .setup import apply_tuning, drop_reported_videos
 
 
@@ -49,6 +49,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
                            timeout_minutes=cfg.dist.timeout_minutes)
     if cfg.data.prompts_per_step % ctx.world_size:
         raise TlvrError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the {ctx.world_size} processes")
+    check_rollout_processes(cfg, ctx.world_size)
     run_dir = Path(cfg.output.run_dir)
     root = resolve_root(cfg.data.root, "train")
     rows, n_skipped_report = drop_reported_videos(read_grpo_rows(root / cfg.data.annotations, root), cfg.data.skip_report)
@@ -70,6 +71,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
         # fsdp2 keeps its shards in fp32: the frozen LLM would double in size
         raise TlvrError("tune.lora trains with dist.strategy ddp or none, not fsdp2")
     model = load_model(replace(cfg.model, device=str(ctx.device)))
+    tp_group = rollout_group(cfg, ctx, model.language_model)  # before a run directory is written
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
     ref = None
     if cfg.algo.beta > 0 and lora and not cfg.ref_model:
@@ -91,12 +93,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
     visual = model.config.num_queries  # the <image> token becomes this many embeddings
     lengths = [len(prompt_ids(model.tokenizer, r, cfg.data.question_template)) - 1 + visual for r in rows]
     check_prompts_fit(rows, lengths, cfg.rollout.max_new_tokens, model.config.tokenizer_model_max_length)
-    # LoRA: the engine decodes from its own copy of the merged weights, refreshed at every rollout
-    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch,
-                    max_seq_len=max(lengths) + cfg.rollout.max_new_tokens,
-                    cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
-                    copy_weights=par.sharded, weights=MergedWeights(model.language_model) if lora else None)
-    grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine, cache)
+    engine = rollout_engine(cfg, model.language_model, par, max(lengths) + cfg.rollout.max_new_tokens, tp_group)
+    grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine, cache, tp_group=tp_group)
 
     progress = JobProgress("grpo", total, enabled=show_progress and ctx.is_main, plain_every=cfg.output.log_every)
     stop = R.StopRequest(progress.note if ctx.is_main else lambda _: None)

@@ -10,6 +10,8 @@ whose video failed and, with dynamic sampling, for groups without signal) → gr
 reference and old-policy log-probs → per mini-batch: policy log-probs, loss and backward per
 micro-batch → clip → AdamW. Seeds come from ``(cfg.seed, step, draw)`` and the prompt's dataset
 index, so a resumed run, or the same step split over any number of processes, draws the same samples.
+With ``dist.rollout_parallel: tensor`` the processes of a group decode their prompts together, each
+with a shard of the weights, and go on with their own rows (``rollout_parallel.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from ..data.reflection import completion_reflection, reflection_summary
 from ..engine.generate import Engine, row_seed
@@ -32,6 +35,7 @@ from .parallel import Parallel
 from .policy import connect_features, micro_batch_order, sequence_logprobs
 from .rewards import overlong_penalty, score_completions
 from .rollout import FeatureCache, PromptBatch, Rollouts, completions_tensor, concat_rollouts, tower_features
+from .rollout_parallel import gather_prompts
 
 SAMPLES_PER_STEP = 8  # completions kept for samples.jsonl: every other one of the first prompts' groups
 ACCURACY_REWARD = "accuracy_reward"  # the reward whose values split the reflection metrics (spec §5.3's accuracy)
@@ -63,17 +67,20 @@ class GRPOStep:
 
     ``ref`` is the frozen reference model, or for LoRA the policy's base (``lora.BaseReference``; None
     when ``algo.beta == 0``: no KL, no reference forward); ``engine`` decodes the rollouts from the policy's
-    current weights."""
+    current weights, tensor-parallel over ``tp_group`` when given (``rollout_parallel.rollout_engine``): the
+    group's processes then decode each other's prompts too."""
 
     def __init__(self, cfg: GRPOConfig, model, ref, par: Parallel, optimizer, scheduler, engine: Engine,
-                 cache: FeatureCache | None = None) -> None:
+                 cache: FeatureCache | None = None, tp_group: dist.ProcessGroup | None = None) -> None:
         self.cfg, self.model, self.ref, self.par = cfg, model, ref, par
         self.optimizer, self.scheduler, self.engine, self.cache = optimizer, scheduler, engine, cache
+        self.tp_group = tp_group
         tok = model.tokenizer
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
         self.timings: dict[str, float] = {}
+        self.rollout_rows = 0  # completions this process's engine decoded in the step (tensor-parallel: its group's)
         # the flat log-prob layout calls the decoder layers' modules directly, which fsdp2's sharded layers refuse
         flat = not par.sharded
         self.layout = {"shared_prompt": cfg.perf.shared_prompt and flat, "packing": cfg.perf.packing and flat}
@@ -93,7 +100,7 @@ class GRPOStep:
         cfg, ctx, G = self.cfg, self.par.ctx, self.cfg.algo.num_generations
         max_draws = cfg.data.max_draws if max_draws is None else max_draws
         dynamic = cfg.algo.dynamic_sampling if filter_groups is None else filter_groups
-        self.timings = {}
+        self.timings, self.rollout_rows = {}, 0
         counts = dict.fromkeys(COUNTS, 0)
         kept: list[Rollouts] = []
         spare: Rollouts | None = None  # a decoded group for weight-0 passes when this rank keeps none
@@ -131,7 +138,7 @@ class GRPOStep:
         out = self.update(concat_rollouts(kept, self.pad) if kept else None, spare, step)
         out.counts, out.errors = counts, errors
         out.metrics.update({"data/draws": counts["draws"], "data/prompts_drawn": counts["drawn"],
-                            "data/groups": counts["groups"]})
+                            "data/groups": counts["groups"], "perf/rollout_rows": self.rollout_rows})
         if dynamic:
             out.metrics["dynamic/filtered_fraction"] = counts["filtered"] / max(1, counts["decoded"])
         return out
@@ -143,7 +150,8 @@ class GRPOStep:
 
     def rollout(self, batch: PromptBatch, step: int, draw: int = 0) -> Rollouts | None:
         """G completions per prompt of ``batch`` (sharing the prompt's prefill), decoded and scored; None
-        for a batch without a decoded prompt (called all the same: the weights are gathered collectively)."""
+        for a batch without a decoded prompt (called all the same: the weights are gathered collectively,
+        and a tensor-parallel engine decodes the other processes' prompts with this one's shard)."""
         cfg, model, G, device = self.cfg, self.model, self.cfg.algo.num_generations, self.par.ctx.device
         t = time.perf_counter()
         # the frozen tower runs once per video; the connector runs inside the loss so it gets gradients
@@ -153,17 +161,25 @@ class GRPOStep:
         t = time.perf_counter()
         model.eval()  # no dropout and no gradient checkpointing while sampling (spec §7.6)
         with torch.no_grad(), self.par.full_params():  # fsdp2: the engine reads the gathered weights
-            if not batch.rows:
-                return None
-            visual = connect_features(model.connector, feats, list(range(len(feats))))
-            prompts = model.prompt_embeddings(batch.input_ids, visual)
+            prompts, keys, start = [], [r.index for r in batch.rows], 0
+            if batch.rows:
+                visual = connect_features(model.connector, feats, list(range(len(feats))))
+                prompts = model.prompt_embeddings(batch.input_ids, visual)
+            if self.tp_group is not None:
+                # every process of the group decodes the group's prompts, in one order, with its shard
+                prompts, keys, start = gather_prompts(prompts, keys, self.tp_group,
+                                                      model.language_model.get_input_embeddings().weight)
             # rows keyed by dataset index: the same samples however the step's prompts are split over ranks
             outs = self.engine.generate(prompts, self.params, cfg.rollout.max_new_tokens, self.eos, num_samples=G,
                                         seed=step_seed(cfg.seed, step, 1, draw),
                                         ignore_eos=cfg.perf.force_max_new_tokens,
-                                        row_keys=[r.index * G + j for r in batch.rows for j in range(G)])
-        completions, finished = completions_tensor(outs, self.eos, self.pad, device)
+                                        row_keys=[k * G + j for k in keys for j in range(G)])
+        self.rollout_rows += len(outs)
         self._time("time/rollout_s", t)
+        if not batch.rows:
+            return None
+        outs = outs[start * G:(start + len(batch.rows)) * G]  # this process's own rows
+        completions, finished = completions_tensor(outs, self.eos, self.pad, device)
 
         t = time.perf_counter()
         texts = [s.strip() for s in model.tokenizer.batch_decode(completions.tolist(), skip_special_tokens=True)]

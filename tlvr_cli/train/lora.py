@@ -137,8 +137,9 @@ class MergedWeights:
         return self.frozen
 
     def write(self, name: str, out: torch.Tensor, part: Slice | None) -> None:
-        merged = merged_weight(self.layers[name])
-        out.copy_(merged if part is None else part.of(merged))
+        # a tensor-parallel shard cannot read a split frozen weight (a q/k/v bias, say) in place: it copies its slice
+        src = merged_weight(self.layers[name]) if name in self.layers else self.frozen[name]
+        out.copy_(src if part is None else part.of(src))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -278,9 +278,10 @@ def _save_weights(par: Parallel, out: Path, weights: dict[str, torch.Tensor] | N
 
 # keys that may differ between the runs of one run directory: where and how often it logs and saves
 # (the output section, trackers), how long it runs (optim.max_steps: the schedule spans the new
-# total from the resumed step on), how its inputs are loaded, and what the demo evaluates afterwards
+# total from the resumed step on), how its inputs are loaded, how the rollouts are spread (the same
+# samples either way, as with any number of processes), and what the demo evaluates afterwards
 SAFE_TO_CHANGE = ("output", "trackers", "optim.max_steps", "sample_every", "data.num_workers", "data.feature_cache_gb",
-                  "data.max_skip_fraction",
+                  "data.max_skip_fraction", "dist.rollout_parallel", "dist.rollout_tensor_size",
                   "dist.timeout_minutes", "prepare.evaluate", "prepare.eval_limit", "prepare.eval_batch_size",
                   "prepare.eval_sampled")
 CONFIG = "config.yaml"
