@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import load_config
+from .errors import TlvrError
 from .files import write_json_atomic
 from .jobs import ColdstartConfig, DemoConfig, EvalConfig
 from .runtime import resolve_root
@@ -48,8 +49,11 @@ def ensure_coldstart(cfg: DemoConfig, data: Path, *, force: bool = False) -> Pat
     """Cold-start the tiny model with ``prepare.coldstart_preset`` into the run whose final model is
     ``model.path`` (reused when complete with that config); a ``model.path`` that is not the final
     model of a run directory is used as it is."""
-    target = Path(cfg.model.path)
     console.rule("[bold]2/4 cold start")
+    if cfg.model.path == "tiny":  # the embedded random-init model, as it is: nothing to cold-start
+        console.print("model.path=tiny: GRPO starts from the embedded random-init model")
+        return Path("tiny")
+    target = Path(cfg.model.path)
     run_dir = target.parent if target.name == "final" else target
     if (target / "config.json").exists() and not (run_dir / "config.yaml").exists():
         console.print(f"reusing {target}")
@@ -60,7 +64,8 @@ def ensure_coldstart(cfg: DemoConfig, data: Path, *, force: bool = False) -> Pat
         "data": {"root": str(data)}, "output": {"run_dir": str(run_dir)}})
     final = run_coldstart(cs, resume="auto", force=force)
     if final.resolve() != target.resolve():
-        raise RuntimeError(f"cold start wrote {final}, expected {target}: set model.path to <run_dir>/final")
+        raise TlvrError(f"model.path={cfg.model.path}: the cold start writes {final}; set model.path to a run "
+                        "directory's final/ (e.g. runs/demo-coldstart/final)")
     return final
 
 
