@@ -25,11 +25,13 @@ def write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
 
 def test_defaults_are_the_reference_values():
     g = GRPOConfig()
-    assert (g.algo.num_generations, g.algo.beta, g.algo.zero_reward_value, g.algo.advantage_noise_std) == (8, 0.01, -2.0, 0.02)
+    assert ((g.algo.num_generations, g.algo.beta, g.algo.zero_reward_value, g.algo.advantage_noise_std)
+            == (8, 0.01, -2.0, 0.02))
     assert (g.rollout.temperature, g.rollout.top_k, g.rollout.top_p, g.rollout.max_new_tokens) == (1.0, 50, 1.0, 512)
     assert (g.optim.lr, g.optim.scheduler, g.optim.warmup_ratio, g.data.prompts_per_step) == (1e-6, "cosine", 0.03, 8)
     c = ColdstartConfig()
-    assert (c.optim.lr, c.optim.scheduler, c.data.max_length, c.seed, c.tune.vision_tower) == (1e-5, "constant", 3072, 42, False)
+    assert ((c.optim.lr, c.optim.scheduler, c.data.max_length, c.seed, c.tune.vision_tower)
+            == (1e-5, "constant", 3072, 42, False))
 
 
 def test_overrides_are_typed():
@@ -53,7 +55,8 @@ def test_overrides_are_typed():
     ("novalue", "expected dotted.key=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(TlvrError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?").replace(".", r"\.")):
+    with pytest.raises(TlvrError,
+                       match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?").replace(".", r"\.")):
         config.load_config(GRPOConfig, None, [override])
 
 
@@ -110,7 +113,8 @@ def _numeric_fields(cls: type, prefix: str = "") -> list[tuple[str, object]]:
 
 def test_every_numeric_key_declares_its_range():
     for cls in JOBS.values():
-        missing = [k for k, f in _numeric_fields(cls) if "range" not in f.metadata and k.split(".")[-1] not in UNBOUNDED]
+        missing = [k for k, f in _numeric_fields(cls)
+                   if "range" not in f.metadata and k.split(".")[-1] not in UNBOUNDED]
         assert not missing, f"{cls.__name__}: numeric keys without a range: {missing}"
 
 
@@ -178,8 +182,8 @@ def test_cli_presets_show_and_errors():
 @pytest.mark.slow
 def test_presets_ship_in_the_wheel(tmp_path):
     pytest.importorskip("hatchling")
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path), str(REPO)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     wheel = next(tmp_path.glob("tlvr-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

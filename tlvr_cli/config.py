@@ -241,7 +241,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise errors[0]
     if origin is Literal:
         if value not in args:
-            raise TlvrError(f"{source}: '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}{_suggest(str(value), [str(a) for a in args])}")
+            raise TlvrError(f"{source}: '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}"
+                            f"{_suggest(str(value), [str(a) for a in args])}")
         return value
     if origin in (list, tuple, Sequence):
         if isinstance(value, str) and origin is not tuple:

@@ -23,7 +23,8 @@ BASE_MODEL = "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512"
 class ModelConfig:
     """Which checkpoint to load and how."""
 
-    path: str = option(R1_MODEL, "Checkpoint directory, hub id (local HF cache only) or 'tiny' for the embedded tiny model.")
+    path: str = option(R1_MODEL, "Checkpoint directory, hub id (local HF cache only) or 'tiny' for the embedded "
+                       "tiny model.")
     dtype: str = option("auto", "float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU).")
     device: str = option("auto", "cuda | cpu | cuda:N | auto (cuda when available).")
     attn_implementation: str = option("sdpa", "LLM attention kernel: sdpa | flash_attention_2 | eager.")
@@ -34,7 +35,8 @@ class SamplingConfig:
     """Decoding parameters; temperature 0 means greedy."""
 
     temperature: float = option(1.0, "Sampling temperature; 0 decodes greedily.", ge=0)
-    top_k: int = option(50, "Keep the k most likely tokens (0 disables); 50 is the transformers default the reference ran with.", ge=0)
+    top_k: int = option(50, "Keep the k most likely tokens (0 disables); 50 is the transformers default the reference "
+                        "ran with.", ge=0)
     top_p: float = option(1.0, "Nucleus sampling mass (1.0 disables).", gt=0, le=1)
     max_new_tokens: int = option(512, "Most tokens generated per completion.", ge=1)
 
@@ -73,8 +75,8 @@ class EngineConfig:
     max_batch: int = option(64, "Rows the engine decodes at once; 0 sizes it from the free GPU memory and the KV cache "
                             "of a row (at most 256; 8 on CPU).", ge=0)
     cuda_graphs: bool = option(True, "Capture the engine's decode step in CUDA graphs (GPU only).")
-    compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, cache writes); "
-                           "the first run spends ~20-40 s compiling, later runs load the kernels from "
+    compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, cache "
+                           "writes); the first run spends ~20-40 s compiling, later runs load the kernels from "
                            "$TLVR_COMPILE_CACHE.")
     fused_weights: bool = option(True, "With compile: decode from concatenated q|k|v and gate|up weight copies (3.6 GB "
                                  "for Qwen2.5-3B, refreshed before every rollout); off saves that memory.")
@@ -219,7 +221,8 @@ class ColdstartConfig:
 class RewardSpec:
     """One reward function and its weight (used by reward_combination 'weighted')."""
 
-    function: str = option("tlvr_cli.train.rewards:accuracy_reward", "'module:function' returning one float per completion.")
+    function: str = option("tlvr_cli.train.rewards:accuracy_reward",
+                           "'module:function' returning one float per completion.")
     weight: float = option(1.0, "Weight (scale) of this reward in the weighted sum, e.g. 0.5 to halve a format bonus.")
 
 
@@ -231,17 +234,20 @@ class GRPOAlgoConfig:
     beta: float = option(0.01, "KL coefficient; 0 skips the reference model entirely.", ge=0)
     kl_estimator: Literal["k3", "k1", "k2"] = option("k3", "KL estimator (k3 = exp(d) - d - 1, as TRL 0.14).")
     kl_clamp: float = option(100.0, "Clamp the per-token KL to [-c, c] (reference: 100; 0 disables).", ge=0)
-    reward_combination: Literal["r1", "weighted"] = option("r1", "r1: acc + (2acc-1)*fmt; weighted: sum of weight*reward over `rewards`.")
+    reward_combination: Literal["r1", "weighted"] = option("r1", "r1: acc + (2acc-1)*fmt; weighted: sum of "
+                                                           "weight*reward over `rewards`.")
     zero_reward_value: float | None = option(-2.0, "Replace a combined reward of exactly 0 by this (null disables).")
     rewards: list[RewardSpec] = option(
-        [RewardSpec("tlvr_cli.train.rewards:accuracy_reward", 1.0), RewardSpec("tlvr_cli.train.rewards:format_reward", 1.0)],
+        [RewardSpec("tlvr_cli.train.rewards:accuracy_reward", 1.0),
+         RewardSpec("tlvr_cli.train.rewards:format_reward", 1.0)],
         "Reward functions: r1 uses the first as accuracy and the second as format; weighted sums them all.",
     )
     scale_rewards: bool = option(True, "Divide advantages by the group's unbiased std (+ std_eps).")
     std_eps: float = option(1e-4, "Added to the std before dividing.", gt=0)
     advantage_noise_std: float = option(0.02, "Std of the Gaussian noise added to each advantage (0 disables).", ge=0)
     loss_aggregation: Literal["sequence_mean", "token_mean", "dr_grpo"] = option(
-        "sequence_mean", "sequence_mean: token mean per sequence, then mean; token_mean: over all tokens; dr_grpo: sum / (G * max_new_tokens)."
+        "sequence_mean", "sequence_mean: token mean per sequence, then mean; token_mean: over all tokens; dr_grpo: "
+        "sum / (G * max_new_tokens)."
     )
     num_iterations: int = option(1, "Optimizer passes per rollout batch (>1 makes the updates off-policy: the clipped "
                                  "ratio applies).", ge=1)
@@ -269,7 +275,8 @@ class GRPOAlgoConfig:
 @dataclass
 class GRPODataConfig:
     root: str = option("", "Data root ('' = $TLVR_DATA/train).")
-    annotations: str = option("nextqa_0-30s.jsonl", "GRPO rows (problem, solution, video_filename), relative to root (spec §5.1).")
+    annotations: str = option("nextqa_0-30s.jsonl", "GRPO rows (problem, solution, video_filename), relative to root "
+                              "(spec §5.1).")
     question_template: str = option(GRPO_QUESTION_TEMPLATE, "Prompt text; {Question} is the row's problem (spec §3.3).")
     prompts_per_step: int = option(8, "Prompts per optimizer step, global (reference: 8 GPUs x 1).", ge=1)
     max_draws: int = option(10, "Most prompt draws per step (the first included): further draws replace prompts "
@@ -279,7 +286,8 @@ class GRPODataConfig:
                                       "the data set (of the prompts drawn, once more were drawn).", ge=0, le=1)
     num_workers: int = option(2, "Worker threads decoding the next step's videos.", ge=0)
     feature_cache_gb: float = option(0.0, "Keep the frozen tower's features of up to this many GB of videos in CPU "
-                                     "memory, reused when a video comes again (0: off, the reference's cost model).", ge=0)
+                                     "memory, reused when a video comes again (0: off, the reference's cost model).",
+                                     ge=0)
     skip_report: str = option("", "A `tlvr data check` report; its bad videos are skipped up front.")
 
 
@@ -296,8 +304,10 @@ class GRPOPerfConfig:
     """Memory/speed knobs of the training forward that do not change the maths."""
 
     micro_batch_size: int = option(16, "Sequences per forward/backward chunk of the loss.", ge=1)
-    logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).", ge=1)
-    force_max_new_tokens: bool = option(False, "Benchmarking only: ignore eos so every completion is max_new_tokens long.")
+    logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).",
+                                     ge=1)
+    force_max_new_tokens: bool = option(False, "Benchmarking only: ignore eos so every completion is max_new_tokens "
+                                        "long.")
     shared_prompt: bool = option(
         True, "Compute each group's prompt (text + visual tokens) once per micro-batch; its completions attend to "
         "its keys/values and their gradients sum into it: the loss and gradients of one prompt copy per completion "
@@ -318,7 +328,8 @@ class GRPOConfig:
     ref_model: str = option("", "Reference model checkpoint ('' = the policy's start checkpoint).")
     data: GRPODataConfig = option(GRPODataConfig(), "Prompts and videos.")
     video: VideoConfig = option(VideoConfig(), "Frame sampling.")
-    rollout: SamplingConfig = option(SamplingConfig(), "Rollout sampling (spec §5.2: T 1.0, top-k 50, top-p 1.0, 512 tokens).")
+    rollout: SamplingConfig = option(SamplingConfig(), "Rollout sampling (spec §5.2: T 1.0, top-k 50, top-p 1.0, "
+                                     "512 tokens).")
     algo: GRPOAlgoConfig = option(GRPOAlgoConfig(), "Objective.")
     optim: OptimConfig = option(OptimConfig(lr=1e-6, scheduler="cosine", warmup_ratio=0.03), "Optimizer (spec §5.4).")
     tune: TuneConfig = option(TuneConfig(), "Trainable parts.")
@@ -350,17 +361,18 @@ class SynthConfig:
     kinds: list[str] = option(["background", "square", "direction"],
                               "Question kinds of the training and eval rows (background, square, direction).")
     coldstart_kinds: list[str] = option(["background", "square", "direction"],
-                                        "Question kinds of the cold-start records (a subset leaves the rest for GRPO to learn).")
+                                        "Question kinds of the cold-start records (a subset leaves the rest for GRPO "
+                                        "to learn).")
     option_order: Literal["shuffled", "fixed"] = option(
         "shuffled", "Options A-E of the training and eval rows in random order (gold letters balanced), or 'fixed' "
         "pool order, where the letter follows from the answer alone.")
     coldstart_option_order: Literal["shuffled", "fixed"] = option("shuffled", "The same for the cold-start records.")
     lanes: int = option(1, "Parallel paths the square can take (1: through the middle); each multiplies the distinct "
-                        "videos (5 backgrounds x 4 squares x 5 directions x lanes), so larger sets keep more videos apart.",
-                        ge=1)
+                        "videos (5 backgrounds x 4 squares x 5 directions x lanes), so larger sets keep more videos "
+                        "apart.", ge=1)
     reasoning: Literal["scene", "asked"] = option(
-        "scene", "Cold-start <think> text: 'scene' describes the whole scene (both colours, the motion), then the asked "
-        "part; 'asked' names the asked attribute and reads only that from the video.")
+        "scene", "Cold-start <think> text: 'scene' describes the whole scene (both colours, the motion), then the "
+        "asked part; 'asked' names the asked attribute and reads only that from the video.")
 
 
 @dataclass
@@ -369,11 +381,12 @@ class DemoPrepareConfig:
 
     coldstart_preset: str = option("demo-coldstart", "Cold-start preset run when model.path does not exist yet.")
     synth: SynthConfig = option(SynthConfig(), "Synthetic set written when the data root lacks it.")
-    evaluate: bool = option(True, "Evaluate the cold-start and the GRPO model on the synthetic eval split (before/after table).")
+    evaluate: bool = option(True, "Evaluate the cold-start and the GRPO model on the synthetic eval split "
+                            "(before/after table).")
     eval_limit: int = option(0, "Evaluate only the first N eval items (0: all).", ge=0)
     eval_batch_size: int = option(32, "Eval items the engine decodes at once.", ge=1)
-    eval_sampled: bool = option(True, "Besides greedy, evaluate by sampling as the rollouts do (the paper protocol with "
-                                "the rollout.* temperature/top-k/top-p, seeded): the policy GRPO optimises.")
+    eval_sampled: bool = option(True, "Besides greedy, evaluate by sampling as the rollouts do (the paper protocol "
+                                "with the rollout.* temperature/top-k/top-p, seeded): the policy GRPO optimises.")
 
 
 @dataclass
@@ -395,13 +408,18 @@ class EvalConfig:
     model: ModelConfig = option(ModelConfig(path=R1_MODEL), "Checkpoint to evaluate.")
     benchmark: Literal["videomme", "mvbench", "mlvu", "mmvu", "synthetic"] = option("videomme", "Which benchmark.")
     data_dir: str = option("", "Benchmark root ('' = $TLVR_DATA/<benchmark>).")
-    duration: Literal["short", "medium", "long", "all"] = option("short", "Video-MME split ('all': the three and the overall).")
-    mode: Literal["reason", "option"] = option("reason", "reason: <think>/<answer> instruction (R1); option: letter directly (spec §3.3).")
-    protocol: Literal["greedy", "paper"] = option("greedy", "greedy: deterministic, unparseable = wrong; paper: T 1.0 / top-k 50, random fallback, seeded.")
-    frame_protocol: Literal["paper", "uniform"] = option("paper", "paper: the reference's per-benchmark frame paths; uniform: path A everywhere (MVBench bounds honoured).")
+    duration: Literal["short", "medium", "long", "all"] = option("short", "Video-MME split ('all': the three and the "
+                                                                 "overall).")
+    mode: Literal["reason", "option"] = option("reason", "reason: <think>/<answer> instruction (R1); option: letter "
+                                               "directly (spec §3.3).")
+    protocol: Literal["greedy", "paper"] = option("greedy", "greedy: deterministic, unparseable = wrong; paper: T 1.0 "
+                                                  "/ top-k 50, random fallback, seeded.")
+    frame_protocol: Literal["paper", "uniform"] = option("paper", "paper: the reference's per-benchmark frame paths; "
+                                                         "uniform: path A everywhere (MVBench bounds honoured).")
     video: VideoConfig = option(VideoConfig(), "Frame sampling.")
-    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=1024), "Decoding: temperature/top-k/top-p for the paper "
-                                      "protocol (spec §6: T 1.0, top-k 50); max_new_tokens for both protocols (1024).")
+    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=1024), "Decoding: temperature/top-k/top-p for "
+                                      "the paper protocol (spec §6: T 1.0, top-k 50); max_new_tokens for both "
+                                      "protocols (1024).")
     engine: EngineConfig = option(EngineConfig(max_batch=0), "Generation engine (max_batch: items decoded together; "
                                   "0 fills the free GPU memory). The engine stays full over the whole benchmark.")
     decode_workers: int = option(4, "Worker processes decoding videos ahead of the engine, at most the CPUs less one "

@@ -112,7 +112,8 @@ def _split_videos(n_train_q: int, n_eval_q: int, rng: random.Random, per_video: 
                   lanes: int = 1) -> tuple[list[SynthVideo], list[SynthVideo]]:
     """Disjoint train/eval videos: one per question kind (``per_video`` kinds) where the combinations
     (background × square × direction × lane) allow, shared otherwise."""
-    combos = [(bg, sq, d, lane) for bg in COLORS for sq in COLORS if sq != bg for d in DIRECTIONS for lane in range(lanes)]
+    combos = [(bg, sq, d, lane) for bg in COLORS for sq in COLORS if sq != bg for d in DIRECTIONS
+              for lane in range(lanes)]
     rng.shuffle(combos)
     want_train, want_eval = math.ceil(n_train_q / per_video), math.ceil(n_eval_q / per_video)
     if want_train + want_eval > len(combos):
@@ -125,7 +126,8 @@ def _split_videos(n_train_q: int, n_eval_q: int, rng: random.Random, per_video: 
     return videos[:want_train], videos[want_train:]
 
 
-def _questions(videos: list[SynthVideo], n: int, rng: random.Random, order: str, kinds: list[str]) -> list[SynthQuestion]:
+def _questions(videos: list[SynthVideo], n: int, rng: random.Random, order: str,
+               kinds: list[str]) -> list[SynthQuestion]:
     """``n`` questions over ``videos``; question types balanced per video, gold letters balanced over A-E
     (for fixed option order: as balanced as the videos' attributes)."""
     if n == 0:
@@ -176,7 +178,8 @@ def render_frames(video: SynthVideo, frames: int, size: int, lanes: int = 1) -> 
     mid = far // 2
     lane = far * (2 * video.lane + 1) // (2 * lanes)
     start_end = {"left": ((far, lane), (0, lane)), "right": ((0, lane), (far, lane)),
-                 "up": ((lane, far), (lane, 0)), "down": ((lane, 0), (lane, far)), "nowhere": ((mid, lane), (mid, lane))}
+                 "up": ((lane, far), (lane, 0)), "down": ((lane, 0), (lane, far)),
+                 "nowhere": ((mid, lane), (mid, lane))}
     (x0, y0), (x1, y1) = start_end[video.direction]
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     out[:] = COLORS[video.background]
@@ -264,7 +267,8 @@ def _validate(cfg: SynthConfig) -> None:
 
 
 def write_synthetic_dataset(cfg: SynthConfig, *, progress: bool = True) -> Path:
-    """Write the set under ``cfg.root`` (nothing is rewritten when the same config already wrote it); returns the root."""
+    """Write the set under ``cfg.root`` (nothing is rewritten when the same config already wrote it); returns the
+    root."""
     _validate(cfg)
     root = Path(cfg.root)
     marker = root / MARKER
@@ -296,6 +300,7 @@ def write_synthetic_dataset(cfg: SynthConfig, *, progress: bool = True) -> Path:
 
     write_text_atomic(root / TRAIN_FILE, jsonl(train_q))
     write_text_atomic(root / EVAL_FILE, jsonl(eval_q))
-    write_text_atomic(root / COLDSTART_FILE, json.dumps([coldstart_record(q, cfg.reasoning) for q in cold_q], ensure_ascii=False, indent=1) + "\n")
+    write_text_atomic(root / COLDSTART_FILE, json.dumps([coldstart_record(q, cfg.reasoning) for q in cold_q],
+                                                        ensure_ascii=False, indent=1) + "\n")
     write_text_atomic(marker, digest + "\n")
     return root

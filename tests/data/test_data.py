@@ -40,7 +40,8 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
-    return write_synthetic_dataset(SynthConfig(root=str(tmp_path_factory.mktemp("synth") / "a"), **SMALL), progress=False)
+    return write_synthetic_dataset(SynthConfig(root=str(tmp_path_factory.mktemp("synth") / "a"), **SMALL),
+                                   progress=False)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -156,13 +157,14 @@ def test_synth_lanes_one_video_per_kind_and_asked_reasoning(tmp_path):
     from tlvr_cli.synth import SynthVideo, render_frames
 
     cfg = SynthConfig(root=str(tmp_path / "l"), **{**SMALL, "kinds": ["background"], "coldstart_kinds": ["background"],
-                                                  "option_order": "fixed", "coldstart_option_order": "fixed", "lanes": 3,
-                                                  "reasoning": "asked"})
+                                                  "option_order": "fixed", "coldstart_option_order": "fixed",
+                                                  "lanes": 3, "reasoning": "asked"})
     root = write_synthetic_dataset(cfg, progress=False)
     train = read_grpo_rows(root / "nextqa_0-30s.jsonl", root)
     evals = read_grpo_rows(root / "eval.jsonl", root)
     # one question kind: every question has a video of its own, so no two eval items are the same prompt
-    assert len({r.video_path for r in train}) == len(train) == 12 and len({r.video_path for r in evals}) == len(evals) == 6
+    assert (len({r.video_path for r in train}) == len(train) == 12
+            and len({r.video_path for r in evals}) == len(evals) == 6)
     for rec in read_coldstart_records(root / "coldstart.json", root):
         gpt = rec.conversations[1]["value"]
         m = re.fullmatch(r"<think>The question asks for the background color\. The background is (\w+)\. "
@@ -233,7 +235,8 @@ def test_synth_videos_are_byte_identical_whatever_the_heap(tmp_path):
     sets = ["--set", "train=120", "--set", "eval=40", "--set", "coldstart=4", "--set", "lanes=8", "--set", "seed=3",
             "--set", "kinds=[background]", "--set", "coldstart_kinds=[background]"]
     fills = ("85", "170")
-    procs = [subprocess.Popen([sys.executable, "-m", "tlvr_cli", "data", "synth", *sets, "--root", str(tmp_path / fill)],
+    procs = [subprocess.Popen([sys.executable, "-m", "tlvr_cli", "data", "synth", *sets,
+                               "--root", str(tmp_path / fill)],
                               cwd=REPO, env={**os.environ, "MALLOC_PERTURB_": fill},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for fill in fills]
     for proc in procs:

@@ -1,4 +1,5 @@
-"""`tlvr data fetch`: layout, extraction markers, idempotence, dry run and hub errors, against a hub laid out on disk."""
+"""`tlvr data fetch`: layout, extraction markers, idempotence, dry run and hub errors, against a hub laid out on
+disk."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def test_fetch_layout_and_manifest(hub, tmp_path):
     assert (data / "mlvu" / "video" / "1_plotQA" / "movie101_66.mp4").is_file()
 
     manifest = json.loads((train / MANIFEST).read_text())
-    assert manifest["repo"] == "Zhang199/TinyLLaVA-Video-R1-training-data" and manifest["extracted"] == ["NextQA.tar.gz"]
+    assert (manifest["repo"] == "Zhang199/TinyLLaVA-Video-R1-training-data"
+            and manifest["extracted"] == ["NextQA.tar.gz"])
     sizes = {f["path"]: (f["size"], f["sha256"]) for f in manifest["files"]}
     assert sizes["nextqa_0-30s.jsonl"][0] == (train / "nextqa_0-30s.jsonl").stat().st_size
     assert all(len(sha) == 64 for _, sha in sizes.values())
@@ -158,7 +160,8 @@ def test_dry_run_downloads_nothing(hub, tmp_path):
     model_bytes = sum(p.stat().st_size for p in (hub / "models" / "Zhang199" / "TinyLLaVA-Video-R1").iterdir()
                       if p.is_file())
     assert results[0].bytes_to_download == model_bytes
-    assert results[1].bytes_to_download == sum(p.stat().st_size for p in (hub / "datasets" / "yale-nlp" / "MMVU").rglob("*")
+    assert results[1].bytes_to_download == sum(p.stat().st_size
+                                               for p in (hub / "datasets" / "yale-nlp" / "MMVU").rglob("*")
                                                if p.is_file())
     assert [len(r.to_download) for r in results] == [6, 2]
 
@@ -229,7 +232,8 @@ def test_unauthorized_and_gated(status, tmp_path):
     with pytest.raises(TlvrError) as err:
         fetch_targets(["mlvu"], tmp_path, client=OfflineClient(GatedRepoError("gated", response=response)),
                       progress=False)
-    assert "gated" in str(err.value) and "accept its terms" in str(err.value) and str(tmp_path / "mlvu") in str(err.value)
+    assert ("gated" in str(err.value) and "accept its terms" in str(err.value)
+            and str(tmp_path / "mlvu") in str(err.value))
 
 
 def test_path_traversal_is_rejected(tmp_path):

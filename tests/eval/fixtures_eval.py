@@ -49,7 +49,8 @@ def build_videomme(root: Path) -> Path:
         cols["question_id"].append(qid)
         cols["task_type"].append(task)
         cols["question"].append(f"Question {qid}: how many apples are shown?")
-        cols["options"].append(["A. Apples.", "B. Candles.", "C. Berries.", "D. The three kinds are of the same number."])
+        cols["options"].append(["A. Apples.", "B. Candles.", "C. Berries.",
+                                "D. The three kinds are of the same number."])
         cols["answer"].append(answer)
     schema = pa.schema([(k, pa.list_(pa.string()) if k == "options" else pa.string()) for k in cols])
     path = root / "videomme" / "test-00000-of-00001.parquet"
@@ -146,10 +147,13 @@ def build_mmvu(root: Path) -> Path:
     videos at ``videos/<Subject>/<n>.mp4`` (one missing)."""
     choices = {"A": "Mitosis", "B": "Meiosis", "C": "Osmosis", "D": "Diffusion", "E": "Apoptosis"}
     records = []
-    for i, (subject, qtype, answer) in enumerate([("Biology", "multiple-choice", "B"), ("Chemistry", "open-ended", "ionic bond"),
-                                                  ("Biology", "multiple-choice", "E"), ("Physics", "multiple-choice", "A")]):
+    for i, (subject, qtype, answer) in enumerate([("Biology", "multiple-choice", "B"),
+                                                  ("Chemistry", "open-ended", "ionic bond"),
+                                                  ("Biology", "multiple-choice", "E"),
+                                                  ("Physics", "multiple-choice", "A")]):
         rec = {"id": f"val_{i}", "video": f"{MMVU_URL}/videos/{subject}/{i}.mp4", "youtube_url": "https://youtu.be/x",
-               "question_type": qtype, "metadata": {"subject": subject, "textbook": "t", "rationale": "r", "knowledge": "k"},
+               "question_type": qtype,
+               "metadata": {"subject": subject, "textbook": "t", "rationale": "r", "knowledge": "k"},
                "question": f"Which process is shown in video {i}?", "answer": answer}
         if qtype == "multiple-choice":
             rec["choices"] = dict(choices)
@@ -164,7 +168,8 @@ def build_synthetic(root: Path) -> Path:
     """``eval.jsonl`` in the GRPO NextQA row format with its videos."""
     rows = []
     for i, (vid, gold) in enumerate([("0000/1111.mp4", "B"), ("0000/2222.mp4", "E"), ("0001/3333.mp4", "A")]):
-        rows.append({"problem_id": i, "problem": f"What did the man do after {i}?\nA. clap\nB. jump\nC. sit\nD. run\nE. wave",
+        rows.append({"problem_id": i,
+                     "problem": f"What did the man do after {i}?\nA. clap\nB. jump\nC. sit\nD. run\nE. wave",
                      "data_type": "video", "problem_type": "multiple choice", "solution": f"<answer>{gold}</answer>",
                      "video_filename": f"./NextQA/NExTVideo/{vid}", "question_type": "temporal" if i else "causal"})
         _touch(root / "NextQA" / "NExTVideo" / vid)

@@ -42,8 +42,8 @@ def test_videomme_duration_filter(videomme, duration, count):
 def test_videomme_item(videomme):
     items = load("videomme", videomme, duration="short")
     it = items[0]
-    assert it.prompt == ("<image>\nQuestion 001-1: how many apples are shown?\nOptions:\nA. Apples.\nB. Candles.\nC. Berries.\n"
-                         "D. The three kinds are of the same number.\n" + INSTR)
+    assert it.prompt == ("<image>\nQuestion 001-1: how many apples are shown?\nOptions:\nA. Apples.\nB. Candles.\n"
+                         "C. Berries.\nD. The three kinds are of the same number.\n" + INSTR)
     assert it.item_id == "short/001-1" and it.task == "Counting Problem"
     assert it.choices == ["A", "B", "C", "D"]
     assert [i.gold for i in items] == ["C", "A", "D"]
@@ -86,14 +86,15 @@ def test_mvbench_items(mvbench):
     assert items[0].task == "Fine-grained Pose"  # the reference's evaluation order
     by_id = {i.item_id: i for i in items}
     it = by_id["action_sequence/0"]
-    assert it.prompt == ("<image>\nWhat happens in action_sequence 0?\nOptions:\nA. Not sure\nB. Scattering something down\n"
-                         "C. Piling something up\n" + INSTR)
+    assert it.prompt == ("<image>\nWhat happens in action_sequence 0?\nOptions:\nA. Not sure\n"
+                         "B. Scattering something down\nC. Piling something up\n" + INSTR)
     assert it.gold == "C" and by_id["action_sequence/1"].gold == "A"
     assert by_id["object_shuffle/1"].gold == "@"  # gold text not among the candidates
     assert it.choices == ["A", "B", "C"]
     assert it.video == mvbench / "video" / "star" / "Charades_v1_480" / "action_sequence_0.mp4"
     assert not by_id["scene_transition/1"].video.exists()
-    assert by_id["moving_count/1"].video == mvbench / "video" / "data0613" / "clevrer" / "video_validation" / "moving_count_1.mp4"
+    assert (by_id["moving_count/1"].video
+            == mvbench / "video" / "data0613" / "clevrer" / "video_validation" / "moving_count_1.mp4")
 
 
 def test_mvbench_frame_specs_paper(mvbench):
@@ -147,9 +148,11 @@ def mlvu(tmp_path_factory):
 def test_mlvu_items(mlvu):
     items = load("mlvu", mlvu)
     assert len(items) == 14  # 8_sub_scene and 9_summary are not read
-    assert [i.task for i in items[::2]] == ["count", "ego", "needle", "order", "plotQA", "anomaly_reco", "topic_reasoning"]
+    assert [i.task for i in items[::2]] == ["count", "ego", "needle", "order", "plotQA", "anomaly_reco",
+                                            "topic_reasoning"]
     it = items[0]
-    assert it.prompt == ("<image>\nWhat color is the car in 4_count 0?\n(A) Yellow\n(B) Red\n(C) Green\n(D) Blue\n" + INSTR)
+    assert it.prompt == ("<image>\nWhat color is the car in 4_count 0?\n(A) Yellow\n(B) Red\n(C) Green\n(D) Blue\n"
+                         + INSTR)
     assert it.video == mlvu / "video" / "4_count" / "count_0.mp4"
     assert [i.gold for i in items[:4]] == ["A", "@", "A", "C"]
     assert it.frame_spec.kind == "pts_seek"
@@ -173,8 +176,8 @@ def test_mmvu_items(tmp_path):
     items = load("mmvu", root)
     assert [i.item_id for i in items] == ["val_0", "val_2", "val_3"]  # the open-ended item is dropped
     it = items[0]
-    assert it.prompt == ("<image>\nWhich process is shown in video 0?\nA. Mitosis\nB. Meiosis\nC. Osmosis\nD. Diffusion\n"
-                         "E. Apoptosis\n" + INSTR)
+    assert it.prompt == ("<image>\nWhich process is shown in video 0?\nA. Mitosis\nB. Meiosis\nC. Osmosis\n"
+                         "D. Diffusion\nE. Apoptosis\n" + INSTR)
     assert it.choices == ["A", "B", "C", "D", "E"]
     assert [i.gold for i in items] == ["B", "E", "A"]
     assert it.video == root / "videos" / "Biology" / "0.mp4" and it.video.exists()

@@ -173,7 +173,8 @@ def test_feature_sharing_changes_nothing_but_the_work(data, tmp_path):
     items = load_eval_items(cfg)
     prompts = []
     for share in (True, False):
-        decoded = DecodePool(0).decode(video_jobs(items, share), lambda v, s: decode_video(v, s, VideoConfig(num_frames=16), 32))
+        decoded = DecodePool(0).decode(video_jobs(items, share),
+                                       lambda v, s: decode_video(v, s, VideoConfig(num_frames=16), 32))
         prompts.append({r.tag[0].item_id: r.prompt for r in runner._requests(model, decoded, pytest.fail)})
     assert prompts[0].keys() == prompts[1].keys() and len(prompts[0]) == 12
     assert all(torch.equal(prompts[0][k], prompts[1][k]) for k in prompts[0])

@@ -23,13 +23,14 @@ from tlvr_cli.model.config import TinyLlavaConfig
 from tlvr_cli.model.tokenizer_files import QWEN2_SPLIT, slow_tokenizer_class
 
 # Qwen2.5-3B's text config (spec §1.1), with its released unused 32k sliding window
-QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                 num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, max_window_layers=36,
-                 sliding_window=32768, use_sliding_window=False, tie_word_embeddings=True, bos_token_id=151643,
-                 eos_token_id=151643, model_type="qwen2")
-R1_LIKE = {"model_type": "tinyllava", "llm_model_name_or_path": "Qwen/Qwen2.5-3B", "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
-           "connector_type": "groupresampler", "num_queries": 512, "num_resampler_layers": 3, "torch_dtype": "bfloat16",
-           "text_config": QWEN25_3B, "vision_config": {"model_type": "siglip_vision_model"}}
+QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                 num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                 rms_norm_eps=1e-6, max_window_layers=36, sliding_window=32768, use_sliding_window=False,
+                 tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643, model_type="qwen2")
+R1_LIKE = {"model_type": "tinyllava", "llm_model_name_or_path": "Qwen/Qwen2.5-3B",
+           "vision_model_name_or_path": "google/siglip-so400m-patch14-384", "connector_type": "groupresampler",
+           "num_queries": 512, "num_resampler_layers": 3, "torch_dtype": "bfloat16", "text_config": QWEN25_3B,
+           "vision_config": {"model_type": "siglip_vision_model"}}
 
 # transformers 4.49 constructor arguments (read off its signatures), plus the PretrainedConfig
 # fields the model depends on
@@ -37,25 +38,28 @@ QWEN2_449 = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
              "use_cache", "tie_word_embeddings", "rope_theta", "rope_scaling", "use_sliding_window", "sliding_window",
              "max_window_layers", "attention_dropout", "torch_dtype", "bos_token_id", "eos_token_id"]
-SIGLIP_449 = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "image_size",
-              "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout", "torch_dtype"]
+SIGLIP_449 = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+              "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout", "torch_dtype"]
 
 # the reference's TinyLlavaConfig.__init__ arguments (configuration_tinyllava.py, spec §1.6) and the
 # JSON types its saved files hold (tokenizer_name_or_path falls back to the LLM path, so a string)
 STR, INT, NONE, BOOL, DICT = str, int, type(None), bool, dict
 REFERENCE_FIELDS = {
     "llm_model_name_or_path": STR, "tokenizer_name_or_path": STR, "vision_model_name_or_path": STR,
-    "vision_model_name_or_path2": STR, "connector_type": STR, "text_config": DICT, "hidden_size": INT, "vocab_size": INT,
-    "ignore_index": INT, "image_token_index": INT, "pad_token": (STR, NONE), "pad_token_id": (INT, NONE), "tokenizer_padding_side": STR,
-    "tokenizer_model_max_length": INT, "vision_config": DICT, "vision_hidden_size": INT, "vision_feature_layer": INT,
-    "vision_feature_select_strategy": STR, "image_aspect_ratio": STR, "resampler_hidden_size": (INT, NONE), "num_queries": INT,
-    "num_resampler_layers": INT, "use_cache": BOOL, "cache_dir": (STR, NONE), "tokenizer_use_fast": BOOL, "tune_type_llm": STR,
-    "tune_type_connector": STR, "tune_type_vision_tower": STR, "tune_vision_tower_from_layer": INT,
+    "vision_model_name_or_path2": STR, "connector_type": STR, "text_config": DICT, "hidden_size": INT,
+    "vocab_size": INT, "ignore_index": INT, "image_token_index": INT, "pad_token": (STR, NONE),
+    "pad_token_id": (INT, NONE), "tokenizer_padding_side": STR, "tokenizer_model_max_length": INT,
+    "vision_config": DICT, "vision_hidden_size": INT, "vision_feature_layer": INT,
+    "vision_feature_select_strategy": STR, "image_aspect_ratio": STR, "resampler_hidden_size": (INT, NONE),
+    "num_queries": INT, "num_resampler_layers": INT, "use_cache": BOOL, "cache_dir": (STR, NONE),
+    "tokenizer_use_fast": BOOL, "tune_type_llm": STR, "tune_type_connector": STR, "tune_type_vision_tower": STR,
+    "tune_vision_tower_from_layer": INT,
 }
 
 STRINGS = ["Hello world", "The answer is 42.\n\nIt's 3,141 or 2 apples", "I'M HERE  and   there\t tabs",
-           "caf\u00e9 cafe\u0301 \u4f60\u597d \U0001F600", "a<|endoftext|>b <|endoftext|> ", "<|im_start|>user\nhi<|im_end|>",
-           "<think>reasoning</think> <answer>B</answer>", "\n\n\n  x\r\ny", "don't DON'T we'll 12345 1.5e-3"]
+           "caf\u00e9 cafe\u0301 \u4f60\u597d \U0001F600", "a<|endoftext|>b <|endoftext|> ",
+           "<|im_start|>user\nhi<|im_end|>", "<think>reasoning</think> <answer>B</answer>", "\n\n\n  x\r\ny",
+           "don't DON'T we'll 12345 1.5e-3"]
 
 
 def saved_config(path: Path) -> dict:
@@ -89,7 +93,8 @@ def test_saved_config_read_the_4x_way_gives_the_rope_base(tmp_path, tiny_model, 
 
 
 def test_rope_scaling_is_written_in_the_4x_form_and_read_back():
-    config = TinyLlavaConfig.from_dict({**R1_LIKE, "text_config": {**QWEN25_3B, "rope_scaling": {"type": "linear", "factor": 2.0}}})
+    config = TinyLlavaConfig.from_dict(
+        {**R1_LIKE, "text_config": {**QWEN25_3B, "rope_scaling": {"type": "linear", "factor": 2.0}}})
     t = json.loads(config.to_json_string())["text_config"]
     assert t["rope_scaling"]["rope_type"] == "linear" and t["rope_scaling"]["factor"] == 2.0 and t["rope_theta"] == 1e6
     again = TinyLlavaConfig.from_dict(json.loads(config.to_json_string())).text_config.rope_parameters
@@ -98,11 +103,14 @@ def test_rope_scaling_is_written_in_the_4x_form_and_read_back():
 
 @pytest.mark.parametrize("which", ["tiny", "qwen2.5-3b"])
 def test_every_reference_config_field_is_written_with_its_json_type(tmp_path, tiny_model, which):
-    cfg = saved_config(save_model(tiny_model, tmp_path / "ck")) if which == "tiny" else json.loads(TinyLlavaConfig.from_dict(R1_LIKE).to_json_string())
-    wrong = {k: type(cfg.get(k, KeyError)).__name__ for k, t in REFERENCE_FIELDS.items() if k not in cfg or not isinstance(cfg[k], t)}
+    cfg = (saved_config(save_model(tiny_model, tmp_path / "ck")) if which == "tiny"
+           else json.loads(TinyLlavaConfig.from_dict(R1_LIKE).to_json_string()))
+    wrong = {k: type(cfg.get(k, KeyError)).__name__ for k, t in REFERENCE_FIELDS.items()
+             if k not in cfg or not isinstance(cfg[k], t)}
     assert not wrong
     assert (cfg["ignore_index"], cfg["image_token_index"], cfg["model_type"]) == (-100, -200, "tinyllava")
-    assert cfg["hidden_size"] == cfg["text_config"]["hidden_size"] and cfg["vision_hidden_size"] == cfg["vision_config"]["hidden_size"]
+    assert (cfg["hidden_size"] == cfg["text_config"]["hidden_size"]
+            and cfg["vision_hidden_size"] == cfg["vision_config"]["hidden_size"])
     assert cfg["tokenizer_name_or_path"] == (cfg["llm_model_name_or_path"] if which != "tiny" else "tiny")
     if which == "tiny":
         assert cfg["use_cache"] is True  # as the reference's save
@@ -134,7 +142,8 @@ def test_older_5x_only_and_released_4x_only_configs_load_with_the_right_rope_bas
 def test_generation_config_is_released_by_default_and_records_sampling(tmp_path, tiny_model):
     eos = tiny_model.config.text_config.eos_token_id
     out = save_model(tiny_model, tmp_path / "plain")
-    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": eos, "eos_token_id": eos, "use_cache": False}
+    assert (json.loads((out / "generation_config.json").read_text())
+            == {"bos_token_id": eos, "eos_token_id": eos, "use_cache": False})
     sampling = generation_from_sampling(temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=1024)
     out = save_model(tiny_model, tmp_path / "grpo", generation=sampling)
     gen = json.loads((out / "generation_config.json").read_text())
@@ -154,7 +163,8 @@ def test_generation_config_is_released_by_default_and_records_sampling(tmp_path,
 def test_a_loaded_checkpoint_saves_back_byte_identical(tmp_path, tiny_model):
     first = save_model(tiny_model, tmp_path / "a", generation=generation_from_sampling(0.7, 20, 0.9, 256))
     second = save_model(load_model(str(first), dtype="float32", device="cpu"), tmp_path / "b")
-    names = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+    names = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+             "merges.txt"]
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
@@ -185,7 +195,8 @@ class SlowBPE:
         assert lines[0].startswith("#version")
         self.ranks = {tuple(line.split(" ")): i for i, line in enumerate(x for x in lines[1:] if x)}
         self.added = {t["content"]: int(i) for i, t in cfg["added_tokens_decoder"].items()}
-        self.specials = regex.compile("(" + "|".join(regex.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
+        self.specials = regex.compile(
+            "(" + "|".join(regex.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
         self.split = regex.compile(QWEN2_SPLIT if self.cls == "Qwen2Tokenizer" else GPT2_SPLIT)
         self.bytes = byte_to_unicode()
 
@@ -248,7 +259,8 @@ def test_saved_slow_tokenizer_files_tokenise_like_the_fast_tokenizer(tmp_path, t
     assert "extra_special_tokens" not in cfg  # a list there breaks 4.49's loader
     if kind == "qwen2":
         assert cfg["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
-        assert {i: t["content"] for i, t in cfg["added_tokens_decoder"].items()} == {"674": "<|endoftext|>", "675": "<|im_start|>", "676": "<|im_end|>"}
+        assert {i: t["content"] for i, t in cfg["added_tokens_decoder"].items()} == {
+            "674": "<|endoftext|>", "675": "<|im_start|>", "676": "<|im_end|>"}
     expected = [fast(s, add_special_tokens=False)["input_ids"] for s in STRINGS]
     assert [SlowBPE(out).encode(s) for s in STRINGS] == expected
     other = "Qwen2Tokenizer" if kind == "tiny" else "GPT2Tokenizer"
@@ -277,7 +289,8 @@ ck, strings, ids = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 text = Qwen2Config.from_dict(json.load(open(ck + "/config.json"))["text_config"])
 slow = AutoTokenizer.from_pretrained(ck, use_fast=False)
 lm = Qwen2ForCausalLM(text).eval()
-lm.load_state_dict({k[15:]: v for k, v in load_file(ck + "/model.safetensors").items() if k.startswith("language_model.")}, strict=False)
+lm.load_state_dict({k[15:]: v for k, v in load_file(ck + "/model.safetensors").items()
+                    if k.startswith("language_model.")}, strict=False)
 lm.tie_weights()
 with torch.no_grad():
     logits = lm(input_ids=torch.tensor([ids])).logits[0].tolist()
@@ -286,7 +299,8 @@ print(json.dumps({"rope_theta": text.rope_theta, "cls": type(slow).__name__, "lo
 """
 
 
-@pytest.mark.skipif(not os.environ.get("TLVR_TRANSFORMERS4"), reason="set TLVR_TRANSFORMERS4 to a site dir holding transformers 4.x")
+@pytest.mark.skipif(not os.environ.get("TLVR_TRANSFORMERS4"),
+                    reason="set TLVR_TRANSFORMERS4 to a site dir holding transformers 4.x")
 def test_transformers_4x_reads_the_checkpoint_like_tlvr(tmp_path, tiny_model):
     out = save_model(tiny_model, tmp_path / "ck")
     ids = tiny_model.tokenizer("The answer is 42. It's B", add_special_tokens=False)["input_ids"]

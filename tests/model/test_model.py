@@ -15,19 +15,21 @@ from tlvr_cli.model.checkpoint import load_model, load_weights, read_state_dict,
 from tlvr_cli.model.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLlavaConfig
 from tlvr_cli.model.connector import PerceiverResampler, group_bounds, sinusoidal_encoding
 
-QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                 num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                 tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643)
+QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                 num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643)
 
 # the visible part of the released R1 config.json (spec §1.6)
 R1_CONFIG = {
-    "_name_or_path": "Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16", "architectures": ["TinyLlavaForConditionalGeneration"],
-    "connector_type": "groupresampler", "group": 16, "hidden_size": 2048, "image_aspect_ratio": "square",
-    "image_token_index": 32000, "ignore_index": -7, "llm_model_name_or_path": "Qwen/Qwen2.5-3B", "model_type": "tinyllava",
-    "num_queries": 512, "num_resampler_layers": 3, "pad_token": "<|endoftext|>", "resampler_hidden_size": 768,
+    "_name_or_path": "Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16",
+    "architectures": ["TinyLlavaForConditionalGeneration"], "connector_type": "groupresampler", "group": 16,
+    "hidden_size": 2048, "image_aspect_ratio": "square", "image_token_index": 32000, "ignore_index": -7,
+    "llm_model_name_or_path": "Qwen/Qwen2.5-3B", "model_type": "tinyllava", "num_queries": 512,
+    "num_resampler_layers": 3, "pad_token": "<|endoftext|>", "resampler_hidden_size": 768,
     "tokenizer_model_max_length": 3072, "tokenizer_name_or_path": "Qwen/Qwen2.5-3B", "tokenizer_padding_side": "right",
-    "tokenizer_use_fast": False, "torch_dtype": "bfloat16", "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
-    "vision_feature_layer": -2, "vision_feature_select_strategy": "patch", "text_config": {**QWEN25_3B, "model_type": "qwen2"},
+    "tokenizer_use_fast": False, "torch_dtype": "bfloat16",
+    "vision_model_name_or_path": "google/siglip-so400m-patch14-384", "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "patch", "text_config": {**QWEN25_3B, "model_type": "qwen2"},
     "vision_config": {"model_type": "siglip_vision_model"},
 }
 
@@ -63,7 +65,8 @@ def test_connector_parameter_count_matches_spec():
     m = PerceiverResampler(1152, 2048, 512, 16, 3, 8, 64)
     assert sum(p.numel() for p in m.parameters()) == 115_714_048
     names = {n for n, _ in m.named_parameters()}
-    assert {"latents", "linear.weight", "linear.bias", "layers.0.0.to_kv.weight", "layers.2.1.3.weight", "norm.bias"} <= names
+    assert {"latents", "linear.weight", "linear.bias", "layers.0.0.to_kv.weight", "layers.2.1.3.weight",
+            "norm.bias"} <= names
     assert m.layers[0][0].to_kv.weight.shape == (1024, 2048) and m.layers[0][1][1].weight.shape == (8192, 2048)
 
 
@@ -130,7 +133,8 @@ def test_splice_truncates_to_model_max_length(tiny_model):
 
 def test_forward_loss_is_mean_ce_over_supervised_tokens(tiny_model):
     tok = tiny_model.tokenizer
-    ex = build_sft_example(tok, [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "<answer>A</answer>"}],
+    ex = build_sft_example(tok, [{"from": "human", "value": "<image>\nWhat color?"},
+                                 {"from": "gpt", "value": "<answer>A</answer>"}],
                            1024, tiny_model.config.num_queries)
     video = torch.randn(1, 16, 3, 32, 32)
     out = tiny_model([ex.input_ids], [ex.labels], video)
@@ -150,7 +154,8 @@ def test_released_config_parses_offline_and_keeps_reference_quirks(tmp_path):
     assert cfg.image_token_index == -200 and cfg.ignore_index == -100  # the file's values are ignored
     assert cfg.hidden_size == 2048 and cfg.vocab_size == 151936 and cfg.vision_hidden_size == 1152
     assert cfg.vision_config.image_size == 384 and cfg.vision_config.num_hidden_layers == 27  # SigLIP defaults
-    assert cfg.tokens_per_frame == 728 and cfg.extra["resampler_hidden_size"] if "resampler_hidden_size" in cfg.extra else True
+    assert (cfg.tokens_per_frame == 728 and cfg.extra["resampler_hidden_size"] if "resampler_hidden_size" in cfg.extra
+            else True)
     again = TinyLlavaConfig.from_dict(json.loads(cfg.to_json_string()))
     assert again.to_dict() == cfg.to_dict()
 
@@ -243,7 +248,8 @@ def test_multi_round_and_bad_records(tiny_tokenizer):
     ex = build_sft_example(tiny_tokenizer, conv, 3072)
     sup = tiny_tokenizer.decode([t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX])
     assert ex.ok and sup == " a1<|endoftext|> a2<|endoftext|>"
-    bad = build_sft_example(tiny_tokenizer, [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x ASSISTANT: y"}], 3072)
+    bad = build_sft_example(tiny_tokenizer,
+                            [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x ASSISTANT: y"}], 3072)
     assert not bad.ok and "label mask" in bad.reason
     odd = build_sft_example(tiny_tokenizer, [{"from": "human", "value": "q"}], 3072)
     assert not odd.ok

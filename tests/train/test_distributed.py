@@ -69,11 +69,14 @@ cs = load_config(ColdstartConfig, None, extra={{"model": model, "batch_size": 1,
 run_coldstart(cs, show_progress=False)
 g = load_config(GRPOConfig, None, extra={{"model": model, "algo": {{"num_generations": 2}},
     "data": {{"root": tmp + "/synth", "prompts_per_step": 2, "num_workers": 0}}, "rollout": {{"max_new_tokens": 6}},
-    "optim": {{"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False, "max_steps": 2}},
-    "perf": {{"micro_batch_size": 2}}, "engine": {{"cuda_graphs": False}}, "output": {{"run_dir": tmp + "/grpo-" + tag}}}})
+    "optim": {{"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False,
+        "max_steps": 2}},
+    "perf": {{"micro_batch_size": 2}}, "engine": {{"cuda_graphs": False}},
+    "output": {{"run_dir": tmp + "/grpo-" + tag}}}})
 run_grpo(g, show_progress=False)
 ev = load_config(EvalConfig, None, extra={{"model": model, "benchmark": "synthetic", "data_dir": tmp + "/synth",
-    "sampling": {{"max_new_tokens": 6}}, "engine": {{"max_batch": 2}}, "bootstrap": 50, "output_dir": tmp + "/eval-" + tag}})
+    "sampling": {{"max_new_tokens": 6}}, "engine": {{"max_batch": 2}}, "bootstrap": 50,
+    "output_dir": tmp + "/eval-" + tag}})
 run_eval_sharded(ev, show_progress=False)
 """
 
@@ -89,7 +92,8 @@ def test_two_processes_match_one(single):
     tmp = single
     launch(JOB.format(tmp=str(tmp), tag="two"), 2, tmp)
     # rollouts and advantage noise are keyed by dataset row: both runs sample the same completions
-    logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "two")]
+    logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()]
+            for tag in ("one", "two")]
     for key in ("reward", "completion_length", "kl", "grad_norm"):
         assert [m[key] for m in logs[0]] == pytest.approx([m[key] for m in logs[1]], abs=1e-5), key
     cs_steps = [[json.loads(line)["step"] for line in (tmp / f"cs-{tag}" / "metrics.jsonl").read_text().splitlines()]
@@ -118,14 +122,16 @@ tmp, nproc, steps = {tmp!r}, {nproc}, {steps}
 model = {{"path": tmp + "/tiny", "dtype": "float32", "device": "cpu"}}
 if nproc == 2:
     cs = load_config(ColdstartConfig, None, extra={{"model": model, "batch_size": 1, "grad_accum": 1,
-        "data": {{"root": tmp + "/synth", "annotations": "coldstart.json", "num_workers": 0}}, "dist": {{"strategy": "fsdp2"}},
+        "data": {{"root": tmp + "/synth", "annotations": "coldstart.json", "num_workers": 0}},
+        "dist": {{"strategy": "fsdp2"}},
         "optim": {{"lr": 1e-3, "scheduler": "constant", "gradient_checkpointing": False, "max_steps": 2}},
         "output": {{"run_dir": tmp + "/cs-fsdp"}}}})
     run_coldstart(cs, show_progress=False)
 def grpo(strategy, max_steps):
     return load_config(GRPOConfig, None, extra={{"model": model, "algo": {{"num_generations": 2}},
         "data": {{"root": tmp + "/synth", "prompts_per_step": 2, "num_workers": 0}}, "rollout": {{"max_new_tokens": 6}},
-        "optim": {{"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False, "max_steps": max_steps}},
+        "optim": {{"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "gradient_checkpointing": False,
+            "max_steps": max_steps}},
         "dist": {{"strategy": strategy}}, "perf": {{"micro_batch_size": 2}}, "engine": {{"cuda_graphs": False}},
         "output": {{"run_dir": tmp + "/grpo-fsdp"}}}})
 run_grpo(grpo("fsdp2", steps), resume="auto", show_progress=False)
@@ -144,7 +150,8 @@ def test_fsdp2_matches_replicas_and_resumes_with_more_processes(single):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5), (stage, k)
-    logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()] for tag in ("one", "fsdp")]
+    logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()]
+            for tag in ("one", "fsdp")]
     assert [m["step"] for m in logs[1]] == [1, 2]
     state, _ = read_trainer_state(tmp / "grpo-fsdp" / "checkpoints" / "step-000002")
     assert state["optimizer"]["layout"] == "fsdp2"

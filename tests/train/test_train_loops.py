@@ -16,7 +16,8 @@ from tlvr_cli.train.rewards import score_completions
 def test_coldstart_writes_outputs_and_resumes_exactly(synth_root, tiny_ckpt, tmp_path):
     from tlvr_cli.train.sft import run_coldstart
 
-    full = run_coldstart(coldstart_cfg(synth_root, tmp_path / "a", tiny_ckpt, optim={"max_steps": 4}), show_progress=False)
+    full = run_coldstart(coldstart_cfg(synth_root, tmp_path / "a", tiny_ckpt, optim={"max_steps": 4}),
+                         show_progress=False)
     run = tmp_path / "a"
     assert (run / "config.yaml").exists() and (run / "loss.png").exists()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -52,12 +53,14 @@ def test_grpo_logs_reference_metrics_and_resumes_exactly(synth_root, tiny_ckpt, 
     # the logged sample completions score what was logged for them
     samples = [s for line in (run / "samples.jsonl").read_text().splitlines() for s in json.loads(line)["samples"]]
     assert samples
-    rewards, _ = score_completions([s["completion"] for s in samples], {"solution": [s["solution"] for s in samples]}, cfg.algo)
+    rewards, _ = score_completions([s["completion"] for s in samples], {"solution": [s["solution"] for s in samples]},
+                                   cfg.algo)
     assert rewards == [s["reward"] for s in samples]
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     run_grpo(grpo_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 1}), show_progress=False)
-    resumed = run_grpo(grpo_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 3}), resume="auto", show_progress=False)
+    resumed = run_grpo(grpo_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 3}), resume="auto",
+                       show_progress=False)
     same_weights(full, resumed)
     rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward"] for r in rows_b] == [r["reward"] for r in rows]
@@ -120,19 +123,22 @@ def test_micro_batched_logprobs_equal_whole_batch(tiny_model):
     from tlvr_cli.train.policy import sequence_logprobs
 
     tok = tiny_model.tokenizer
-    ids = [tokenize_with_image(tok, build_prompt("<image>\nq one")), tokenize_with_image(tok, build_prompt("<image>\nsecond q"))]
+    ids = [tokenize_with_image(tok, build_prompt("<image>\nq one")),
+           tokenize_with_image(tok, build_prompt("<image>\nsecond q"))]
     feats = tiny_model.tower_features(torch.randn(2, 16, 3, 32, 32))
     comps = torch.randint(1, 600, (4, 7))
     lengths = torch.tensor([7, 3, 5, 1])
     seq_prompt = [0, 0, 1, 1]
     whole = sequence_logprobs(tiny_model, feats, ids, seq_prompt, comps, lengths, [0, 1, 2, 3], chunk_size=64)
-    parts = torch.cat([sequence_logprobs(tiny_model, feats, ids, seq_prompt, comps, lengths, [i], chunk_size=1000) for i in range(4)])
+    parts = torch.cat([sequence_logprobs(tiny_model, feats, ids, seq_prompt, comps, lengths, [i], chunk_size=1000)
+                       for i in range(4)])
     assert torch.allclose(whole, parts, atol=1e-5)
     # and equal to a plain forward with full logits
     visual = tiny_model.connector(feats)
     for r in range(4):
         n = int(lengths[r])
-        b = tiny_model.embed_inputs([ids[seq_prompt[r]] + comps[r, :n].tolist()], visual[seq_prompt[r]:seq_prompt[r] + 1])
+        b = tiny_model.embed_inputs([ids[seq_prompt[r]] + comps[r, :n].tolist()],
+                                    visual[seq_prompt[r]:seq_prompt[r] + 1])
         logits = tiny_model.language_model(inputs_embeds=b.inputs_embeds).logits[0]
         lp = torch.log_softmax(logits[-n - 1:-1], -1).gather(1, comps[r, :n, None]).squeeze(1)
         assert torch.allclose(whole[r, :n], lp, atol=1e-5)

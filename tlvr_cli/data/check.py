@@ -158,7 +158,8 @@ def videos_for_target(target: str, root: Path | None = None) -> list[Path]:
     if p.suffix in (".json", ".jsonl") or os.sep in target:
         raise TlvrError(f"{target}: not found")
     names = ", ".join(NAMED_TARGETS)
-    raise TlvrError(f"unknown check target {target!r}: expected one of {names}, an annotation file (.jsonl/.json) or a directory")
+    raise TlvrError(f"unknown check target {target!r}: expected one of {names}, an annotation file (.jsonl/.json) "
+                    "or a directory")
 
 
 def default_report_path(target: str, root: Path | None = None) -> Path:

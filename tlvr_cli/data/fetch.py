@@ -44,7 +44,8 @@ from .archive import extract_archive, extraction_marker, is_archive, now_utc
 from .hub import HfHubClient, HubClient, RemoteFile
 
 MANIFEST = "tlvr-manifest.json"
-_MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")  # spec §2: skips TensorBoard logs and training_args.bin
+# spec §2: skips TensorBoard logs and training_args.bin
+_MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ _ARCHIVES = ("*.zip", "*.tar", "*.tar.gz", "*.tgz")
 TARGETS: dict[str, Target] = {t.name: t for t in (
     _model("r1", "Zhang199/TinyLLaVA-Video-R1", "Final GRPO model (TinyLLaVA-Video-R1)."),
     _model("coldstart", "Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16", "Cold-start SFT model (GRPO init)."),
-    _model("base", "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512", "Base TinyLLaVA-Video, 16 frames / 512 queries."),
+    _model("base", "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512",
+           "Base TinyLLaVA-Video, 16 frames / 512 queries."),
     # spec §1: the two annotation names are verified; how the videos are packed in the repo is UNVERIFIED, so we take
     # any archive or loose mp4 and check afterwards that every video_filename resolves.
     Target("nextqa", "Zhang199/TinyLLaVA-Video-R1-training-data", "dataset", "dataset",
@@ -136,10 +138,11 @@ def hub_error_message(exc: BaseException, target: Target, dest: Path) -> str | N
     terms = f"accept its terms at {target.url} while logged in, set HF_TOKEN, and retry; or " if target.gated else ""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, GatedRepoError) or (target.gated and status in (401, 403)):
-        return f"access to {target.repo_id} is gated: {terms or 'request access, set HF_TOKEN, and retry; or '}{by_hand}"
+        return (f"access to {target.repo_id} is gated: "
+                f"{terms or 'request access, set HF_TOKEN, and retry; or '}{by_hand}")
     if isinstance(exc, RepositoryNotFoundError) or status in (401, 403):
-        return (f"the hub refused {target.repo_id} (HTTP {status or 'not found'}: wrong token, private or renamed repo): "
-                f"{terms}check HF_TOKEN, or {by_hand}")
+        return (f"the hub refused {target.repo_id} (HTTP {status or 'not found'}: wrong token, private or renamed "
+                f"repo): {terms}check HF_TOKEN, or {by_hand}")
     if isinstance(exc, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or is_network_error(exc):
         return f"cannot reach the Hugging Face hub for {target.repo_id} (offline?): {terms}{by_hand}"
     if isinstance(exc, HfHubHTTPError):
@@ -331,7 +334,8 @@ def _check_nextqa_videos(result: FetchResult) -> None:
     wanted: list[str] = []
     grpo = dest / "nextqa_0-30s.jsonl"
     if grpo.is_file():  # spec §1: "./NextQA/NExTVideo/..." joined to the root minus the leading "."
-        wanted += [_strip_dot(json.loads(line)["video_filename"]) for line in grpo.read_text().splitlines() if line.strip()]
+        wanted += [_strip_dot(json.loads(line)["video_filename"])
+                   for line in grpo.read_text().splitlines() if line.strip()]
     cold = dest / "nextqa-coldstart-16.json"
     if cold.is_file():
         wanted += [r["video"] for r in json.loads(cold.read_text())]

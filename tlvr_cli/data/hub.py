@@ -83,7 +83,8 @@ class HfHubClient:
         _raise_if_offline()
         # hf_hub_download resumes partial files kept under local_dir/.cache/huggingface.
         return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=self.revisions.get(repo_id),
-                                    local_dir=local_dir, token=self.token, etag_timeout=self.timeout, endpoint=self.endpoint,
+                                    local_dir=local_dir, token=self.token, etag_timeout=self.timeout,
+                                    endpoint=self.endpoint,
                                     tqdm_class=_forwarding_tqdm(on_bytes) if on_bytes else None))
 
 

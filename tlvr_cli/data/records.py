@@ -60,7 +60,8 @@ def resolve_under_root(root: Path, rel: str, *, allow_absolute: bool = True) -> 
 
 
 def problem_options(problem: str) -> dict[str, str]:
-    """The option lines (``"A. text"``) of a problem as letter → text, in order; a repeated letter keeps its first line."""
+    """The option lines (``"A. text"``) of a problem as letter → text, in order; a repeated letter keeps its
+    first line."""
     options: dict[str, str] = {}
     for line in problem.splitlines():
         m = _OPTION_LINE.match(line)

@@ -14,7 +14,8 @@ IMAGE_TOKEN_INDEX = -200  # the id "<image>" takes in input_ids; the splice repl
 IGNORE_INDEX = -100  # label of tokens without loss
 
 # spec §3.3: the GRPO prompt suffix (after a space); the evaluators append the instruction after a newline instead
-REASON_INSTRUCTION = "Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+REASON_INSTRUCTION = ("Output the thinking process in <think> </think> and final answer (option) in "
+                      "<answer> </answer> tags.")
 OPTION_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 GRPO_QUESTION_TEMPLATE = "{Question} " + REASON_INSTRUCTION
 
@@ -124,5 +125,6 @@ def build_sft_example(tokenizer, conversations: list[dict], max_length: int, vis
     if truncated:
         ids, labels = ids[:limit], labels[:limit]
         if all(label == IGNORE_INDEX for label in labels):
-            return SFTExample(False, reason=f"nothing supervised is left after truncation to {max_length} tokens", text=text)
+            return SFTExample(False, reason=f"nothing supervised is left after truncation to {max_length} tokens",
+                              text=text)
     return SFTExample(True, ids, labels, truncated=truncated, text=text)

@@ -259,7 +259,8 @@ def infer_benchmark(answers: Path) -> str:
         data = yaml.safe_load(cfg.read_text()) or {}
         if isinstance(data, dict) and data.get("benchmark"):
             return str(data["benchmark"])
-    raise TlvrError(f"cannot tell the benchmark of {answers}: no config.yaml with 'benchmark:' beside it (pass --benchmark)")
+    raise TlvrError(f"cannot tell the benchmark of {answers}: no config.yaml with 'benchmark:' beside it "
+                    "(pass --benchmark)")
 
 
 def score_answers_file(path: Path, benchmark: str | None = None, *, n_boot: int | None = None, seed: int = 0,
@@ -303,7 +304,8 @@ class ComparisonReport:
         lo, hi = self.diff_ci95
         m = self.mcnemar
         lines = [f"### {self.benchmark}: B − A = {self.diff:+.1f} (paired 95% CI {lo:+.1f} to {hi:+.1f})", "",
-                 f"{self.n_common} common items ({self.n_only_a} only in A, {self.n_only_b} only in B; skipped items left out).",
+                 f"{self.n_common} common items ({self.n_only_a} only in A, {self.n_only_b} only in B; "
+                 "skipped items left out).",
                  "", "| task | n | A % | B % | B − A | 95% CI |", "|---|---:|---:|---:|---:|---|"]
         for task, t in self.by_task.items():
             lines.append(f"| {task} | {t['n']} | {t['acc_a']:.1f} | {t['acc_b']:.1f} | {t['diff']:+.1f} | "
@@ -349,8 +351,8 @@ def compare_answers(rows_a: list[dict], rows_b: list[dict], benchmark: str, *, n
     for task in dict.fromkeys(tasks):
         mask = task_ids == task
         lo, hi = bootstrap_ci(d[mask], task_ids[mask], "micro", n_boot, _task_seed(seed, task))
-        by_task[task] = {"n": int(mask.sum()), "acc_a": float(va[mask].mean() * 100), "acc_b": float(vb[mask].mean() * 100),
-                         "diff": float(d[mask].mean() * 100), "ci95": [lo, hi]}
+        by_task[task] = {"n": int(mask.sum()), "acc_a": float(va[mask].mean() * 100),
+                         "acc_b": float(vb[mask].mean() * 100), "diff": float(d[mask].mean() * 100), "ci95": [lo, hi]}
     a_only, b_only = int(((va == 1) & (vb == 0)).sum()), int(((va == 0) & (vb == 1)).sum())
     headline_a = aggregate_accuracy(va, task_ids, bench.aggregate)
     headline_b = aggregate_accuracy(vb, task_ids, bench.aggregate)

@@ -94,7 +94,8 @@ def checked_state(model, sd: dict[str, torch.Tensor], where: str | os.PathLike) 
     unexpected = sorted(set(sd) - expected)
     if missing or unexpected:
         raise TlvrError(f"{where}: weights do not match the architecture in config.json: "
-                        f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+                        f"{len(missing)} missing (e.g. {missing[:3]}), "
+                        f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     own = model.state_dict()
     for k, v in sd.items():
         if own[k].shape != v.shape:
@@ -173,7 +174,8 @@ def _check_attn(name: str, device: torch.device) -> str:
         try:
             import flash_attn  # noqa: F401
         except ImportError:
-            raise TlvrError("model.attn_implementation=flash_attention_2 needs `pip install 'tlvr[flash]'` (or use sdpa)") from None
+            raise TlvrError("model.attn_implementation=flash_attention_2 needs `pip install 'tlvr[flash]'` "
+                            "(or use sdpa)") from None
         if device.type != "cuda":
             raise TlvrError("flash_attention_2 needs a CUDA device (use sdpa on CPU)")
     return name
@@ -191,7 +193,8 @@ def generation_from_sampling(temperature: float, top_k: int, top_p: float, max_n
     """Sampling settings (tlvr's convention: temperature 0 decodes greedily) in GenerationConfig names."""
     if temperature == 0:
         return {"do_sample": False, "max_new_tokens": max_new_tokens}
-    return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "max_new_tokens": max_new_tokens}
 
 
 def read_generation_settings(ckpt: Path) -> dict[str, Any]:
@@ -239,7 +242,8 @@ def save_model(model, out_dir: str | os.PathLike, *, dtype: torch.dtype | None =
     sd = {k: v.cpu() for k, v in sd.items()}
     _write_weights(sd, tmp)
     saved_dtype = str(next(iter(sd.values())).dtype).replace("torch.", "")
-    config = dataclasses.replace(model.config, use_cache=True, torch_dtype=saved_dtype)  # use_cache as the reference's save
+    # use_cache as the reference's save
+    config = dataclasses.replace(model.config, use_cache=True, torch_dtype=saved_dtype)
     (tmp / "config.json").write_text(config.to_json_string())
     (tmp / GENERATION).write_text(json.dumps(gen, indent=2) + "\n")
     if model.tokenizer is not None:

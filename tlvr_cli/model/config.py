@@ -95,9 +95,11 @@ class TinyLlavaConfig:
         self.vocab_size = self.text_config.vocab_size
         self.vision_hidden_size = self.vision_config.hidden_size
         if self.vision_feature_select_strategy not in ("patch", "cls_patch"):
-            raise TlvrError(f"vision_feature_select_strategy must be 'patch' or 'cls_patch', not {self.vision_feature_select_strategy!r}")
+            raise TlvrError(f"vision_feature_select_strategy must be 'patch' or 'cls_patch', "
+                            f"not {self.vision_feature_select_strategy!r}")
         if "groupresampler" not in (self.connector_type or ""):
-            raise TlvrError(f"connector_type {self.connector_type!r} is not supported (only 'groupresampler', as every released checkpoint)")
+            raise TlvrError(f"connector_type {self.connector_type!r} is not supported (only 'groupresampler', "
+                            "as every released checkpoint)")
         if self.num_queries % self.group:
             raise TlvrError(f"num_queries={self.num_queries} must be a multiple of group={self.group}")
 
@@ -113,7 +115,8 @@ class TinyLlavaConfig:
             raise TlvrError(f"config model_type is {data['model_type']!r}, expected 'tinyllava'")
         known = {f.name for f in fields(cls) if f.init}
         kwargs = {k: v for k, v in data.items() if k in known and k != "extra"}
-        extra = {k: v for k, v in data.items() if k not in known and k not in ("model_type", "ignore_index", "image_token_index")}
+        extra = {k: v for k, v in data.items()
+                 if k not in known and k not in ("model_type", "ignore_index", "image_token_index")}
         if kwargs.get("text_config") is None:
             raise TlvrError("config.json has no text_config: cannot build the language model offline")
         kwargs.setdefault("vision_config", {})
@@ -182,10 +185,12 @@ def text_config_from_dict(d: dict[str, Any]) -> Qwen2Config:
     if isinstance(params, dict):
         theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None) or {}
         if theta is not None and "rope_theta" in params and float(theta) != float(params["rope_theta"]):
-            raise TlvrError(f"config.json text_config: rope_theta {theta} disagrees with rope_parameters.rope_theta {params['rope_theta']}")
+            raise TlvrError(f"config.json text_config: rope_theta {theta} disagrees with "
+                            f"rope_parameters.rope_theta {params['rope_theta']}")
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind != params.get("rope_type", params.get("type", "default")):
-            raise TlvrError(f"config.json text_config: rope_scaling type {kind!r} disagrees with rope_parameters {params}")
+            raise TlvrError(f"config.json text_config: rope_scaling type {kind!r} disagrees with "
+                            f"rope_parameters {params}")
     return Qwen2Config(**d)
 
 

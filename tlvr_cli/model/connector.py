@@ -45,7 +45,8 @@ class PerceiverAttention(nn.Module):
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
     """LN → Linear(D, 4D) → GELU (erf) → Linear(4D, D); indices 0, 1, 3 hold the weights."""
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
 
 
 def sinusoidal_encoding(n: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
@@ -70,7 +71,8 @@ def group_bounds(n: int, groups: int) -> list[tuple[int, int]]:
 
 
 class PerceiverResampler(nn.Module):
-    def __init__(self, vision_dim: int, dim: int, num_queries: int, groups: int, depth: int, heads: int, dim_head: int) -> None:
+    def __init__(self, vision_dim: int, dim: int, num_queries: int, groups: int, depth: int, heads: int,
+                 dim_head: int) -> None:
         super().__init__()
         self.groups = groups
         self.num_queries = num_queries

@@ -82,7 +82,8 @@ class TinyLlava(nn.Module):
             for pos in where:
                 parts += [text[start:pos], visual[i].to(text.dtype)]
                 if lab is not None:
-                    lparts += [lab[start:pos], torch.full((visual.shape[1],), IGNORE_INDEX, dtype=torch.long, device=device)]
+                    lparts += [lab[start:pos],
+                               torch.full((visual.shape[1],), IGNORE_INDEX, dtype=torch.long, device=device)]
                 start = pos + 1
             parts.append(text[start:])
             if lab is not None:
@@ -97,7 +98,8 @@ class TinyLlava(nn.Module):
         b, d = len(seqs), seqs[0].shape[1]
         embeds = seqs[0].new_zeros(b, width, d)
         mask = torch.zeros(b, width, dtype=torch.long, device=device)
-        out_labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
+        out_labels = (torch.full((b, width), IGNORE_INDEX, dtype=torch.long, device=device)
+                      if labels is not None else None)
         for i, s in enumerate(seqs):
             embeds[i, : s.shape[0]] = s
             mask[i, : s.shape[0]] = 1

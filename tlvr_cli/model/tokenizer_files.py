@@ -18,7 +18,8 @@ from typing import Any
 from ..errors import TlvrError
 
 # the pre-tokenisation pattern of transformers' Qwen2Tokenizer (and of Qwen2.5's tokenizer.json)
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 MERGES_HEADER = "#version: 0.2"
 
 
@@ -41,7 +42,8 @@ def slow_tokenizer_class(backend: dict[str, Any]) -> str:
 
 
 def _is_byte_level(step: dict[str, Any], *, use_regex: bool) -> bool:
-    return step.get("type") == "ByteLevel" and not step.get("add_prefix_space") and step.get("use_regex", True) == use_regex
+    return (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
+            and step.get("use_regex", True) == use_regex)
 
 
 def save_tokenizer(tok, out: Path) -> None:

@@ -53,7 +53,8 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None, None, None)
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   chunk_size: int = 4096) -> torch.Tensor:
     """``log softmax(hidden @ weightᵀ)[targets]`` in fp32; hidden (..., D), targets (...) → (...)."""
     shape = targets.shape
     out = _ChunkedTokenLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), int(chunk_size))

@@ -100,7 +100,8 @@ class MasterAdamW:
                 p.grad = None
 
     def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "masters": [[m for m in g["params"]] for g in self.inner.param_groups]}
+        return {"inner": self.inner.state_dict(),
+                "masters": [[m for m in g["params"]] for g in self.inner.param_groups]}
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state["inner"])
@@ -157,7 +158,8 @@ def lr_factor(step: int, total_steps: int, warmup: int, kind: str) -> float:
     raise ValueError(f"unknown scheduler {kind!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer | MasterAdamW, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer | MasterAdamW, cfg: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warm = warmup_steps(total_steps, cfg.warmup_ratio)
     target = optimizer.inner if isinstance(optimizer, MasterAdamW) else optimizer
     return torch.optim.lr_scheduler.LambdaLR(target, lambda s: lr_factor(s, total_steps, warm, cfg.scheduler))

@@ -35,9 +35,11 @@ class Parallel:
     holding it as ``root.<prefix>``); ``model`` is the TinyLLaVA model inside it.
     """
 
-    def __init__(self, root: nn.Module, model: nn.Module, ctx: DistContext, strategy: str = "auto", prefix: str = "") -> None:
+    def __init__(self, root: nn.Module, model: nn.Module, ctx: DistContext, strategy: str = "auto",
+                 prefix: str = "") -> None:
         self.model, self.ctx, self.prefix = model, ctx, prefix
-        self.strategy = "fsdp2" if strategy == "fsdp2" else "ddp" if ctx.enabled and strategy in ("auto", "ddp") else "none"
+        self.strategy = ("fsdp2" if strategy == "fsdp2" else "ddp" if ctx.enabled and strategy in ("auto", "ddp")
+                         else "none")
         self.save_dtype: torch.dtype | None = None  # fsdp2 with mixed precision: the dtype weights are released in
         if self.strategy == "fsdp2":
             self._shard(root)
@@ -46,7 +48,8 @@ class Parallel:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            # gradient_as_bucket_view: the grads live in the all-reduce buckets, no second copy of them (3B: 7 GB in bf16)
+            # gradient_as_bucket_view: the grads live in the all-reduce buckets, no second copy of them
+            # (3B: 7 GB in bf16)
             self.module = DistributedDataParallel(root, device_ids=ids, gradient_as_bucket_view=True)
         else:
             self.module = root
@@ -65,8 +68,8 @@ class Parallel:
         if any(p.requires_grad for p in tower):
             # the tower stays replicated outside the shards (GRPO runs it on its own, once per video):
             # its gradients would never be averaged over the processes
-            raise TlvrError("dist.strategy=fsdp2 keeps the vision tower frozen and replicated; set tune.vision_tower=false "
-                            "or train the tower with dist.strategy=ddp")
+            raise TlvrError("dist.strategy=fsdp2 keeps the vision tower frozen and replicated; "
+                            "set tune.vision_tower=false or train the tower with dist.strategy=ddp")
         dtype = next(p.dtype for p in self.model.language_model.parameters())
         mp = MixedPrecisionPolicy()
         if dtype in (torch.bfloat16, torch.float16):
@@ -136,7 +139,8 @@ class Parallel:
             return {"layout": "replicated", "state": optimizer.state_dict()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        osd = get_optimizer_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        osd = get_optimizer_state_dict(self.module, optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         masters = full_state if full_state is not None else self.full_state()
         return {"layout": "fsdp2", "state": osd, **({"masters": masters} if self.save_dtype is not None else {})}
 
@@ -147,7 +151,8 @@ class Parallel:
 
         want = "fsdp2" if self.sharded else "replicated"
         if opt["layout"] != want:
-            raise TlvrError(f"{where}: optimizer state was saved with dist.strategy={'fsdp2' if opt['layout'] == 'fsdp2' else 'ddp'}; "
+            raise TlvrError(f"{where}: optimizer state was saved with "
+                            f"dist.strategy={'fsdp2' if opt['layout'] == 'fsdp2' else 'ddp'}; "
                             f"resume with the same strategy (any number of processes)")
         if not self.sharded:
             load_weights(self.model, weights, where)

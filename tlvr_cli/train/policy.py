@@ -86,7 +86,8 @@ def sequence_logprobs(
         vis.append(visual[slot[p]])
     batch = model.embed_inputs(ids, torch.stack(vis))
     hidden = model.language_model.model(
-        inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+        use_cache=False
     ).last_hidden_state
     lc = completions.shape[1]
     # the spliced prompt is len(ids) - n + (Q - 1) long; hidden at position prompt_len - 1 + t predicts token t
@@ -99,9 +100,9 @@ def sequence_logprobs(
     return logp * valid
 
 
-def _flat_logprobs(model, tower_feats: torch.Tensor | list[torch.Tensor], prompt_ids: list[list[int]], seq_prompt: list[int],
-                   completions: torch.Tensor, lengths: torch.Tensor, rows: list[int], *, chunk_size: int,
-                   shared_prompt: bool, packing: bool) -> torch.Tensor:
+def _flat_logprobs(model, tower_feats: torch.Tensor | list[torch.Tensor], prompt_ids: list[list[int]],
+                   seq_prompt: list[int], completions: torch.Tensor, lengths: torch.Tensor, rows: list[int], *,
+                   chunk_size: int, shared_prompt: bool, packing: bool) -> torch.Tensor:
     """``sequence_logprobs`` over the flat layout of ``packed.py``."""
     lm = model.language_model
     device = completions.device

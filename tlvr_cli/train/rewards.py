@@ -101,14 +101,16 @@ def reward_name(spec: str) -> str:
     return spec.partition(":")[2]
 
 
-def score_completions(texts: Sequence[str], columns: dict[str, Sequence], algo) -> tuple[list[float], dict[str, list[float]]]:
+def score_completions(texts: Sequence[str], columns: dict[str, Sequence],
+                      algo) -> tuple[list[float], dict[str, list[float]]]:
     """Combined rewards and each function's raw values (keyed by function name) for ``algo``'s
     reward list and combination."""
     components: dict[str, list[float]] = {}
     for spec in algo.rewards:
         values = [float(v) for v in load_reward_fn(spec.function)(list(texts), **columns)]
         if len(values) != len(texts):
-            raise TlvrError(f"reward function {spec.function!r} returned {len(values)} values for {len(texts)} completions")
+            raise TlvrError(f"reward function {spec.function!r} returned {len(values)} values for "
+                            f"{len(texts)} completions")
         components[reward_name(spec.function)] = values
     if algo.reward_combination == "r1":
         if len(algo.rewards) != 2:
@@ -116,7 +118,8 @@ def score_completions(texts: Sequence[str], columns: dict[str, Sequence], algo) 
         acc, fmt = (components[reward_name(s.function)] for s in algo.rewards)
         total = combine_r1(acc, fmt, algo.zero_reward_value)
     else:
-        total = [sum(s.weight * components[reward_name(s.function)][i] for s in algo.rewards) for i in range(len(texts))]
+        total = [sum(s.weight * components[reward_name(s.function)][i] for s in algo.rewards)
+                 for i in range(len(texts))]
         if algo.zero_reward_value is not None:
             total = [algo.zero_reward_value if r == 0 else r for r in total]
     return total, components

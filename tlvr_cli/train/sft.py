@@ -50,7 +50,8 @@ class SFTSample:
 class ColdstartDataset(Dataset):
     """Decodes a record's video and builds its prompt and label mask; failures become error samples."""
 
-    def __init__(self, records: list[ColdstartRecord], tokenizer, image_size: int, visual_tokens: int, cfg: ColdstartConfig) -> None:
+    def __init__(self, records: list[ColdstartRecord], tokenizer, image_size: int, visual_tokens: int,
+                 cfg: ColdstartConfig) -> None:
         self.records, self.tokenizer, self.image_size, self.cfg = records, tokenizer, image_size, cfg
         self.visual_tokens = visual_tokens
 
@@ -134,7 +135,8 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, force: boo
     config_yaml = plan.config_yaml
     st, logger = R.start_run(plan, par, optimizer, scheduler, output=cfg.output)
 
-    dataset = ColdstartDataset(records, model.tokenizer, model.config.vision_config.image_size, model.config.num_queries, cfg)
+    dataset = ColdstartDataset(records, model.tokenizer, model.config.vision_config.image_size,
+                               model.config.num_queries, cfg)
     progress = JobProgress("cold start", total, enabled=show_progress and ctx.is_main, plain_every=cfg.output.log_every)
     stop = R.StopRequest(progress.note if ctx.is_main else lambda _: None)
     progress.start(st.step)
@@ -184,7 +186,8 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, force: boo
                     loss_sum += weight * float(out.loss.detach()) / accum
                     tokens += int(weight) * sum(len(s.input_ids) for s in good)
                 if ctx.enabled:
-                    loss_sum = float(ctx.all_reduce_sum(torch.tensor([loss_sum], device=ctx.device))[0]) / ctx.world_size
+                    loss_sum = (float(ctx.all_reduce_sum(torch.tensor([loss_sum], device=ctx.device))[0])
+                                / ctx.world_size)
                 grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
@@ -195,7 +198,8 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, force: boo
                 st.extra["skipped"] = skipped_total
                 dt = time.perf_counter() - t0
                 metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                           "train/tokens_per_s": tokens / dt if dt else 0.0, "train/skipped": skipped_total, "time/step_s": dt}
+                           "train/tokens_per_s": tokens / dt if dt else 0.0, "train/skipped": skipped_total,
+                           "time/step_s": dt}
                 if st.step % cfg.output.log_every == 0 or st.step == total:
                     logger.log(st.step, metrics)
                 progress.update(st.step, {"loss": loss_sum, "lr": lr, "gnorm": grad_norm})

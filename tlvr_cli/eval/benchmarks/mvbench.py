@@ -93,7 +93,8 @@ def load_items(data_dir: Path, cfg: EvalConfig) -> list[EvalItem]:
         records = read_json(json_dir / json_name, f"MVBench {task}")
         for i, rec in enumerate(records):
             where = f"{json_dir / json_name} item {i}"
-            require_keys(rec, ("video", "question", "candidates", "answer") + (("start", "end") if has_bound else ()), where)
+            require_keys(rec, ("video", "question", "candidates", "answer") + (("start", "end") if has_bound else ()),
+                         where)
             candidates = [str(c) for c in rec["candidates"]]
             bound = (float(rec["start"]), float(rec["end"])) if has_bound else None
             letters = choice_letters(len(candidates))
