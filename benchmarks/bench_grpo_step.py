@@ -61,7 +61,8 @@ from tlvr_cli.train.rollout import PromptBatch, pad_completions, prompt_ids, tow
 from tlvr_cli.train.rollout_parallel import check_rollout_processes, rollout_engine, rollout_group
 from tlvr_cli.train.setup import apply_tuning
 
-QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                 num_attention_heads=16,
                  num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, use_cache=False)
 PARTS = ("time/vision_s", "time/rollout_s", "time/score_s", "time/ref_logprob_s", "time/backward_s")
@@ -264,7 +265,8 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
     if cfg.algo.beta > 0 and lora:
         ref = BaseReference(model)
-    par = Parallel(PolicyLogprobs(model), model, ctx, args.strategy, prefix="model.")  # before the optimizer: fsdp2 swaps the parameters
+    # before the optimizer: fsdp2 swaps the parameters
+    par = Parallel(PolicyLogprobs(model), model, ctx, args.strategy, prefix="model.")
     optimizer = build_optimizer(model, cfg.optim, cfg.tune)
     scheduler = build_scheduler(optimizer, cfg.optim, 687)
     tok = model.tokenizer
@@ -318,14 +320,17 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
     out = {"step_s": step_s, "parts": {k[5:-2]: v for k, v in parts.items()}, "tokens_per_step": n_tok,
            "trained_params_b": n_trained}
     if ctx.is_main:  # the steps' numbers first, whatever the comparison below does
-        print(f"timed steps: {step_s:.2f} s/step " + ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in parts.items()), flush=True)
+        print(f"timed steps: {step_s:.2f} s/step " + ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in parts.items()),
+              flush=True)
     if args.compare_training and ref is None:
         raise SystemExit("--compare-training times the reference log-probs too: use a preset with algo.beta > 0")
     if args.compare_training:
         phase.name = "compare training"
-        out["compare_training"] = compare_training(cfg, model, ref, par, batch, rollouts.last, args.compare_repeats, sync)
+        out["compare_training"] = compare_training(cfg, model, ref, par, batch, rollouts.last, args.compare_repeats,
+                                                   sync)
         if ctx.is_main:
-            attention = "flash-attn varlen" if varlen_attention_available(device, dtype) else "SDPA, padded inside attention only"
+            varlen = varlen_attention_available(device, dtype)
+            attention = "flash-attn varlen" if varlen else "SDPA, padded inside attention only"
             print_comparison(out["compare_training"], args.lengths, cfg.perf.micro_batch_size,
                              cfg.optim.gradient_checkpointing, attention)
     if args.reference_estimate and ctx.is_main:

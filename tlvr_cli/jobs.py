@@ -159,7 +159,11 @@ class TuneConfig:
 class DistConfig:
     """Multi-process training (torchrun / accelerate launch)."""
 
-    strategy: Literal["auto", "ddp", "fsdp2", "none"] = option("auto", "auto/ddp: DistributedDataParallel replicas when launched with several processes; fsdp2: fully_shard (FSDP2) parameters, gradients and optimizer state over the processes (fp32 shards, compute in model.dtype; also with one process); none: no gradient sync (debugging). Resume with the strategy a run was started with, at any number of processes.")
+    strategy: Literal["auto", "ddp", "fsdp2", "none"] = option(
+        "auto", "auto/ddp: DistributedDataParallel replicas when launched with several processes; fsdp2: fully_shard "
+        "(FSDP2) parameters, gradients and optimizer state over the processes (fp32 shards, compute in model.dtype; "
+        "also with one process); none: no gradient sync (debugging). Resume with the strategy a run was started with, "
+        "at any number of processes.")
     backend: str = option("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo.")
     timeout_minutes: float = option(30.0, "How long a collective waits for the slowest process (a long video, a "
                                     "checkpoint being written) before the run fails instead of hanging.", gt=0)

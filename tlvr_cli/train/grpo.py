@@ -48,11 +48,13 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
     ctx = init_distributed(cfg.model.device, cfg.dist.backend, need_group=cfg.dist.strategy == "fsdp2",
                            timeout_minutes=cfg.dist.timeout_minutes)
     if cfg.data.prompts_per_step % ctx.world_size:
-        raise TlvrError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the {ctx.world_size} processes")
+        raise TlvrError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the "
+                        f"{ctx.world_size} processes")
     check_rollout_processes(cfg, ctx.world_size)
     run_dir = Path(cfg.output.run_dir)
     root = resolve_root(cfg.data.root, "train")
-    rows, n_skipped_report = drop_reported_videos(read_grpo_rows(root / cfg.data.annotations, root), cfg.data.skip_report)
+    rows, n_skipped_report = drop_reported_videos(read_grpo_rows(root / cfg.data.annotations, root),
+                                                  cfg.data.skip_report)
     if not rows:
         raise TlvrError(f"{root / cfg.data.annotations}: no usable rows")
     per_step = cfg.data.prompts_per_step
@@ -128,7 +130,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
             m = _gather_metrics(m, ctx)
             if st.step % cfg.output.log_every == 0 or st.step == total:
                 logger.log(st.step, m)
-            parts = {k.removeprefix("rewards/").removesuffix("_reward"): v for k, v in m.items() if k.startswith("rewards/")}
+            parts = {k.removeprefix("rewards/").removesuffix("_reward"): v for k, v in m.items()
+                     if k.startswith("rewards/")}
             progress.update(st.step, {"reward": m["reward"], **parts, "len": m["completion_length"], "kl": m["kl"],
                                       "s/it": m["time/step_s"]})
             if ctx.is_main and cfg.sample_every and (st.step % cfg.sample_every == 0 or st.step == 1):
@@ -157,7 +160,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
     return R.save_final(run_dir, par, generation_from_sampling(r.temperature, r.top_k, r.top_p, r.max_new_tokens))
 
 
-def load_reference(cfg: GRPOConfig, policy: torch.nn.Module, device: torch.device, lora: bool = False) -> torch.nn.Module:
+def load_reference(cfg: GRPOConfig, policy: torch.nn.Module, device: torch.device,
+                   lora: bool = False) -> torch.nn.Module:
     """The frozen reference model on ``device``. From the policy's own start checkpoint (the default)
     it is a device-side copy of ``policy``, which must not have trained yet: the weights are read from
     disk and moved to the device once instead of twice. A LoRA policy holds adapters: always loaded."""

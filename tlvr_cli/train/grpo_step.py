@@ -78,7 +78,8 @@ class GRPOStep:
         tok = model.tokenizer
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
-        self.params = SamplingParams(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
+        r = cfg.rollout
+        self.params = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
         self.timings: dict[str, float] = {}
         self.rollout_rows = 0  # completions this process's engine decoded in the step (tensor-parallel: its group's)
         # the flat log-prob layout calls the decoder layers' modules directly, which fsdp2's sharded layers refuse
@@ -286,7 +287,8 @@ class GRPOStep:
                 with reference_mode(self.ref):  # a LoRA policy's base: its adapters off
                     for rows in groups:
                         ref_logp[rows] = sequence_logprobs(self.ref, ref_feats, *rest, rows,
-                                                           chunk_size=cfg.perf.logprob_chunk_size, **self.layout).float()
+                                                           chunk_size=cfg.perf.logprob_chunk_size,
+                                                           **self.layout).float()
             if need_old:
                 old_logp = torch.zeros(shape, device=device)
                 # as many forwards on every rank (a wrapped forward may gather weights or broadcast buffers)
