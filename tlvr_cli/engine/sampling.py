@@ -40,7 +40,8 @@ def keyed_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
-def sample_keyed(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def sample_keyed(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
     """Draw one token per row of ``logits`` (B, V) from the temperature/top-k/top-p distribution,
     row ``i`` using the uniform ``keyed_uniform(seeds[i], positions[i])``; returns (B,) long.
 
