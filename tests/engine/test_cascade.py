@@ -168,11 +168,11 @@ def test_bf16_partials_on_cuda_follow_float32():
     from tlvr_cli.engine.attention import fp32_products
 
     device = torch.device("cuda")
-    assert fp32_products(device)  # scores by float32 GEMMs: nothing rounds to 16 bits before the softmax
+    assert fp32_products(device, False)  # scores by float32 GEMMs: nothing rounds to 16 bits before the softmax
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(8, 2, 64, 128, generator=gen, device=device) for _ in range(3))
     mask = torch.zeros(8, 1, 1, 128, device=device)
     want = F.scaled_dot_product_attention(q, k, v)
-    for fn in (partial_attention, torch.compile(partial_attention)):
-        o, _ = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 128 ** -0.5, True)
+    for fn, fp32 in ((partial_attention, True), (torch.compile(partial_attention), fp32_products(device, True))):
+        o, _ = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 128 ** -0.5, fp32)
         assert o.dtype == torch.float32 and (o - want).abs().max() < 2e-2

@@ -3,9 +3,10 @@ log-sum-exp, and the parts merged exactly (the online-softmax identity flash att
 key blocks). Cascade decoding (``layers.cascade_layer``) attends a group's shared prompt once for all
 of the group's rows and each row's own generated tokens separately, then merges the two.
 
-Scores and softmax are float32 (as in flash attention); probabilities are rounded to the value
-dtype for the second product, as flash attention rounds them, and the outputs stay float32 until
-the merge is done.
+Softmax and outputs are float32 until the merge is done; probabilities are rounded to the value dtype
+for the second product, as flash attention rounds them. On CUDA both products accumulate and write
+float32 (``fp32_products``), so 16-bit scores are never rounded either; elsewhere (CPU, whose tests run
+float32) the products are computed in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.torch_version import TorchVersion
 
 HALF = (torch.float16, torch.bfloat16)
 
 
+# torch.compile lowers bmm(..., out_dtype=float32) only from 2.10 (pytorch/pytorch#165892); before
+# that a compiled caller keeps its products in the inputs' dtype
+COMPILED_FP32_PRODUCTS = (2, 10)
+
+
 @functools.cache
-def fp32_products(device: torch.device) -> bool:
-    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs on half inputs on ``device`` (CUDA only):
-    then scores are never rounded to 16 bits. Decided eagerly, once per device, so a compiled caller
-    sees a constant; elsewhere, or on a torch without it, products are in the inputs' dtype."""
-    if device.type != "cuda":
+def fp32_products(device: torch.device, compiled: bool) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs on half inputs on ``device`` (CUDA only),
+    inside ``torch.compile`` too when ``compiled``: then scores are never rounded to 16 bits. Decided
+    eagerly, once, so a compiled caller sees a constant; elsewhere products are in the inputs' dtype."""
+    if device.type != "cuda" or (compiled and TorchVersion(torch.__version__) < COMPILED_FP32_PRODUCTS):
         return False
     try:
         a = torch.ones(1, 2, 8, device=device, dtype=torch.bfloat16)

@@ -241,7 +241,7 @@ class Engine(DecodeSteps):
         if compiled:
             self._layer, self._sample = compiled_decode()
             self._cascade = compiled_cascade()
-        self._fp32 = fp32_products(device)
+        self._fp32 = fp32_products(device, compiled)
         if self.copy_weights:
             # a shard is always a copy, so its fused buffers cost nothing: fuse in eager too
             self._sync_copy(device, dtype, fused=self.fuse_weights and (compiled or self.tp is not None))
