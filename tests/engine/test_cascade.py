@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tlvr_cli.engine.attention import merge_partials, partial_attention
 from tlvr_cli.engine.generate import CascadeShape, Engine
 from tlvr_cli.engine.layers import cascade_layer, decode_layer
-from tlvr_cli.engine.sampling import SamplingParams
+from tlvr_cli.engine.sampling import SamplingParams, sample_keyed
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=1.0, top_k=40, top_p=0.95)
@@ -176,3 +176,20 @@ def test_bf16_partials_on_cuda_follow_float32():
     for fn, fp32 in ((partial_attention, True), (torch.compile(partial_attention), fp32_products(device, True))):
         o, _ = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 128 ** -0.5, fp32)
         assert o.dtype == torch.float32 and (o - want).abs().max() < 2e-2
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_top_k_in_16_bits_draws_what_float32_draws(device):
+    # temperature 1 takes the top-k of the 16-bit logits themselves: the same candidates, ties and draws
+    gen = torch.Generator().manual_seed(0)
+    tied = (torch.randint(-40, 40, (64, 151936), generator=gen).float() / 8).bfloat16()  # many exact ties
+    for logits in (tied.to(device), (torch.randn(64, 151936, generator=gen) * 3).half().to(device)):
+        for params in (SamplingParams(1.0, 50), SamplingParams(1.0, 20, 0.9)):
+            for pos in range(3):
+                seeds, at = torch.arange(64, device=device) * 7 + pos, torch.full((64,), pos, device=device)
+                half = sample_keyed(logits, params, seeds, at)
+                assert torch.equal(half, sample_keyed(logits.float(), params, seeds, at))
