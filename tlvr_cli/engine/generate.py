@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from .attention import fp32_products
 from .layers import attn_in, attn_out, cascade_layer, compiled_cascade, compiled_decode, decode_layer
 from .sampling import SamplingParams, sample_keyed
-from .schedule import Completion, Finished, HostLoop, Prefill, Request, row_seed
+from .schedule import Completion, Finished, HostLoop, Prefill, Request, check_prompt, row_seed
 from .sizing import auto_max_batch
 from .steps import FULL_CACHE_SHARE, KV_LEN_BUCKET, SYNC_EVERY, CascadeShape, DecodeSteps
-from .tensor_parallel import TensorParallel, assert_same
+from .tensor_parallel import TensorParallel
 from .weights import ModelWeights, WeightCopy, WeightSource, fused_parts
 
 __all__ = ["COMPILE_DEVICES", "KV_LEN_BUCKET", "PREFILL_TOKENS", "SYNC_EVERY", "CascadeShape", "Completion", "Engine",
@@ -175,7 +175,7 @@ class Engine(DecodeSteps):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         for i, p in enumerate(prompts):  # all checked before any work, not when the stream reaches them
-            self._check_prompt(i, p, max_new_tokens)
+            check_prompt(i, p, max_new_tokens, self.max_seq_len)
         n_rows = len(prompts) * num_samples
         if row_keys is not None and len(row_keys) != n_rows:
             raise ValueError(f"row_keys has {len(row_keys)} keys for {n_rows} output rows")
@@ -186,8 +186,8 @@ class Engine(DecodeSteps):
         # a block of slots per prompt (at most the whole engine) when its rows share its keys/values
         width = min(num_samples, self.max_batch) if self.cascade else 1
         out = [Completion([], False) for _ in range(n_rows)]
-        for done in HostLoop(self, iter(requests), params, max_new_tokens, eos_token_id, seed, on_token, ignore_eos,
-                             sync_every, width):
+        for done in self._stream(iter(requests), params, max_new_tokens, eos_token_id, seed, on_token, ignore_eos,
+                                 sync_every, width):
             out[done.row] = done.completion
         return out
 
@@ -211,8 +211,19 @@ class Engine(DecodeSteps):
         so its tokens do not depend on what else is in flight. ``generate`` is this stream over a list.
         """
         _check_sync_every(sync_every)
-        return iter(HostLoop(self, iter(requests), params, max_new_tokens, eos_token_id, seed, on_token, ignore_eos,
-                             sync_every, 1))
+        return self._stream(iter(requests), params, max_new_tokens, eos_token_id, seed, on_token, ignore_eos,
+                            sync_every, 1)
+
+    def _stream(self, source: Iterator[Request], params: SamplingParams, max_new_tokens: int,
+                eos_token_id: int | list[int] | None, seed: int, on_token: Callable[[int, int], None] | None,
+                ignore_eos: bool, sync_every: int, width: int) -> Iterator[Finished]:
+        loop = HostLoop(self, self._prefill, source, params, max_new_tokens, eos_token_id, seed, on_token, ignore_eos,
+                        sync_every, width)
+        if max_new_tokens <= 0:
+            yield from loop.empty()
+            return
+        device = self.prepare()
+        yield from loop.run(device, self._use_graphs(device))
 
     def release(self) -> None:
         """Free the KV cache, weight copies and captured graphs (they are rebuilt on the next call)."""
@@ -222,15 +233,6 @@ class Engine(DecodeSteps):
         self._graphs.clear()
 
     # ---------------------------------------------------------------- set-up for a call
-
-    def _check_prompt(self, i: int, p: torch.Tensor, max_new_tokens: int) -> None:
-        if p.dim() != 2 or p.shape[0] == 0:
-            raise ValueError(f"prompt {i}: expected embeddings of shape (L, D) with L >= 1, got {tuple(p.shape)}")
-        if p.shape[0] + max_new_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt {i} has {p.shape[0]} tokens; with max_new_tokens={max_new_tokens} it needs "
-                f"{p.shape[0] + max_new_tokens} cache positions but the engine's max_seq_len is {self.max_seq_len} "
-                f"(prompts may be at most {self.max_seq_len - max_new_tokens} tokens)")
 
     def prepare(self) -> torch.device:
         """Ready the cache, the compiled layers and the weights the decode reads for a call; returns the device."""
@@ -278,10 +280,6 @@ class Engine(DecodeSteps):
                 for p, buf in zip(parts, self._fused[i]):
                     if p is not None:
                         torch.cat(p, out=buf)
-
-    def _agree(self, t: torch.Tensor, what: str) -> None:
-        if self.tp is not None and self.check_agreement:
-            assert_same(self.tp, t, what)
 
     @property
     def _group(self) -> dist.ProcessGroup | None:

@@ -13,15 +13,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .sampling import SamplingParams, sample_keyed
+from .steps import DecodeSteps
 from .tensor_parallel import assert_same, fingerprint
-
-if TYPE_CHECKING:
-    from .generate import Engine
 
 
 @dataclass
@@ -77,17 +75,31 @@ def row_seed(seed: int, row: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63)
 
 
-class HostLoop:
-    """One ``generate_stream`` call on ``engine`` in blocks of ``width`` slots (iterate it for the rows)."""
+def check_prompt(i: int, p: torch.Tensor, max_new_tokens: int, max_seq_len: int) -> None:
+    """Raise ValueError unless prompt ``i`` is (L, D) embeddings that fit the cache with its new tokens."""
+    if p.dim() != 2 or p.shape[0] == 0:
+        raise ValueError(f"prompt {i}: expected embeddings of shape (L, D) with L >= 1, got {tuple(p.shape)}")
+    if p.shape[0] + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"prompt {i} has {p.shape[0]} tokens; with max_new_tokens={max_new_tokens} it needs "
+            f"{p.shape[0] + max_new_tokens} cache positions but the engine's max_seq_len is {max_seq_len} "
+            f"(prompts may be at most {max_seq_len - max_new_tokens} tokens)")
 
-    def __init__(self, engine: Engine, source: Iterator[Request], params: SamplingParams, max_new_tokens: int,
+
+class HostLoop:
+    """One ``generate_stream`` call on ``engine`` in blocks of ``width`` slots (``prefill``: the engine's
+    batched prefill of prompt embeddings): ``run`` yields the rows as they finish, ``empty`` when there
+    is nothing to generate."""
+
+    def __init__(self, engine: DecodeSteps, prefill: Callable[[list[torch.Tensor]], list[Prefill]],
+                 source: Iterator[Request], params: SamplingParams, max_new_tokens: int,
                  eos_token_id: int | list[int] | None, seed: int, on_token: Callable[[int, int], None] | None,
                  ignore_eos: bool, sync_every: int, width: int) -> None:
-        self.engine, self.source, self.params, self.max_new = engine, source, params, max_new_tokens
-        self.eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) \
-            else set(eos_token_id)
-        self.seed, self.on_token, self.ignore_eos, self.sync_every, self.width = seed, on_token, ignore_eos, \
-            sync_every, width
+        self.engine, self.prefill, self.source = engine, prefill, source
+        self.params, self.max_new, self.seed, self.on_token = params, max_new_tokens, seed, on_token
+        self.ignore_eos, self.sync_every, self.width = ignore_eos, sync_every, width
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+        self.eos = set(eos)
         self.pulled = self.next_row = 0  # requests taken from ``source``; output rows they make
         self.waiting: deque[_Row] = deque()  # rows pulled and not yet placed in a slot, in row order
         self.blocks = engine.max_batch // width
@@ -102,7 +114,7 @@ class HostLoop:
             req = next(self.source, None)
             if req is None:
                 return
-            self.engine._check_prompt(self.pulled, req.prompt, self.max_new)
+            check_prompt(self.pulled, req.prompt, self.max_new, self.engine.max_seq_len)
             if not req.keys:
                 raise ValueError(f"request {self.pulled}: no keys, so no output rows")
             for j, key in enumerate(req.keys):
@@ -120,17 +132,17 @@ class HostLoop:
         row.completion.tokens.append(token)
         return len(row.completion.tokens) >= self.max_new
 
-    def __iter__(self) -> Iterator[Finished]:
-        if self.max_new <= 0:  # nothing to generate: every row is empty, the model is not touched
+    def empty(self) -> Iterator[Finished]:
+        """Every row with no tokens (``max_new_tokens <= 0``): the model is not touched."""
+        self.pull(1)
+        while self.waiting:
+            row = self.waiting.popleft()
+            yield Finished(row.request, row.sample, row.row, row.completion)
             self.pull(1)
-            while self.waiting:
-                row = self.waiting.popleft()
-                yield Finished(row.request, row.sample, row.row, row.completion)
-                self.pull(1)
-            return
+
+    def run(self, device: torch.device, graphs: bool) -> Iterator[Finished]:
+        """Decode every row on the engine's ``device`` (readied for this call), in CUDA graphs if ``graphs``."""
         engine = self.engine
-        device = engine.prepare()
-        graphs = engine._use_graphs(device)
         cascade = self.width > 1
         if cascade:
             # rows of an earlier call (or idle slots) must not write own keys below this call's region
@@ -198,9 +210,8 @@ class HostLoop:
             window = [r for chunk in chunks for r in chunk]
             todo = list(dict.fromkeys(r.request_no for r in window if r.request_no not in self.prefills))
             firsts = {r.request_no: r.request for r in window}
-            dtype = engine.lm.model.embed_tokens.weight.dtype
-            embs = [firsts[n].prompt.to(device=device, dtype=dtype) for n in todo]
-            for n, pre in zip(todo, engine._prefill(embs)):
+            embs = [firsts[n].prompt.to(device=device, dtype=engine._k[0].dtype) for n in todo]
+            for n, pre in zip(todo, self.prefill(embs)):
                 pre.rows_left = len(firsts[n].keys)
                 self.prefills[n] = pre
             # first tokens of the whole window in one draw; each prompt's keys/values copied into all

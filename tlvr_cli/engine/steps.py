@@ -12,12 +12,14 @@ and a step attends ``[0, prefix)`` of its block and the last ``suffix`` indices 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from .layers import mark_dynamic
 from .sampling import SamplingParams
+from .tensor_parallel import TensorParallel, assert_same
 
 KV_LEN_BUCKET = 64  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
 # a step reads its rows' whole cache when that costs at most this share of the weight reads: one CUDA
@@ -48,8 +50,31 @@ def _additive(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class DecodeSteps:
-    """The cache, state buffers, steps and graphs of ``Engine`` (mixed into it; the engine's constructor
-    sets the sizes, ``_lm``, ``_fused``, ``_group`` and the layer functions these methods call)."""
+    """The cache, state buffers, steps and graphs of ``Engine`` (mixed into it): the engine's constructor
+    sets what is declared here, and provides ``_lm`` (the model decoded), ``_fused`` and ``_group``."""
+
+    max_batch: int
+    max_seq_len: int
+    n_layers: int
+    n_heads: int  # this rank's heads under tensor parallelism
+    n_kv_heads: int
+    head_dim: int
+    cuda_graphs: bool
+    tp: TensorParallel | None
+    check_agreement: bool
+    _full_cache_rows: int  # rows x positions of cache that a step reads whole (``FULL_CACHE_SHARE``)
+    _layer: Callable  # layers.decode_layer, or its compiled twin
+    _cascade: Callable  # layers.cascade_layer, likewise
+    _sample: Callable  # sampling.sample_keyed, likewise
+    _fp32: bool  # cascade products in float32 (``attention.fp32_products``)
+    _k: list[torch.Tensor]  # per layer (max_batch, kv_heads, max_seq_len, head_dim)
+    _v: list[torch.Tensor]
+    _state: torch.Tensor | None
+    _prompt_len: torch.Tensor | None
+    _new_max: torch.Tensor | None
+    _hist: torch.Tensor | None
+    _col: torch.Tensor | None
+    _graphs: dict[tuple, torch.cuda.CUDAGraph]
 
     def _ensure_cache(self, device: torch.device, dtype: torch.dtype) -> None:
         if self._k and self._k[0].device == device and self._k[0].dtype == dtype:
@@ -68,6 +93,11 @@ class DecodeSteps:
         self._col = torch.zeros((), dtype=torch.long, device=device)
         self._fused = self._copy = self._weight_copy = None
         self._graphs.clear()
+
+    def _agree(self, t: torch.Tensor, what: str) -> None:
+        """Under tensor parallelism (and ``check_agreement``), raise unless every rank holds the same ``t``."""
+        if self.tp is not None and self.check_agreement:
+            assert_same(self.tp, t, what)
 
     def _use_graphs(self, device: torch.device) -> bool:
         if not (self.cuda_graphs and device.type == "cuda"):
