@@ -164,6 +164,22 @@ def test_plain_and_cascade_calls_share_one_engine(lm, prompts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cascade_in_graphs_and_compiled_matches_plain_on_cuda(lm, prompts):
+    gpu = Qwen2ForCausalLM(lm.config).cuda().eval()
+    gpu.load_state_dict(lm.state_dict())
+    cuda_prompts = [p.cuda() for p in prompts]
+    for params in (GREEDY, SAMPLED):
+        want = [o.tokens for o in Engine(gpu, max_batch=16, max_seq_len=64, cascade=False).generate(
+            cuda_prompts, params, 12, 7, num_samples=3, seed=4)]
+        for compile in (False, True):
+            engine = Engine(gpu, max_batch=16, max_seq_len=64, cuda_graphs=True, compile=compile)
+            for _ in range(2):  # the second call replays the graphs the first captured
+                outs = engine.generate(cuda_prompts, params, 12, 7, num_samples=3, seed=4)
+                assert [o.tokens for o in outs] == want, (params, compile)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_partials_on_cuda_follow_float32():
     from tlvr_cli.engine.attention import fp32_products
 

@@ -11,8 +11,9 @@ each row as it finishes, so a caller can keep the engine full over a whole bench
 prompts on the way; ``generate`` is that stream over a list.
 
 Shared prompts (cascade attention): with ``num_samples`` G > 1 (GRPO's completions per prompt) and
-``cascade=True``, a prompt's G rows decode in a block of G consecutive slots that holds its keys/values
-once; a step attends to the block's prompt with all G rows as queries of one attention, to each row's
+``cascade=True``, a prompt's G rows decode in a block of G consecutive slots (``max_batch // G`` blocks;
+with ``max_batch < G`` one block of all slots that the prompt's rows fill in turns) that holds its
+keys/values once; a step attends to the block's prompt with all G rows as queries of one attention, to each row's
 own new tokens separately, and merges the two exactly by their log-sum-exps (``attention.py``). The
 keys a step reads drop from rows x (prompt + new) to prompts + rows x new, and the prompt is copied
 into the cache once instead of G times. A block frees when all its rows finish, so when rows outnumber
