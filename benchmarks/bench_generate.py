@@ -1,6 +1,8 @@
 """Decode speed of the KV-cache engine against HF ``generate`` and the reference's no-cache loop.
 
     python benchmarks/bench_generate.py                      # Qwen2.5-3B shapes, random init, bf16, CUDA
+    python benchmarks/bench_generate.py --batch 8 --samples 8 --new-tokens 512 --prompt-len 650 --temperature 1.0 \
+        --skip-static                                        # a GRPO rollout: plain vs cascade engine
     python benchmarks/bench_generate.py --config tiny --device cpu --dtype fp32 --prompt-len 16 --new-tokens 8
     torchrun --nproc-per-node 2 benchmarks/bench_generate.py --tensor-parallel   # TP vs one GPU vs data parallel
 
@@ -10,6 +12,12 @@ The no-cache loop (one full forward per token, one sequence at a time, as the re
 is too slow to run in full: a few tokens are timed at the start and one forward at the final
 length, and the whole run is extrapolated linearly in sequence length. The floor is the time to
 read every weight (and the average KV cache) once per decode step at ``--bandwidth`` bytes/s.
+
+With ``--samples`` > 1 the engine also runs as ``Engine(cascade=True)`` decodes a GRPO rollout: each
+prompt's keys/values once per block of its ``--samples`` rows (cascade attention) instead of a copy
+per row; the plain engine rows are ``cascade=False``. Each engine row has its own floor: the cascade
+reads every prompt once per group plus each row's own new tokens, the plain engine every row's
+prompt and new tokens.
 
 With ``--tensor-parallel`` (under torchrun, N processes) the same rows are decoded three ways: on one
 GPU, data-parallel (each GPU decodes 1/N of the rows with all the weights) and tensor-parallel (every
@@ -54,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Model dtype.")
     ap.add_argument("--device", default="cuda", help="Device to run on.")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily; otherwise sample (top-k 50).")
-    ap.add_argument("--bandwidth", type=float, default=3.35e12, help="Peak memory bandwidth in B/s (H100 SXM: 3.35e12).")
+    ap.add_argument("--bandwidth", type=float, default=3.35e12,
+                    help="Peak memory bandwidth in B/s (H100 SXM: 3.35e12; measured on CUDA).")
     ap.add_argument("--reference-tokens", type=int, default=4, help="Tokens timed for the no-cache estimate.")
     ap.add_argument("--skip-hf", action="store_true", help="Skip HF generate (it is the slowest measured run).")
     ap.add_argument("--skip-static", action="store_true", help="Skip HF generate with a static cache + compile.")
@@ -63,7 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rows-sweep", default="", help="Also time the engine at these row counts, e.g. '1,8,128'.")
     ap.add_argument("--tensor-parallel", action="store_true",
                     help="Under torchrun: tensor-parallel decoding vs one GPU vs data parallel at the same total rows.")
-    ap.add_argument("--no-compile", action="store_true", help="With --tensor-parallel: CUDA graphs without torch.compile.")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="With --tensor-parallel: CUDA graphs without torch.compile.")
+    ap.add_argument("--cascade", action="store_true",
+                    help="With --tensor-parallel: decode with cascade attention (the prompt's keys once per group).")
     return ap.parse_args(argv)
 
 
@@ -78,12 +90,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_engine(lm, prompts, params, args, device, cuda_graphs: bool, compile: bool = False, tp_group=None,
-                out: list | None = None) -> float:
+                out: list | None = None, cascade: bool = False) -> float:
     """Seconds of the second of two identical engine calls (the first allocates, compiles, captures);
     ``out`` receives the tokens of the timed call."""
     rows = len(prompts) * args.samples
     engine = Engine(lm, max_batch=rows, max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=cuda_graphs,
-                    compile=compile, tp_group=tp_group)
+                    compile=compile, tp_group=tp_group, cascade=cascade)
 
     def run() -> None:
         outs = engine.generate(prompts, params, args.new_tokens, 0, num_samples=args.samples, ignore_eos=True)
@@ -96,6 +108,25 @@ def time_engine(lm, prompts, params, args, device, cuda_graphs: bool, compile: b
     if compile and (tp_group is None or tp_group.rank() == 0):
         print(f"compiled engine: first call {warm:.1f} s (compilation and graph capture), then {t:.2f} s")
     return t
+
+
+def kv_bytes_per_step(cfg, dtype: torch.dtype, args, cascade: bool) -> float:
+    """Keys and values one decode step reads, averaged over the run: every row's prompt and its new
+    tokens so far, or (cascade) each prompt once per group and every row's own new tokens."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_position = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * dtype.itemsize
+    rows = args.batch * args.samples
+    prompts = args.batch if cascade else rows
+    return per_position * (prompts * args.prompt_len + rows * args.new_tokens / 2)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
+    """Rows with identical tokens, and the mean share of tokens before the first difference."""
+    prefixes = []
+    for x, y in zip(a, b):
+        k = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        prefixes.append(k / max(1, len(x)))
+    return {"rows_identical": sum(x == y for x, y in zip(a, b)) / len(a), "prefix": sum(prefixes) / len(prefixes)}
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
@@ -194,7 +225,7 @@ def main_tensor_parallel(args: argparse.Namespace) -> dict:
         dist.broadcast(ids, 0)
         prompts = list(lm.get_input_embeddings()(ids))
     rows, tokens = args.batch * args.samples, args.batch * args.samples * args.new_tokens
-    fast = dict(cuda_graphs=cuda, compile=cuda and not args.no_compile)
+    fast = dict(cuda_graphs=cuda, compile=cuda and not args.no_compile, cascade=args.cascade)
     seconds: dict[str, float] = {}
     one, tp = [], []
     with torch.no_grad():
@@ -204,19 +235,16 @@ def main_tensor_parallel(args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        seconds[f"tensor parallel, {rows} rows"] = time_engine(lm, prompts, params, args, device, tp_group=dist.group.WORLD,
-                                                               out=tp, **fast)
+        seconds[f"tensor parallel, {rows} rows"] = time_engine(lm, prompts, params, args, device,
+                                                               tp_group=dist.group.WORLD, out=tp, **fast)
         engine_mem = torch.cuda.max_memory_allocated(device) - base if cuda else 0
     slowest = torch.tensor(list(seconds.values()), dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a parallel run lasts as long as its slowest rank
     seconds = dict(zip(seconds, slowest.tolist()))
     if rank == 0:
-        cfg = lm.config
         weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
         layer_bytes = sum(p.numel() * p.element_size() for p in lm.model.layers.parameters())
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_bytes = (rows * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * dtype.itemsize
-                    * (args.prompt_len + args.new_tokens / 2))
+        kv_bytes = kv_bytes_per_step(lm.config, dtype, args, args.cascade and args.samples > 1)
         bandwidth = measure_copy_bandwidth(device) if cuda else args.bandwidth
         floors = {f"one GPU, {rows} rows": weight_bytes + kv_bytes,
                   f"data parallel, {rows // world} rows per GPU": weight_bytes + kv_bytes / world,
@@ -224,7 +252,8 @@ def main_tensor_parallel(args: argparse.Namespace) -> dict:
         mode = "greedy" if params.greedy else f"sampling T={params.temperature}"
         print(f"{args.config} {args.dtype}, {world} x {device.type}: {args.batch} prompts x {args.samples} samples, "
               f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {mode}; engine {fast}")
-        print(f"{'method':<36}{'seconds':>10}{'ms/step':>10}{'tokens/s':>12}{'vs one':>9}{'floor ms':>10}{'of floor':>10}")
+        print(f"{'method':<36}{'seconds':>10}{'ms/step':>10}{'tokens/s':>12}{'vs one':>9}{'floor ms':>10}"
+              f"{'of floor':>10}")
         base_s = seconds[f"one GPU, {rows} rows"]
         for name, s in seconds.items():
             floor = floors[name] / bandwidth * 1e3
@@ -261,55 +290,87 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = rows * args.new_tokens
 
     seconds: dict[str, float] = {}
+    plain_tokens, cascade_tokens = [], []
+    cuda = device.type == "cuda"
+    fast = dict(cuda_graphs=True, compile=True)
     with torch.no_grad():
-        seconds["engine"] = time_engine(lm, prompts, params, args, device, cuda_graphs=False)
-        if device.type == "cuda":
+        seconds["engine"] = time_engine(lm, prompts, params, args, device, cuda_graphs=False, out=plain_tokens)
+        if cuda:
             seconds["engine + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True)
-            seconds["engine + graphs + compile"] = time_engine(lm, prompts, params, args, device, True, compile=True)
+            seconds["engine + graphs + compile"] = time_engine(lm, prompts, params, args, device, out=plain_tokens,
+                                                               **fast)
+        if args.samples > 1:  # the same rows, each prompt's keys/values once per group
+            if cuda:
+                seconds["cascade + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True,
+                                                               cascade=True)
+                seconds["cascade + graphs + compile"] = time_engine(lm, prompts, params, args, device, cascade=True,
+                                                                    out=cascade_tokens, **fast)
+            else:
+                seconds["cascade"] = time_engine(lm, prompts, params, args, device, cuda_graphs=False, cascade=True,
+                                                 out=cascade_tokens)
         if not args.skip_hf:
             seconds["hf generate (kv cache)"] = time_hf(lm, prompts, params, args, device)
-            if device.type == "cuda" and not args.skip_static:
+            if cuda and not args.skip_static:
                 try:
                     seconds["hf static cache + compile"] = time_hf(lm, prompts, params, args, device, static=True)
                 except Exception as e:  # compile support varies across torch/transformers versions
                     print(f"hf static cache + compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         seconds["no-cache loop (estimated)"], timed_tokens = estimate_no_cache(lm, prompts, params, args, device)
 
-    if device.type == "cuda":
+    if cuda:
         args.bandwidth = measure_copy_bandwidth(device)
     # floor: each decode step reads every weight once, plus the KV cache at its average length
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
     cfg = lm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_bytes = (rows * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * dtype.itemsize
-                * (args.prompt_len + args.new_tokens / 2))
+    kv_bytes = kv_bytes_per_step(cfg, dtype, args, cascade=False)
+    kv_cascade = kv_bytes_per_step(cfg, dtype, args, cascade=True)
     floor_step = (weight_bytes + kv_bytes) / args.bandwidth
+    floors = {name: (weight_bytes + (kv_cascade if name.startswith("cascade") else kv_bytes)) / args.bandwidth
+              for name in seconds}
     seconds["bandwidth floor"] = floor_step * args.new_tokens
+    floors["bandwidth floor"] = floor_step
+    if args.samples > 1:
+        seconds["cascade floor"] = floors["cascade floor"] = (weight_bytes + kv_cascade) / args.bandwidth
+        seconds["cascade floor"] *= args.new_tokens
 
     mode = "greedy" if params.greedy else f"sampling T={params.temperature}"
-    print(f"{args.config} {args.dtype} on {device}: {args.batch} prompts x {args.samples} samples, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {mode}")
+    print(f"{args.config} {args.dtype} on {device}: {args.batch} prompts x {args.samples} samples, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, KV read/step {kv_bytes / 1e9:.3f} GB, "
           f"floor {floor_step * 1e3:.2f} ms/step at {args.bandwidth / 1e12:.2f} TB/s")
+    if args.samples > 1:
+        print(f"cascade: KV read/step {kv_cascade / 1e9:.3f} GB (prompts once per group), "
+              f"floor {floors['cascade floor'] * 1e3:.2f} ms/step")
     base_hf = seconds.get("hf generate (kv cache)")
     base_ref = seconds["no-cache loop (estimated)"]
-    print(f"{'method':<30}{'seconds':>10}{'tokens/s':>14}{'vs HF':>10}{'vs no-cache':>13}")
+    print(f"{'method':<30}{'seconds':>10}{'ms/step':>10}{'tokens/s':>14}{'vs HF':>10}{'vs no-cache':>13}"
+          f"{'floor ms':>10}{'of floor':>10}")
     for name, s in seconds.items():
         vs_hf = f"{base_hf / s:9.2f}x" if base_hf else f"{'-':>10}"
-        print(f"{name:<30}{s:>10.4f}{tokens / s:>14.1f}{vs_hf}{base_ref / s:>12.1f}x")
-    print(f"engine reaches {seconds['bandwidth floor'] / min(v for k, v in seconds.items() if k.startswith('engine')):.1%} "
-          "of the bandwidth floor")
+        print(f"{name:<30}{s:>10.4f}{s / args.new_tokens * 1e3:>10.2f}{tokens / s:>14.1f}{vs_hf}{base_ref / s:>12.1f}x"
+              f"{floors[name] * 1e3:>10.2f}{floors[name] * args.new_tokens / s:>10.1%}")
+    plain_best = min(v for k, v in seconds.items() if k.startswith("engine"))
+    print(f"engine reaches {seconds['bandwidth floor'] / plain_best:.1%} of the bandwidth floor")
+    result = {"tokens_per_s": {name: tokens / s for name, s in seconds.items()}}
+    if cascade_tokens:
+        cascade_best = min(v for k, v in seconds.items() if k.startswith("cascade") and k != "cascade floor")
+        same = agreement(plain_tokens, cascade_tokens)
+        result["cascade_agreement"] = same
+        print(f"cascade reaches {seconds['cascade floor'] / cascade_best:.1%} of its floor "
+              f"({seconds['bandwidth floor'] / cascade_best:.1%} of the plain floor), {plain_best / cascade_best:.2f}x "
+              f"the plain engine; {same['rows_identical']:.0%} of rows identical to the plain engine's, "
+              f"{same['prefix']:.1%} of tokens before the first difference (fp32: all; in 16 bits the merged "
+              "attention rounds differently and near-ties flip)")
     print(f"(no-cache loop: {timed_tokens} tokens timed from the prompt plus one forward at the final length, "
           f"extrapolated linearly to {rows} rows x {args.new_tokens} tokens)")
-    if device.type == "cuda":
+    if cuda:
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    result = {"tokens_per_s": {name: tokens / s for name, s in seconds.items()}}
     if args.agreement:
         with torch.no_grad():
             same, prefix = greedy_agreement(lm, prompts, args, device)
         result["agreement"] = {"rows_identical": same, "prefix": prefix}
-        print(f"greedy agreement with HF generate over {args.agreement} tokens, {len(prompts)} prompts: {same:.0%} of rows "
-              f"identical, {prefix:.1%} of tokens before the first difference")
+        print(f"greedy agreement with HF generate over {args.agreement} tokens, {len(prompts)} prompts: "
+              f"{same:.0%} of rows identical, {prefix:.1%} of tokens before the first difference")
     if args.rows_sweep:
         print(f"{'rows':>6}{'tokens/s':>12}{'ms/step':>10}{'floor ms':>10}{'of floor':>10}")
         for rows_n in (int(r) for r in args.rows_sweep.split(",")):
@@ -317,8 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
             sweep_prompts = (prompts * (rows_n // len(prompts) + 1))[:rows_n]
             with torch.no_grad():
                 t = time_engine(lm, sweep_prompts, params, sweep, device, device.type == "cuda", device.type == "cuda")
-            kv = (rows_n * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * dtype.itemsize
-                  * (args.prompt_len + args.new_tokens / 2))
+            kv = kv_bytes_per_step(cfg, dtype, argparse.Namespace(**{**vars(sweep), "batch": rows_n}), cascade=False)
             fl = (weight_bytes + kv) / args.bandwidth
             print(f"{rows_n:>6}{rows_n * args.new_tokens / t:>12.0f}{t / args.new_tokens * 1e3:>10.2f}{fl * 1e3:>10.2f}"
                   f"{fl * args.new_tokens / t:>10.1%}")

@@ -1,9 +1,9 @@
 """The maths of one Qwen2 decoder layer over a Hugging Face layer's own modules, as the engine runs
 it: prefill halves (``attn_in`` / ``attn_out``, attention in between) and the one-token decode step
-(``decode_layer``: cache write, GQA attention under an additive mask), optionally on concatenated
-q|k|v and gate|up weights, optionally on one rank's tensor-parallel shard of the layer (``group``: the
-partial sums of the row-parallel o_proj and down_proj are all-reduced); plus the shared
-``torch.compile`` of the decode step."""
+(``decode_layer``: cache write, GQA attention under an additive mask) and its cascade variant for
+rows that share a prompt (``cascade_layer``), optionally on concatenated q|k|v and gate|up weights,
+optionally on one rank's tensor-parallel shard of the layer (``group``: the partial sums of the
+row-parallel o_proj and down_proj are all-reduced); plus the shared ``torch.compile`` of the decode step."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from ..runtime import use_compile_cache
+from .attention import merge_partials, partial_attention
 from .sampling import sample_keyed
 
 
@@ -29,7 +30,8 @@ def attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
     if fused is None:
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
     else:
-        q, k, v = F.linear(h, fused[0], fused[1]).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        q, k, v = F.linear(h, fused[0], fused[1]).split(sizes, dim=-1)
     q = q.view(b, n, heads, head_dim).transpose(1, 2)
     k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
     v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
@@ -80,14 +82,52 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
     return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
 
 
+def cascade_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, rows: torch.Tensor, new_pos: torch.Tensor, prefix_mask: torch.Tensor,
+                  suffix_mask: torch.Tensor, heads: int, kv_heads: int, head_dim: int, width: int, fp32: bool,
+                  fused: tuple | None = None, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``decode_layer`` for rows in groups of ``width`` consecutive rows that share a prompt. Group g's
+    prompt keys/values sit once at [0, L_g) of cache row g; row r's own tokens grow down from the end of
+    cache row r (its j-th new token at index max_seq_len - 1 - j, so the window of the last N indices
+    holds the first N new tokens whatever the prompt lengths). Writes each row's key/value at its
+    ``new_pos``, attends the group's prompt (the first ``prefix_mask.shape[-1]`` indices of the first
+    ``prefix_mask.shape[0]`` cache rows, masked by ``prefix_mask``) and the row's own tokens (the last
+    ``suffix_mask.shape[-1]`` indices, masked by ``suffix_mask``) separately and merges them exactly."""
+    b = x.shape[0]
+    q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
+    at = k_cache.shape[2] - 1 - new_pos
+    k_cache[rows, :, at] = k[:, :, 0]
+    v_cache[rows, :, at] = v[:, :, 0]
+    groups, rep, scale = prefix_mask.shape[0], heads // kv_heads, head_dim ** -0.5
+    # a group's rows are extra queries against the one copy of its prompt: (groups, kv_heads, width * rep)
+    qp = q.reshape(groups, width, kv_heads, rep, head_dim).transpose(1, 2).reshape(groups, kv_heads, -1, head_dim)
+    n = prefix_mask.shape[-1]
+    prefix = partial_attention(qp, k_cache[:groups, :, :n], v_cache[:groups, :, :n], prefix_mask, scale, fp32)
+    prefix = tuple(t.reshape(groups, kv_heads, width, rep, -1).transpose(1, 2).reshape(b, kv_heads, rep, -1)
+                   for t in prefix)
+    start = k_cache.shape[2] - suffix_mask.shape[-1]
+    own = partial_attention(q.reshape(b, kv_heads, rep, head_dim), k_cache[:b, :, start:], v_cache[:b, :, start:],
+                            suffix_mask, scale, fp32)
+    o = merge_partials(prefix, own).to(x.dtype)
+    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
+
+
 @functools.cache
 def compiled_decode() -> tuple[Callable, Callable]:
     """The compiled decoder layer and sampler, shared by every engine (compiled code is cached per
     wrapper: a new wrapper per engine would recompile and soon hit dynamo's recompile limit)."""
     # the persistent cache directory must be in place before the first compile reads or writes it
     use_compile_cache()
-    # not fullgraph: should a long-lived process exhaust dynamo's recompile limit, the layer runs eager instead of failing
+    # not fullgraph: should a long-lived process exhaust dynamo's recompile limit, the layer runs eager
+    # instead of failing
     return torch.compile(decode_layer), torch.compile(sample_keyed)
+
+
+@functools.cache
+def compiled_cascade() -> Callable:
+    """The compiled ``cascade_layer``, shared by every engine like ``compiled_decode``."""
+    use_compile_cache()
+    return torch.compile(cascade_layer)
 
 
 def mark_dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:

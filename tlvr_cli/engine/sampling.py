@@ -40,7 +40,8 @@ def keyed_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
-def sample_keyed(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def sample_keyed(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
     """Draw one token per row of ``logits`` (B, V) from the temperature/top-k/top-p distribution,
     row ``i`` using the uniform ``keyed_uniform(seeds[i], positions[i])``; returns (B,) long.
 
@@ -48,15 +49,18 @@ def sample_keyed(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tens
     everything is tensor maths with no host synchronisation."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    x = logits.float()
-    if params.temperature != 1.0:
-        x = x / params.temperature
+    # at temperature 1 the top-k runs on the logits as they are: widening 16-bit floats to float32 is
+    # exact and keeps their order, so it picks the same candidates in the same order, without writing
+    # and re-reading a float32 copy of the whole (B, V) logits (and on 16-bit radix keys); a division
+    # can round distinct logits together, so other temperatures divide first as HF does
+    x = logits if params.temperature == 1.0 else logits.float() / params.temperature
     v = x.shape[-1]
     if 0 < params.top_k < v:
         vals, idx = torch.topk(x, min(v, params.top_k + TIE_MARGIN), dim=-1)
+        vals = vals.float()
         vals = vals.masked_fill(vals < vals[:, params.top_k - 1:params.top_k], float("-inf"))
     else:
-        vals, idx = torch.sort(x, dim=-1, descending=True)
+        vals, idx = torch.sort(x.float(), dim=-1, descending=True)
     probs = vals.softmax(dim=-1)
     if params.top_p < 1.0:
         # HF removes the low tail whose cumulative mass (from the least likely up) is <= 1 - top_p
