@@ -15,7 +15,7 @@ read every weight (and the average KV cache) once per decode step at ``--bandwid
 
 With ``--samples`` > 1 the engine also runs as ``Engine(cascade=True)`` decodes a GRPO rollout: each
 prompt's keys/values once per block of its ``--samples`` rows (cascade attention) instead of a copy
-per row; the plain engine rows are ``cascade=False``. Each engine row has its own floor: the cascade
+per row; the plain engine rows are ``cascade=False`` (the default). Each engine row has its own floor: the cascade
 reads every prompt once per group plus each row's own new tokens, the plain engine every row's
 prompt and new tokens.
 

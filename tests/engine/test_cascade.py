@@ -98,7 +98,7 @@ def test_cascade_layer_matches_decode_layer(lm):
 
 
 def run(lm, prompts, params, n, eos, **kw) -> list[tuple[list[int], bool]]:
-    engine_kw = {k: kw.pop(k) for k in ("max_batch", "cascade") if k in kw}
+    engine_kw = {"cascade": True} | {k: kw.pop(k) for k in ("max_batch", "cascade") if k in kw}
     outs = Engine(lm, max_seq_len=64, **engine_kw).generate(prompts, params, n, eos, **kw)
     return [(o.tokens, o.finished) for o in outs]
 
@@ -128,12 +128,12 @@ def test_idle_rows_never_write_over_a_prompt(lm, prompts):
     plain = [(o.tokens, o.finished) for o in Engine(lm, max_batch=4, max_seq_len=17 + 12, cascade=False).generate(
         order, GREEDY, 12, 1, **kw)]
     assert [len(t) for t, _ in plain] == [5, 5] + [12] * 6
-    cascade = Engine(lm, max_batch=4, max_seq_len=17 + 12).generate(order, GREEDY, 12, 1, **kw)
+    cascade = Engine(lm, max_batch=4, max_seq_len=17 + 12, cascade=True).generate(order, GREEDY, 12, 1, **kw)
     assert [(o.tokens, o.finished) for o in cascade] == plain
 
 
 def test_cascade_reads_each_prompt_once_per_block(lm, prompts, monkeypatch):
-    engine = Engine(lm, max_batch=8, max_seq_len=64)
+    engine = Engine(lm, max_batch=8, max_seq_len=64, cascade=True)
     shapes, steps = [], engine._run_steps
     monkeypatch.setattr(engine, "_run_steps", lambda b, kv_len, *a: (shapes.append((b, kv_len)), steps(b, kv_len, *a)))
     outs = engine.generate(prompts[:3], GREEDY, 12, 299, num_samples=2, ignore_eos=True)
@@ -152,7 +152,7 @@ def test_cascade_reads_each_prompt_once_per_block(lm, prompts, monkeypatch):
 
 def test_plain_and_cascade_calls_share_one_engine(lm, prompts):
     # layouts share the cache; a long call leaves state behind that a shorter cascade call must not read
-    engine = Engine(lm, max_batch=6, max_seq_len=64)
+    engine = Engine(lm, max_batch=6, max_seq_len=64, cascade=True)
     fresh = [run(lm, prompts, GREEDY, n, 299, num_samples=s, max_batch=6, ignore_eos=True)
              for n, s in ((40, 1), (12, 3), (30, 2))]
     for (n, s), want in zip(((40, 1), (12, 3), (30, 2)), fresh):
@@ -172,7 +172,7 @@ def test_cascade_in_graphs_and_compiled_matches_plain_on_cuda(lm, prompts):
         want = [o.tokens for o in Engine(gpu, max_batch=16, max_seq_len=64, cascade=False).generate(
             cuda_prompts, params, 12, 7, num_samples=3, seed=4)]
         for compile in (False, True):
-            engine = Engine(gpu, max_batch=16, max_seq_len=64, cuda_graphs=True, compile=compile)
+            engine = Engine(gpu, max_batch=16, max_seq_len=64, cuda_graphs=True, compile=compile, cascade=True)
             for _ in range(2):  # the second call replays the graphs the first captured
                 outs = engine.generate(cuda_prompts, params, 12, 7, num_samples=3, seed=4)
                 assert [o.tokens for o in outs] == want, (params, compile)
@@ -187,7 +187,7 @@ def test_bf16_partials_on_cuda_follow_float32():
     assert fp32_products(device, False)  # scores by float32 GEMMs: nothing rounds to 16 bits before the softmax
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(8, 2, 64, 128, generator=gen, device=device) for _ in range(3))
-    mask = torch.zeros(8, 1, 1, 128, device=device)
+    mask = torch.zeros(8, 1, 1, 64, device=device)
     want = F.scaled_dot_product_attention(q, k, v)
     for fn, fp32 in ((partial_attention, True), (torch.compile(partial_attention), fp32_products(device, True))):
         o, _ = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 128 ** -0.5, fp32)

@@ -32,7 +32,8 @@ def lm() -> Qwen2ForCausalLM:
     torch.manual_seed(0)
     # a wide init so greedy outputs vary from token to token (the default 0.02 repeats one token)
     cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.3)
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                      initializer_range=0.3)
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -92,7 +93,8 @@ def test_fused_weights_give_the_same_layer(lm):
     for fused in (None, engine._fused[1]):
         k, v = torch.randn(2, 3, 2, 16, 16, generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
-            outs.append(decode_layer(lm.model.layers[1], x, cos, sin, k, v, torch.arange(3), pos, mask, 4, 2, 16, fused))
+            outs.append(decode_layer(lm.model.layers[1], x, cos, sin, k, v, torch.arange(3), pos, mask, 4, 2, 16,
+                                     fused))
         caches.append((k, v))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*caches))
@@ -127,7 +129,8 @@ def test_weight_copy_decodes_the_same_and_follows_the_model(lm, prompts, referen
         assert [o.tokens for o in engine.generate(prompts, GREEDY, 12, 299)] == want
         assert [p.data_ptr() for p in engine._copy.parameters()] == copy_params
     finally:
-        layer.self_attn.q_proj.weight = torch.nn.Parameter(saved["model.layers.1.self_attn.q_proj.weight"], requires_grad=False)
+        q_weight = saved["model.layers.1.self_attn.q_proj.weight"]
+        layer.self_attn.q_proj.weight = torch.nn.Parameter(q_weight, requires_grad=False)
         with torch.no_grad():
             layer.mlp.up_proj.weight.copy_(saved["model.layers.1.mlp.up_proj.weight"])
     assert [o.tokens for o in engine.generate(prompts, GREEDY, 12, 299)] == reference
@@ -200,7 +203,8 @@ def test_sampling_is_deterministic_and_independent_of_max_batch(lm, prompts):
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95)
 
     def run(max_batch: int, seed: int = 5) -> list[list[int]]:
-        outs = Engine(lm, max_batch=max_batch, max_seq_len=64).generate(prompts, params, 10, 299, num_samples=3, seed=seed)
+        engine = Engine(lm, max_batch=max_batch, max_seq_len=64)
+        outs = engine.generate(prompts, params, 10, 299, num_samples=3, seed=seed)
         return [o.tokens for o in outs]
 
     first = run(4)
@@ -252,7 +256,8 @@ def test_keyed_draws_stay_inside_hf_filters(temperature, top_k, top_p):
 
 def test_sample_greedy_and_keyed_rows_are_independent():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sample_keyed(logits, GREEDY, torch.arange(4), torch.zeros(4, dtype=torch.long)), logits.argmax(-1))
+    greedy = sample_keyed(logits, GREEDY, torch.arange(4), torch.zeros(4, dtype=torch.long))
+    assert torch.equal(greedy, logits.argmax(-1))
     params = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
     seeds, pos = torch.tensor([3, 1, 4, 1]), torch.tensor([5, 9, 2, 6])
     batched = sample_keyed(logits, params, seeds, pos)
@@ -266,7 +271,8 @@ def test_keyed_uniforms_are_uniform_and_distinct():
     u = keyed_uniform(torch.arange(50000), torch.full((50000,), 3))
     assert 0 <= float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.std()) - 12 ** -0.5) < 0.01
-    assert not torch.equal(keyed_uniform(torch.tensor([7]), torch.tensor([1])), keyed_uniform(torch.tensor([7]), torch.tensor([2])))
+    first, second = (keyed_uniform(torch.tensor([7]), torch.tensor([step])) for step in (1, 2))
+    assert not torch.equal(first, second)
 
 
 def test_sample_keyed_follows_the_filtered_distribution():
@@ -288,7 +294,8 @@ def test_top_k_keeps_ties_at_the_boundary():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on CPU needs a C++ compiler")
 def test_compiled_layer_matches_eager_across_engines(lm, prompts, monkeypatch):
     # the GPU path compiled on CPU: one shared compiled layer serves engines of several sizes
     from torch._dynamo.utils import counters
@@ -299,7 +306,8 @@ def test_compiled_layer_matches_eager_across_engines(lm, prompts, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     params = SamplingParams(temperature=1.0, top_k=20)
-    want = [o.tokens for o in Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, params, 12, 299, num_samples=2, seed=5)]
+    engine = Engine(lm, max_batch=4, max_seq_len=64)
+    want = [o.tokens for o in engine.generate(prompts, params, 12, 299, num_samples=2, seed=5)]
     for max_batch, max_seq_len in ((4, 64), (1, 64), (8, 96), (16, 64), (2, 128), (32, 80)):
         engine = Engine(lm, max_batch=max_batch, max_seq_len=max_seq_len, compile=True)
         outs = engine.generate(prompts, params, 12, 299, num_samples=2, seed=5)
@@ -339,9 +347,11 @@ def test_bench_generate_smoke():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--prompt-len", "12",
-                         "--new-tokens", "6", "--batch", "2", "--samples", "2", "--reference-tokens", "2", "--agreement", "4"])
+                         "--new-tokens", "6", "--batch", "2", "--samples", "2", "--reference-tokens", "2",
+                         "--agreement", "4"])
     rates = result["tokens_per_s"]
     assert {"engine", "hf generate (kv cache)", "no-cache loop (estimated)", "bandwidth floor"} <= set(rates)
     assert all(r > 0 for r in rates.values())
-    assert result["agreement"] == {"rows_identical": 1.0, "prefix": 1.0}  # fp32 on CPU: the engine's greedy tokens are HF's
+    # fp32 on CPU: the engine's greedy tokens are HF's
+    assert result["agreement"] == {"rows_identical": 1.0, "prefix": 1.0}
     assert rates["engine"] > 0 and rates["hf generate (kv cache)"] > 0

@@ -67,7 +67,8 @@ def run_ranks(fn, args: tuple, tmp: Path, world: int = 2) -> list:
     Forked, not spawned: a fresh process spends most of ten seconds importing transformers."""
     out = tmp / "result"
     try:
-        mp.start_processes(_ranks_main, (world, str(tmp / "store"), str(out), fn, args), nprocs=world, start_method="fork")
+        mp.start_processes(_ranks_main, (world, str(tmp / "store"), str(out), fn, args), nprocs=world,
+                           start_method="fork")
     except mp.ProcessRaisedException as e:
         raise AssertionError(str(e)) from None
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
@@ -183,10 +184,12 @@ def _compiled_scenario(group, lm, prompts) -> tuple:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on CPU needs a C++ compiler")
 def test_compiled_layer_with_all_reduce_matches_one_process(setup, tmp_path):
     lm, prompts, _ = setup
-    want = single(lm, prompts, GREEDY, 12, EOS, num_samples=2), single(lm, prompts, SAMPLED, 10, 299, num_samples=3, seed=5)
+    want = (single(lm, prompts, GREEDY, 12, EOS, num_samples=2),
+            single(lm, prompts, SAMPLED, 10, 299, num_samples=3, seed=5))
     for greedy, sampled, compiled, breaks in run_ranks(_compiled_scenario, (lm, prompts), tmp_path):
         assert compiled and (greedy, sampled) == want
         assert breaks == {}  # the all-reduces are traced into the compiled layer, not split around
@@ -286,7 +289,8 @@ def test_nccl_graphs_and_compile_match_one_gpu(tmp_path):
     with torch.no_grad():
         prompts = [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen)) for n in LENGTHS]
     state = {k: v.clone() for k, v in lm.state_dict().items()}
-    mp.start_processes(_spawn_main, (str(tmp_path / "store"), str(tmp_path / "out"), state, lm.config, prompts), nprocs=2,
+    spawn_args = (str(tmp_path / "store"), str(tmp_path / "out"), state, lm.config, prompts)
+    mp.start_processes(_spawn_main, spawn_args, nprocs=2,
                        start_method="spawn")
     gpu = lm.cuda()
     cuda_prompts = [p.cuda() for p in prompts]

@@ -88,7 +88,7 @@ class Engine(DecodeSteps):
 
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
                  compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False,
-                 weights: WeightSource | None = None, cascade: bool = True,
+                 weights: WeightSource | None = None, cascade: bool = False,
                  tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
