@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -164,7 +165,8 @@ def test_every_field_has_help():
 
 def test_cli_presets_show_and_errors():
     def run(*a):
-        return subprocess.run([sys.executable, "-m", "tlvr_cli", *a], capture_output=True, text=True, cwd=REPO)
+        env = {**os.environ, "COLUMNS": "400"}  # table cells on one line each
+        return subprocess.run([sys.executable, "-m", "tlvr_cli", *a], capture_output=True, text=True, cwd=REPO, env=env)
 
     shown = run("presets", "show", "nextqa", "--set", "algo.beta=0.05")
     assert shown.returncode == 0, shown.stderr
@@ -175,6 +177,7 @@ def test_cli_presets_show_and_errors():
     assert len(bad.stderr.strip().splitlines()) == 1
     listed = run("presets", "list")
     assert listed.returncode == 0 and "nextqa" in listed.stdout
+    assert "needs `pip install 'tlvr[lora]'`" in listed.stdout  # printed as written, not read as markup
     version = run("--version")
     assert version.returncode == 0 and version.stdout.startswith("tlvr ")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import list_presets, load_config, load_preset_dict, read_yaml, to_yaml
@@ -27,7 +28,8 @@ def list_() -> None:
         data = read_yaml(path)
         first = path.read_text().splitlines()[0] if path.read_text() else ""
         command = first.lstrip("# ").strip() if first.startswith("#") else ""
-        table.add_row(name, str(data.get("job", "?")), command, str(path))
+        # cells are plain text: `tlvr[lora]` must not read as rich markup
+        table.add_row(*(escape(cell) for cell in (name, str(data.get("job", "?")), command, str(path))))
     console.print(table)
 
 
