@@ -58,3 +58,10 @@ def test_the_python_api_block_runs_as_written(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert isinstance(namespace["text"], str) and namespace["report"].n == 8
+    example, tokenizer = namespace["example"], namespace["model"].tokenizer
+    assert example.ok and len(example.labels) == len(example.input_ids)
+    # the loss covers the answer (with the space after "ASSISTANT:" that merges into its first token) and
+    # its end-of-text, nothing before
+    learned = [t for t in example.labels if t != -100]
+    assert tokenizer.decode(learned) == " <think>red</think> <answer>B</answer><|endoftext|>"
+    assert example.labels[0] == -100 and learned == example.input_ids[-len(learned):]
