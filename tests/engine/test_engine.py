@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tlvr_cli.engine.generate import Engine
@@ -16,32 +16,6 @@ from tlvr_cli.engine.sampling import SamplingParams, keyed_uniform, sample_keyed
 
 GREEDY = SamplingParams(temperature=0.0)
 LENGTHS = (5, 11, 3, 17, 8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lm() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    # a wide init so greedy outputs vary from token to token (the default 0.02 repeats one token)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      initializer_range=0.3)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def prompts(lm) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        return [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen)) for n in LENGTHS]
 
 
 def hf_greedy(lm, prompt: torch.Tensor, n: int, eos: int) -> list[int]:

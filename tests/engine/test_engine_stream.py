@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tlvr_cli.engine import sizing
 from tlvr_cli.engine.generate import Engine, Request
@@ -13,30 +11,6 @@ from tlvr_cli.engine.sampling import SamplingParams
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=1.0, top_k=40)
 LENGTHS = (5, 11, 3, 17, 8, 6, 9)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lm() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      initializer_range=0.3)  # a wide init: greedy outputs vary from token to token
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def prompts(lm) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        return [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen)) for n in LENGTHS]
 
 
 @pytest.mark.parametrize("params,max_batch,samples", [(GREEDY, 3, 1), (SAMPLED, 2, 2), (SAMPLED, 16, 3)])

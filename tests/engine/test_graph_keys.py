@@ -16,15 +16,6 @@ QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, n
                  num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)
 
 
-@pytest.fixture(scope="module")
-def lm() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, initializer_range=0.3)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
 def decode_lengths(engine: Engine, monkeypatch) -> list[int]:
     seen: list[int] = []
     run = engine._run_steps

@@ -24,15 +24,6 @@ LENGTHS = (5, 11, 3, 17, 8)
 EOS = 7  # the tiny model emits it early on some rows, so rows finish at different steps and slots refill
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**over) -> Qwen2Config:
     # a wide init so greedy outputs vary from token to token (the default 0.02 repeats one token)
     kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -1,0 +1,40 @@
+"""Fixtures shared by the engine tests: one CPU thread, a tiny Qwen2 and prompt embeddings of the
+lengths a test module names in ``LENGTHS``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+LENGTHS = (5, 11, 3, 17, 8)  # prompt lengths of a module that names none
+
+
+def tiny_config(**over) -> Qwen2Config:
+    # a wide init so greedy outputs vary from token to token (the default 0.02 repeats one token)
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.3)
+    return Qwen2Config(**{**kw, **over})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(lm, request) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen))
+                for n in getattr(request.module, "LENGTHS", LENGTHS)]
