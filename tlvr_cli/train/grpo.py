@@ -57,10 +57,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
                                                   cfg.data.skip_report)
     if not rows:
         raise TlvrError(f"{root / cfg.data.annotations}: no usable rows")
-    per_step = cfg.data.prompts_per_step
-    total = math.ceil(len(rows) / per_step) * cfg.optim.epochs
-    if cfg.optim.max_steps:
-        total = min(total, cfg.optim.max_steps)
+    total = R.total_steps(len(rows), cfg.data.prompts_per_step, cfg.optim.epochs, cfg.optim.max_steps)
     plan = R.plan_run(run_dir, resume, cfg, total, force=force)  # before any model is loaded
     if ctx.is_main and plan.message:
         note(plan.message)

@@ -30,6 +30,7 @@ half checkpoint that ``--resume auto`` would pick. Every process calls the save 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import signal
@@ -301,6 +302,13 @@ class RunPlan:
     complete: bool = False  # the run already finished with this config: ``final/`` is the result
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # saved → new, recorded when the run goes on
     message: str = ""
+
+
+def total_steps(items: int, per_step: int, epochs: int, max_steps: int) -> int:
+    """Optimizer steps of a run: ``epochs`` passes over ``items`` in steps of ``per_step`` (the last one
+    partial), capped at ``max_steps`` when that is set (> 0)."""
+    total = math.ceil(items / per_step) * epochs
+    return min(total, max_steps) if max_steps else total
 
 
 def plan_run(run_dir: Path, resume: str | None, cfg: Any, total: int, *, force: bool = False) -> RunPlan:

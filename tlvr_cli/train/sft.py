@@ -12,7 +12,6 @@ What the reference does that we do differently, and why:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -115,10 +114,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, force: boo
     # the global batch: batch_size samples x accum micro-batches x processes
     accum = grad_accum_steps(cfg, ctx.world_size)
     per_step = cfg.batch_size * accum * ctx.world_size
-    steps_per_epoch = math.ceil(len(records) / per_step)
-    total = steps_per_epoch * cfg.optim.epochs
-    if cfg.optim.max_steps:
-        total = min(total, cfg.optim.max_steps)
+    total = R.total_steps(len(records), per_step, cfg.optim.epochs, cfg.optim.max_steps)
     plan = R.plan_run(run_dir, resume, cfg, total, force=force)  # before any model is loaded
     if ctx.is_main and plan.message:
         note(plan.message)
