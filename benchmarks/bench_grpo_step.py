@@ -322,6 +322,9 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
     if ctx.is_main:  # the steps' numbers first, whatever the comparison below does
         print(f"timed steps: {step_s:.2f} s/step " + ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in parts.items()),
               flush=True)
+    if args.profile:
+        phase.name = "profiled step"
+        out["profile"] = profile_step(lambda: grpo_step(batch, args.steps + 1), args.profile, sync, ctx.is_main)
     if args.compare_training and ref is None:
         raise SystemExit("--compare-training times the reference log-probs too: use a preset with algo.beta > 0")
     if args.compare_training:
@@ -339,6 +342,30 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
         out["reference_step_s"] = _reference_step(model.language_model, shape, n_tok, step_s - parts["time/rollout_s"],
                                                   args.reference_tokens, device, dtype)
     return out
+
+
+def profile_step(step, rows: int, sync, show: bool) -> list[dict]:
+    """One more step under ``torch.profiler``: the ``rows`` GPU kernels that took the most time, with their
+    share of the step's kernel time (CUDA graph replays included: CUPTI sees the kernels inside them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    events = prof.key_averages()
+    # kernels are their own events on CUDA builds; where a build reports only operators, rank those
+    kernels = [e for e in events if e.device_type.name == "CUDA"] or [e for e in events if e.self_device_time_total]
+    total = sum(e.self_device_time_total for e in kernels) or 1.0
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    top = [{"kernel": e.key[:90], "calls": e.count, "ms": e.self_device_time_total / 1e3,
+            "share": e.self_device_time_total / total} for e in kernels[:rows]]
+    if show:
+        print(f"\nprofiled step: {total / 1e6:.2f} s of GPU kernel time; top {rows} kernels")
+        print(f"{'ms':>9} {'share':>6} {'calls':>7}  kernel")
+        for k in top:
+            print(f"{k['ms']:>9.1f} {k['share']:>6.1%} {k['calls']:>7}  {k['kernel']}")
+    return top
 
 
 def _reference_step(lm, shape: tuple[int, int], n_tok: int, rest_s: float, n: int, device, dtype) -> float:
@@ -396,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "layout, side by side")
     ap.add_argument("--compare-repeats", type=int, default=3,
                     help="timed runs per layout in --compare-training (after one warm-up); the median is printed")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed steps, profile one more and print its N most expensive GPU kernels")
     ap.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations instead of recomputing them")
     args = ap.parse_args(argv)
     if args.compare_training and args.strategy == "fsdp2":

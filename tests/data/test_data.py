@@ -22,7 +22,7 @@ from tlvr_cli.runtime import data_root
 from tlvr_cli.synth import COLORS, write_synthetic_dataset
 
 SMALL = dict(train=12, eval=6, coldstart=4, size=32)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _row(**kw) -> dict:
