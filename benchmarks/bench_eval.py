@@ -82,11 +82,24 @@ def time_eval(args, ckpt: Path, data: Path, work: Path, device: torch.device) ->
 
     run_eval(eval_config(args, ckpt, data, work / "eval-warmup", limit=min(8, args.items)), show_progress=False)
     cfg = eval_config(args, ckpt, data, work / "eval")
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
     synchronize(device)
     t = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     report = run_eval(cfg, show_progress=False)
     synchronize(device)
     wall = time.perf_counter() - t
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        print(f"\nhost profile of the timed run_eval ({wall:.2f} s), by cumulative time:")
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
     rows = [json.loads(line) for line in (work / "eval" / "answers.jsonl").read_text().splitlines()]
     t = time.perf_counter()
     model = load_model(cfg.model)
@@ -168,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=0, help="Override the eval default (1024); 0 keeps it.")
     ap.add_argument("--reference-items", type=int, default=2, help="Items timed for the reference-loop estimate.")
     ap.add_argument("--reference-tokens", type=int, default=32, help="New tokens per timed reference item.")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile the timed eval on the host (cProfile) and print its N heaviest calls")
     ap.add_argument("--workdir", default="", help="Where the checkpoint, data and answers go (default: a temp dir).")
     args = ap.parse_args(argv)
     from tlvr_cli.eval.decode_ahead import video_jobs

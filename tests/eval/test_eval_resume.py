@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ from tlvr_cli.eval.answers import read_answers, truncate_torn_tail
 
 
 def test_fingerprint_covers_every_byte_and_reuses_recorded_digests(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLVR_DATA", str(tmp_path / "cache"))
     monkeypatch.setattr(resume, "HASH_CHUNK", 1000)  # several chunks per file, hashed in parallel
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -43,3 +45,38 @@ def test_truncate_torn_tail(tmp_path):
     assert [r["item_id"] for r in read_answers(path)] == ["a", "b"] and path.read_text().endswith("}\n")
     path.write_text('{"item_id": "only", "torn')
     assert truncate_torn_tail(path) > 0 and path.read_bytes() == b""
+
+
+def test_fingerprints_are_remembered_across_output_directories(tmp_path, monkeypatch):
+    # evaluating one checkpoint on several benchmarks (a new directory each, no provenance to reuse)
+    # hashes its files once; a file changed since is hashed again
+    monkeypatch.setenv("TLVR_DATA", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(os.urandom(3000))
+    old = time.time_ns() - 10**10  # written 10 s ago: past the racy window
+    for f in ckpt.iterdir():
+        os.utime(f, ns=(old, old))
+    real = resume._chunk_digest
+    reads = []
+    monkeypatch.setattr(resume, "_chunk_digest", lambda path, start: reads.append(path.name) or real(path, start))
+    monkeypatch.setattr(resume, "RACY_S", 0.0)  # ctime is "now" after utime: accept it here
+    digest, files = resume.weights_fingerprint(str(ckpt))
+    assert sorted(reads) == ["config.json", "model.safetensors"]
+    reads.clear()
+    assert resume.weights_fingerprint(str(ckpt)) == (digest, files) and reads == []
+    weights.write_bytes(os.urandom(3000))  # same size, new content
+    changed, _ = resume.weights_fingerprint(str(ckpt))
+    assert changed != digest and reads == ["model.safetensors"]
+    # a file written just now is hashed but not remembered: a second write in the same tick could keep its stat
+    monkeypatch.setattr(resume, "RACY_S", 2.0)
+    weights.write_bytes(os.urandom(3000))
+    reads.clear()
+    resume.weights_fingerprint(str(ckpt))
+    resume.weights_fingerprint(str(ckpt))
+    assert reads == ["model.safetensors", "model.safetensors"]
+    # an unreadable cache is only a cache
+    (tmp_path / "cache" / resume.DIGEST_CACHE).write_text("{not json")
+    assert resume.weights_fingerprint(str(ckpt))[0] == resume.weights_fingerprint(str(ckpt))[0]

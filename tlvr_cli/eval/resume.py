@@ -10,9 +10,11 @@ are not part of the key, so a resume may change them. The default directory is n
 and a hash of the key's settings (``runs/eval/<benchmark>/<model>-<mode>-<protocol>-<hash>``), so
 evaluating another model or other settings starts a new directory instead of hitting the refusal.
 
-Fingerprinting a checkpoint reads it once, in 256 MB chunks hashed in parallel (7 GB: about 4 s on
-one core, a fraction of that on many); the per-file digests are kept in ``provenance.json`` with each
-file's size and mtime, so a resume of an unchanged checkpoint hashes nothing. ``overwrite_stale``
+Fingerprinting a checkpoint reads it once, in 256 MB chunks hashed in parallel (7 GB: about 5 s on
+a 16-core GPU host); the per-file digests are kept in ``provenance.json`` with each file's size and
+mtime, so a resume of an unchanged checkpoint hashes nothing, and in ``data_root()/file-digests.json``
+by resolved path, size, mtime and ctime (git's index rule), so evaluating the same checkpoint again
+(another benchmark, other settings, a new directory) hashes nothing either. ``overwrite_stale``
 deletes answers of another key instead of refusing (the demo re-evaluates its own directories).
 """
 
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from ..errors import TlvrError
 from ..files import write_json_atomic
 from ..jobs import EvalConfig
 from ..model.checkpoint import resolve_checkpoint
-from ..runtime import resolve_device, resolve_dtype
+from ..runtime import data_root, resolve_device, resolve_dtype
 from .answers import answer_files, read_answers
 
 PROVENANCE = "provenance.json"
@@ -106,6 +109,7 @@ def weights_fingerprint(path: str, model: torch.nn.Module | None = None,
     ckpt = resolve_checkpoint(path)
     files = sorted(f for f in ckpt.iterdir() if f.is_file() and _MODEL_FILES.fullmatch(f.name))
     known = known or {}
+    remembered = _read_digest_cache()
     stats: dict[str, list] = {}
     todo = []
     for f in files:
@@ -113,17 +117,66 @@ def weights_fingerprint(path: str, model: torch.nn.Module | None = None,
         old = known.get(f.name)
         if old and old[:2] == [st.st_size, st.st_mtime_ns]:
             stats[f.name] = old
+        elif (sha := _remembered_digest(remembered, f, st)) is not None:
+            stats[f.name] = [st.st_size, st.st_mtime_ns, sha]
         else:
             stats[f.name] = [st.st_size, st.st_mtime_ns, None]
             todo += [(f, start) for start in range(0, max(1, st.st_size), HASH_CHUNK)]
     if todo:  # the chunks of every file hashed in parallel threads (hashlib releases the GIL)
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, len(todo))) as pool:
             digests = list(pool.map(lambda job: _chunk_digest(*job), todo))
-        for name in {f.name for f, _ in todo}:
-            chunks = b"".join(d for (f, _), d in zip(todo, digests) if f.name == name)
-            stats[name][2] = hashlib.sha256(chunks).hexdigest()
+        hashed = {f for f, _ in todo}
+        for f in hashed:
+            chunks = b"".join(d for (g, _), d in zip(todo, digests) if g == f)
+            stats[f.name][2] = hashlib.sha256(chunks).hexdigest()
+        _remember_digests(remembered, {f: stats[f.name][2] for f in hashed})
     total = hashlib.sha256("".join(f"{name}:{s[2]}\n" for name, s in sorted(stats.items())).encode())
     return total.hexdigest(), stats
+
+
+DIGEST_CACHE = "file-digests.json"
+RACY_S = 2.0
+
+
+def _read_digest_cache() -> dict[str, dict]:
+    """``data_root()/file-digests.json``: {resolved path: {size, mtime_ns, ctime_ns, sha256}}; {} when
+    missing or unreadable (it is only a cache)."""
+    try:
+        data = json.loads((data_root() / DIGEST_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _file_stat(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _remembered_digest(cache: dict[str, dict], f: Path, st: os.stat_result) -> str | None:
+    """The cached digest of ``f`` if its size, mtime and ctime are those it was hashed with."""
+    entry = cache.get(str(f.resolve()))
+    if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in _file_stat(st).items()):
+        return None
+    sha = entry.get("sha256")
+    return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
+
+
+def _remember_digests(cache: dict[str, dict], digests: dict[Path, str]) -> None:
+    """Add ``digests`` to the cache file (entries of files that no longer exist are dropped); a cache
+    that cannot be written (read-only home) only means hashing again next time. A file modified in the
+    last ``RACY_S`` seconds is not remembered: a second write within the same timestamp tick would
+    keep its size, mtime and ctime (git's "racy" entries)."""
+    merged = {path: entry for path, entry in cache.items() if Path(path).exists()}
+    now = time.time_ns()
+    for f, sha in digests.items():
+        st = f.stat()
+        if now - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_S * 1e9:
+            merged[str(f.resolve())] = {**_file_stat(st), "sha256": sha}
+    try:
+        data_root().mkdir(parents=True, exist_ok=True)
+        write_json_atomic(data_root() / DIGEST_CACHE, merged)
+    except OSError:
+        pass
 
 
 def _chunk_digest(path: Path, start: int) -> bytes:
