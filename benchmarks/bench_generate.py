@@ -17,8 +17,7 @@ With ``--samples`` > 1 the engine also runs as ``Engine(cascade=True)`` decodes 
 prompt's keys/values once per block of its ``--samples`` rows (cascade attention) instead of a copy
 per row; the plain engine rows are ``cascade=False`` (the default). Each engine row has its own floor: the cascade
 reads every prompt once per group plus each row's own new tokens, the plain engine every row's
-prompt and new tokens. On CUDA the compiled engine also runs with ``attention="matmul"`` (a decode
-step's attention as two batched products around a float32 softmax instead of one SDPA kernel).
+prompt and new tokens.
 
 With ``--tensor-parallel`` (under torchrun, N processes) the same rows are decoded three ways: on one
 GPU, data-parallel (each GPU decodes 1/N of the rows with all the weights) and tensor-parallel (every
@@ -91,12 +90,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_engine(lm, prompts, params, args, device, cuda_graphs: bool, compile: bool = False, tp_group=None,
-                out: list | None = None, cascade: bool = False, attention: str = "sdpa") -> float:
+                out: list | None = None, cascade: bool = False) -> float:
     """Seconds of the second of two identical engine calls (the first allocates, compiles, captures);
     ``out`` receives the tokens of the timed call."""
     rows = len(prompts) * args.samples
     engine = Engine(lm, max_batch=rows, max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=cuda_graphs,
-                    compile=compile, tp_group=tp_group, cascade=cascade, attention=attention)
+                    compile=compile, tp_group=tp_group, cascade=cascade)
 
     def run() -> None:
         outs = engine.generate(prompts, params, args.new_tokens, 0, num_samples=args.samples, ignore_eos=True)
@@ -300,9 +299,6 @@ def main(argv: list[str] | None = None) -> dict:
             seconds["engine + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True)
             seconds["engine + graphs + compile"] = time_engine(lm, prompts, params, args, device, out=plain_tokens,
                                                                **fast)
-            # attention as two batched products around a float32 softmax instead of one SDPA kernel
-            seconds["engine, matmul attention"] = time_engine(lm, prompts, params, args, device, attention="matmul",
-                                                              **fast)
         if args.samples > 1:  # the same rows, each prompt's keys/values once per group
             if cuda:
                 seconds["cascade + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True,

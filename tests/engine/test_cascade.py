@@ -74,7 +74,7 @@ def test_cascade_layer_matches_decode_layer(lm):
 
 
 def run(lm, prompts, params, n, eos, **kw) -> list[tuple[list[int], bool]]:
-    engine_kw = {"cascade": True} | {k: kw.pop(k) for k in ("max_batch", "cascade", "attention") if k in kw}
+    engine_kw = {"cascade": True} | {k: kw.pop(k) for k in ("max_batch", "cascade") if k in kw}
     outs = Engine(lm, max_seq_len=64, **engine_kw).generate(prompts, params, n, eos, **kw)
     return [(o.tokens, o.finished) for o in outs]
 
@@ -185,27 +185,3 @@ def test_top_k_in_16_bits_draws_what_float32_draws(device):
                 seeds, at = torch.arange(64, device=device) * 7 + pos, torch.full((64,), pos, device=device)
                 half = sample_keyed(logits, params, seeds, at)
                 assert torch.equal(half, sample_keyed(logits.float(), params, seeds, at))
-
-
-@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_matmul_attention_decodes_the_tokens_of_sdpa(lm, prompts, params):
-    # the plain decode step attending by two products around a float32 softmax: the same tokens (fp32)
-    kw = dict(num_samples=2, seed=3, cascade=False, max_batch=6)
-    want = run(lm, prompts, params, 10, 7, **kw)
-    assert run(lm, prompts, params, 10, 7, attention="matmul", **kw) == want
-    with pytest.raises(ValueError, match="attention"):
-        Engine(lm, attention="flash")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_matmul_attention_in_graphs_and_compiled_on_cuda(lm, prompts):
-    gpu = Qwen2ForCausalLM(lm.config).cuda().eval()
-    gpu.load_state_dict(lm.state_dict())
-    cuda_prompts = [p.cuda() for p in prompts]
-    want = [o.tokens for o in Engine(gpu, max_batch=16, max_seq_len=64).generate(cuda_prompts, GREEDY, 12, 7,
-                                                                               num_samples=3)]
-    for compile in (False, True):
-        engine = Engine(gpu, max_batch=16, max_seq_len=64, cuda_graphs=True, compile=compile, attention="matmul")
-        for _ in range(2):
-            assert [o.tokens for o in engine.generate(cuda_prompts, GREEDY, 12, 7, num_samples=3)] == want, compile

@@ -66,7 +66,6 @@ __all__ = ["COMPILE_DEVICES", "KV_LEN_BUCKET", "PREFILL_TOKENS", "SYNC_EVERY", "
 
 COMPILE_DEVICES = ("cuda",)  # where ``compile=True`` takes effect (elsewhere the engine runs eager)
 PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward
-ATTENTION = ("sdpa", "matmul")  # how a plain decode step attends (``layers.decode_layer``)
 
 
 def _weight_copy_bytes(lm: torch.nn.Module, compile: bool, fuse_weights: bool, copy_weights: bool) -> int:
@@ -89,7 +88,7 @@ class Engine(DecodeSteps):
 
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
                  compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False,
-                 weights: WeightSource | None = None, cascade: bool = False, attention: str = "sdpa",
+                 weights: WeightSource | None = None, cascade: bool = False,
                  tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
@@ -102,12 +101,9 @@ class Engine(DecodeSteps):
         if max_batch == 0:
             copies = _weight_copy_bytes(lm, compile, fuse_weights, copy_weights)
             max_batch = auto_max_batch(lm, max_seq_len, extra_bytes=copies)
-        if attention not in ATTENTION:
-            raise ValueError(f"Engine attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
-        self.attention = attention
         self.cascade = cascade
         # torch.compile fuses each layer's norms, rotary and residual adds into a few kernels: one
         # compiled function serves all layers (parameters are inputs, not constants)

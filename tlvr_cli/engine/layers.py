@@ -65,15 +65,12 @@ def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tu
 def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                  heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None,
-                 group: dist.ProcessGroup | None = None, products: bool | None = None) -> torch.Tensor:
+                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """One decoder layer for one new token per row ``x`` (B, 1, D): writes row ``rows[j]``'s key/value at
     ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len, head_dim) and attends over
     their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
     ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer.
-    With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``).
-    ``products`` None: attention by SDPA; else as two batched products around an fp32 softmax
-    (``attention.partial_attention``, float32 products when True), which spreads a row's keys over
-    many thread blocks where a fused kernel gives each (row, kv head) one."""
+    With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``)."""
     b = x.shape[0]
     q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
     k_cache[rows, :, pos] = k[:, :, 0]
@@ -81,11 +78,7 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
     # one query per row, so a kv head's query group fits in the "sequence" dim: GQA without copying keys
     q = q.reshape(b, kv_heads, heads // kv_heads, head_dim)
     kv_len = mask.shape[-1]
-    keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
-    if products is None:
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    else:
-        o = partial_attention(q, keys, values, mask.float(), head_dim ** -0.5, products)[0].to(x.dtype)
+    o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
     return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
 
 

@@ -60,14 +60,13 @@ class DecodeSteps:
     n_kv_heads: int
     head_dim: int
     cuda_graphs: bool
-    attention: str  # plain decode steps: "sdpa" or "matmul" (``layers.decode_layer``)
     tp: TensorParallel | None
     check_agreement: bool
     _full_cache_rows: int  # rows x positions of cache that a step reads whole (``FULL_CACHE_SHARE``)
     _layer: Callable  # layers.decode_layer, or its compiled twin
     _cascade: Callable  # layers.cascade_layer, likewise
     _sample: Callable  # sampling.sample_keyed, likewise
-    _fp32: bool  # cascade and matmul-attention products in float32 (``attention.fp32_products``)
+    _fp32: bool  # cascade products in float32 (``attention.fp32_products``)
     _k: list[torch.Tensor]  # per layer (max_batch, kv_heads, max_seq_len, head_dim)
     _v: list[torch.Tensor]
     _state: torch.Tensor | None
@@ -128,7 +127,7 @@ class DecodeSteps:
         for i, layer in enumerate(self._lm.model.layers):
             x = self._layer(layer, x, cos, sin, self._k[i], self._v[i], rows, pos, mask,
                             self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None,
-                            self._group, None if self.attention == "sdpa" else self._fp32)
+                            self._group)
         return self._lm.lm_head(self._lm.model.norm(x))[:, 0]
 
     def _cascade_step(self, tok: torch.Tensor, pos: torch.Tensor, new_pos: torch.Tensor,
