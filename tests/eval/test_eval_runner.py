@@ -190,3 +190,36 @@ def test_a_broken_video_skips_all_its_questions(data, tmp_path):
     skipped = [r for r in rows.values() if r.get("skipped")]
     assert report.n_skipped == len(skipped) == 3
     assert {r["video"] for r in skipped} == {str(synth / broken.relative_to(data / "synth"))}
+
+
+def test_videos_decode_while_the_model_loads(data, tmp_path, monkeypatch):
+    # the decode workers have the first videos done before the model is loaded (a load that waits for
+    # them finishes; one that ran before any decode was submitted would wait forever)
+    import time
+
+    real_load = runner.load_model
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def load(cfg):
+        deadline = time.monotonic() + 60
+        while len(list(marks.iterdir())) < 2:
+            assert time.monotonic() < deadline, "no video was decoded before the model loaded"
+            time.sleep(0.05)
+        return real_load(cfg)
+
+    monkeypatch.setattr(runner, "load_model", load)
+    monkeypatch.setattr(runner, "decode_video", _marking_decode(marks))
+    report = run_eval(config(data, tmp_path / "out", decode_workers=2), show_progress=False)
+    assert report.n == 12 and len(list(marks.iterdir())) == 4  # once per video
+
+
+class _marking_decode:
+    """``decode_video`` that leaves a file per decoded video (picklable, for the worker processes)."""
+
+    def __init__(self, marks: Path) -> None:
+        self.marks = marks
+
+    def __call__(self, path, spec, **kw):
+        (self.marks / Path(path).name).touch()
+        return decode_video(path, spec, **kw)

@@ -116,15 +116,18 @@ class DecodePool:
     def decode(self, jobs: list[VideoJob], decode: Callable[[Path, FrameSpec], Decoded]
                ) -> Iterator[tuple[VideoJob, Decoded]]:
         """``(job, decode(job.video, job.frame_spec))`` in job order, up to ``AHEAD_PER_WORKER`` decodes per
-        worker running ahead of the consumer. ``decode`` must be picklable (a module-level function or a
-        ``functools.partial`` of one) when there are workers."""
+        worker running ahead of the consumer; with workers the first of them start now, before the first
+        result is asked for (e.g. while the model loads). ``decode`` must be picklable (a module-level
+        function or a ``functools.partial`` of one) when there are workers."""
         if self._pool is None:
-            for job in jobs:
-                yield job, decode(job.video, job.frame_spec)
-            return
+            return ((job, decode(job.video, job.frame_spec)) for job in jobs)
         rest = iter(jobs)
         pending = deque((job, self._pool.submit(decode, job.video, job.frame_spec))
                         for job in islice(rest, self.workers * AHEAD_PER_WORKER))
+        return self._results(pending, rest, decode)
+
+    def _results(self, pending: deque, rest: Iterator[VideoJob], decode: Callable[[Path, FrameSpec], Decoded]
+                 ) -> Iterator[tuple[VideoJob, Decoded]]:
         while pending:
             job, future = pending.popleft()
             try:

@@ -33,7 +33,7 @@ from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..files import write_text_atomic
 from ..jobs import EvalConfig
-from ..model.checkpoint import load_model
+from ..model.checkpoint import frame_size, load_model
 from ..progress import JobProgress
 from ..runtime import resolve_root
 from .answer import parse_option_answer, parse_reason_answer
@@ -108,11 +108,15 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
     todo = [it for it in mine if it.item_id not in done]
 
     if todo:
-        with DecodePool(usable_workers(cfg.decode_workers)) as pool:  # workers start before the model loads
+        size = model.config.vision_config.image_size if model is not None else frame_size(cfg.model.path)
+        decode = functools.partial(decode_video, video=cfg.video, image_size=size)
+        # workers start, and decode the first videos, while the model loads
+        with DecodePool(usable_workers(cfg.decode_workers)) as pool, \
+                closing(pool.decode(video_jobs(todo, cfg.share_features), decode)) as decoded:
             if model is None:
                 model = load_model(cfg.model)
             model.eval()
-            _generate_answers(cfg, model, todo, pool, answers_path, len(mine) - len(todo), len(mine), show_progress)
+            _generate_answers(cfg, model, decoded, answers_path, len(mine) - len(todo), len(mine), show_progress)
     if world_size > 1:
         return None
     order = {it.item_id: i for i, it in enumerate(items)}
@@ -125,8 +129,8 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
     return report
 
 
-def _generate_answers(cfg: EvalConfig, model, todo: list[EvalItem], pool: DecodePool, answers_path: Path, already: int,
-                      total: int, show_progress: bool) -> None:
+def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, Decoded]], answers_path: Path,
+                      already: int, total: int, show_progress: bool) -> None:
     tok = model.tokenizer
     params = SamplingParams(temperature=0.0) if cfg.protocol == "greedy" else SamplingParams(
         temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
@@ -134,13 +138,11 @@ def _generate_answers(cfg: EvalConfig, model, todo: list[EvalItem], pool: Decode
     engine = Engine(model.language_model, max_batch=cfg.engine.max_batch,
                     max_seq_len=model.config.tokenizer_model_max_length + max_new, cuda_graphs=cfg.engine.cuda_graphs,
                     compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights)
-    decode = functools.partial(decode_video, video=cfg.video, image_size=model.config.vision_config.image_size)
-    jobs = video_jobs(todo, cfg.share_features)
     progress = JobProgress(cfg.benchmark, total, enabled=show_progress)
     progress.start(already)
     counts = {"done": already, "correct": 0, "seen": 0, "skipped": 0}
     try:
-        with answers_path.open("a") as out, closing(pool.decode(jobs, decode)) as decoded:
+        with answers_path.open("a") as out:
             def write(row: dict) -> None:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 out.flush()

@@ -167,6 +167,16 @@ def load_model(path: str | ModelSpec, *, dtype: str = "auto", device: str = "aut
     return model.to(dtype=dt)  # buffers too (e.g. the rotary table), as before
 
 
+def frame_size(path: str) -> int:
+    """The side, in pixels, of the frames the vision tower of checkpoint ``path`` ('tiny': the embedded
+    model) takes, read from its config alone: frames can be decoded while the weights load."""
+    if path == "tiny":
+        from .tiny import tiny_config
+
+        return tiny_config(1).vision_config.image_size
+    return TinyLlavaConfig.from_json_file(resolve_checkpoint(path) / "config.json").vision_config.image_size
+
+
 def _check_attn(name: str, device: torch.device) -> str:
     if name not in ("sdpa", "eager", "flash_attention_2"):
         raise TlvrError(f"model.attn_implementation={name!r}: expected sdpa, eager or flash_attention_2")
