@@ -10,8 +10,8 @@ are not part of the key, so a resume may change them. The default directory is n
 and a hash of the key's settings (``runs/eval/<benchmark>/<model>-<mode>-<protocol>-<hash>``), so
 evaluating another model or other settings starts a new directory instead of hitting the refusal.
 
-Fingerprinting a checkpoint reads it once, in 256 MB chunks hashed in parallel (7 GB: about 5 s on
-a 16-core GPU host); the per-file digests are kept in ``provenance.json`` with each file's size and
+Fingerprinting a checkpoint reads it once, in 256 MB chunks hashed in parallel (7 GB from the page
+cache: 0.7 s on a 16-core host); the per-file digests are kept in ``provenance.json`` with each file's size and
 mtime, so a resume of an unchanged checkpoint hashes nothing, and in ``data_root()/file-digests.json``
 by resolved path, size, mtime and ctime (git's index rule), so evaluating the same checkpoint again
 (another benchmark, other settings, a new directory) hashes nothing either. ``overwrite_stale``

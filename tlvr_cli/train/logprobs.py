@@ -12,9 +12,9 @@ in the model's dtype (∂h accumulated in fp32 across chunks), as autograd throu
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from ..engine.attention import HALF, fp32_products
 
 
 class _ChunkedTokenLogprob(torch.autograd.Function):
@@ -60,20 +60,11 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
 
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc + a @ b`` in fp32 (``acc`` fp32): half-precision inputs go through the GEMM as they are,
-    with an fp32 output, where torch supports it (CUDA, torch >= 2.8); otherwise in fp32."""
-    if a.dtype in (torch.float16, torch.bfloat16) and _fp32_output_gemm(a.device):
+    with an fp32 output, where torch supports it (CUDA; the release that gave bmm its ``out_dtype``
+    gave it to addmm too); otherwise in fp32."""
+    if a.dtype in HALF and fp32_products(a.device, compiled=False):
         return torch.addmm(acc, a, b, out_dtype=torch.float32)
     return acc.addmm_(a.float(), b.float())
-
-
-@functools.cache
-def _fp32_output_gemm(device: torch.device) -> bool:
-    """Whether half-precision GEMMs on ``device`` can write fp32 results (``out_dtype``)."""
-    x = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-    try:
-        return torch.addmm(x.float(), x, x, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
