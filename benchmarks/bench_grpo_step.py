@@ -346,7 +346,8 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
 
 def profile_step(step, rows: int, sync, show: bool) -> list[dict]:
     """One more step under ``torch.profiler``: the ``rows`` GPU kernels that took the most time, with their
-    share of the step's kernel time (CUDA graph replays included: CUPTI sees the kernels inside them)."""
+    share of the step's kernel time (CUDA graph replays included: CUPTI sees the kernels inside them);
+    without a GPU, the CPU operators by their own time."""
     from torch.profiler import ProfilerActivity, profile
 
     sync()
@@ -354,15 +355,18 @@ def profile_step(step, rows: int, sync, show: bool) -> list[dict]:
         step()
         sync()
     events = prof.key_averages()
-    # kernels are their own events on CUDA builds; where a build reports only operators, rank those
-    kernels = [e for e in events if e.device_type.name == "CUDA"] or [e for e in events if e.self_device_time_total]
-    total = sum(e.self_device_time_total for e in kernels) or 1.0
-    kernels.sort(key=lambda e: -e.self_device_time_total)
-    top = [{"kernel": e.key[:90], "calls": e.count, "ms": e.self_device_time_total / 1e3,
-            "share": e.self_device_time_total / total} for e in kernels[:rows]]
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    if kernels:
+        what, spent = "GPU kernel", lambda e: e.self_device_time_total
+    else:
+        kernels, what, spent = list(events), "CPU operator", lambda e: e.self_cpu_time_total
+    total = sum(spent(e) for e in kernels) or 1.0
+    kernels.sort(key=lambda e: -spent(e))
+    top = [{"kernel": e.key[:90], "calls": e.count, "ms": spent(e) / 1e3, "share": spent(e) / total}
+           for e in kernels[:rows]]
     if show:
-        print(f"\nprofiled step: {total / 1e6:.2f} s of GPU kernel time; top {rows} kernels")
-        print(f"{'ms':>9} {'share':>6} {'calls':>7}  kernel")
+        print(f"\nprofiled step: {total / 1e6:.2f} s of {what} time; top {rows}")
+        print(f"{'ms':>9} {'share':>6} {'calls':>7}  {what}")
         for k in top:
             print(f"{k['ms']:>9.1f} {k['share']:>6.1%} {k['calls']:>7}  {k['kernel']}")
     return top

@@ -51,3 +51,12 @@ def test_out_of_memory_is_reported_with_its_phase(bench, monkeypatch, capsys):
     wrapped = RuntimeError("compile failed")
     wrapped.__cause__ = torch.OutOfMemoryError("out of memory")
     assert bench._is_oom(wrapped)
+
+
+def test_profile_lists_the_step_s_most_expensive_operations(bench, capsys):
+    r = bench.main(["--preset", "nextqa-48gb", "--set", "engine.max_batch=2", "--profile", "5", *SMOKE])
+    top = r["profile"]
+    assert len(top) == 5 and all(t["ms"] >= 0 and t["calls"] >= 1 for t in top)
+    assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+    assert sum(t["share"] for t in top) <= 1 + 1e-9
+    assert "profiled step:" in capsys.readouterr().out
