@@ -110,11 +110,28 @@ def wandb_mode() -> str:
         return "offline"
 
 
-class WandbTracker:
+class _RunLogger:
+    """What wandb and trackio share: ``module.init`` returns a run whose ``log(dict, step=)`` takes
+    scalars and ``module.Table`` / ``module.Image`` values alike."""
+
+    module: Any
+    run: Any
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_table(self, step: int, key: str, columns: list[str], rows: list[list]) -> None:
+        self.run.log({key: self.module.Table(columns=columns, data=rows)}, step=step)
+
+    def log_image(self, step: int, key: str, path: Path) -> None:
+        self.run.log({key: self.module.Image(str(path))}, step=step)
+
+
+class WandbTracker(_RunLogger):
     name = "wandb"
 
     def __init__(self, module: Any, run: TrackerRun) -> None:
-        self.wandb = module
+        self.module = module
         mode = wandb_mode()
         # console off: wandb would otherwise wrap stdout/stderr under the progress bar
         self.run = module.init(project=run.project, name=run.name, dir=str(run.run_dir), config=run.config, mode=mode,
@@ -125,15 +142,6 @@ class WandbTracker:
         else:
             self.note = f"wandb: {mode} run {getattr(self.run, 'url', None) or run.name}"
 
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(dict(metrics), step=step)
-
-    def log_table(self, step: int, key: str, columns: list[str], rows: list[list]) -> None:
-        self.run.log({key: self.wandb.Table(columns=columns, data=rows)}, step=step)
-
-    def log_image(self, step: int, key: str, path: Path) -> None:
-        self.run.log({key: self.wandb.Image(str(path))}, step=step)
-
     def close(self) -> None:
         self.run.finish()
 
@@ -141,11 +149,11 @@ class WandbTracker:
 # ----------------------------------------------------------------------------- trackio
 
 
-class TrackioTracker:
+class TrackioTracker(_RunLogger):
     name = "trackio"
 
     def __init__(self, module: Any, run: TrackerRun) -> None:
-        self.trackio = module
+        self.module = module
         with _quiet():  # trackio prints a banner; our one-line note says the same
             self.run = module.init(project=run.project, name=run.name, config=run.config)
         space = os.environ.get("TRACKIO_SPACE_ID")
@@ -155,18 +163,9 @@ class TrackioTracker:
             store = getattr(module, "TRACKIO_DIR", "the trackio store")
             self.note = f"trackio: logged locally in {store} (view: trackio show --project {run.project})"
 
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(dict(metrics), step=step)
-
-    def log_table(self, step: int, key: str, columns: list[str], rows: list[list]) -> None:
-        self.run.log({key: self.trackio.Table(columns=columns, data=rows)}, step=step)
-
-    def log_image(self, step: int, key: str, path: Path) -> None:
-        self.run.log({key: self.trackio.Image(str(path))}, step=step)
-
     def close(self) -> None:
         with _quiet():  # the module's finish also forgets the run, so trackio's exit hook does not finish it again
-            self.trackio.finish()
+            self.module.finish()
 
 
 @contextlib.contextmanager
