@@ -8,6 +8,17 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tlvr_cli.model.tiny import tiny_tokenizer

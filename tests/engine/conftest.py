@@ -18,12 +18,8 @@ def tiny_config(**over) -> Qwen2Config:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every engine test runs on one CPU thread (``one_thread``, tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

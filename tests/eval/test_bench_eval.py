@@ -5,18 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-import torch
-
-
-@pytest.fixture()
-def one_thread():
-    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_bench_eval_smoke(tmp_path, one_thread):
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_eval.py"

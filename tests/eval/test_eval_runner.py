@@ -21,15 +21,7 @@ from tlvr_cli.model.tiny import build_tiny_model
 from tlvr_cli.synth import write_synthetic_dataset
 
 PAPER = {"protocol": "paper"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest and does not stall when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,12 @@ from tlvr_cli.train.trackers import TrackerRun, import_tracker, open_trackers, t
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
+    """Half the size of the training tests' set (tests/train/conftest.py): the tracker runs only need steps."""
     from tlvr_cli.synth import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synth")
     write_synthetic_dataset(SynthConfig(root=str(root), train=8, eval=4, coldstart=4, size=32, seed=0))
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    from tlvr_cli.model.checkpoint import save_model
-    from tlvr_cli.model.tiny import build_tiny_model
-
-    return save_model(build_tiny_model(), tmp_path_factory.mktemp("ck") / "tiny")
 
 
 @pytest.fixture(autouse=True)
