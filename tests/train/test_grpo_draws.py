@@ -5,12 +5,11 @@ beta 0; the frame-rate mode and off-policy mini-batches on the tiny model."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from train_runs import grpo_cfg, same_weights
+from train_runs import grpo_cfg, same_weights, with_missing_videos
 
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.train import grpo as grpo_mod
@@ -91,24 +90,10 @@ def test_dynamic_sampling_resumes_exactly(synth_root, tiny_ckpt, tmp_path, rigge
     assert cursors[0] == cursors[1]
 
 
-def _rows_with_broken_first_step(synth_root: Path, root: Path, n: int, per_step: int, seed: int = 42) -> list[int]:
-    rows = [json.loads(line) for line in (synth_root / "nextqa_0-30s.jsonl").read_text().splitlines()][:n]
-    broken = epoch_order(n, seed, 0)[:per_step]  # every prompt of the first step
-    for i, r in enumerate(rows):
-        if i in broken:
-            r["video_filename"] = "./NextQA/missing.mp4"
-        else:
-            dst = root / r["video_filename"][2:]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(synth_root / r["video_filename"][2:], dst)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "nextqa_0-30s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return broken
-
-
 def test_a_fully_broken_step_draws_replacements(synth_root, tiny_ckpt, tmp_path, trained):
     root = tmp_path / "data"
-    broken = _rows_with_broken_first_step(synth_root, root, 12, 4)
+    broken = epoch_order(12, 42, 0)[:4]  # every prompt of the first step
+    with_missing_videos(synth_root, root, 12, broken)
     run_grpo(grpo_cfg(root, tmp_path / "run", tiny_ckpt, data={"prompts_per_step": 4, "max_skip_fraction": 0.5},
                       optim={"max_steps": 2}), show_progress=False)
     first, second = metrics(tmp_path / "run")
@@ -121,7 +106,7 @@ def test_a_fully_broken_step_draws_replacements(synth_root, tiny_ckpt, tmp_path,
 
 def test_too_many_broken_videos_stop_the_run_naming_the_key(synth_root, tiny_ckpt, tmp_path):
     root = tmp_path / "data"
-    _rows_with_broken_first_step(synth_root, root, 12, 4)
+    with_missing_videos(synth_root, root, 12, epoch_order(12, 42, 0)[:4])  # every prompt of the first step
     with pytest.raises(TlvrError, match=r"data\.max_skip_fraction=0\.2"):
         run_grpo(grpo_cfg(root, tmp_path / "run", tiny_ckpt, data={"prompts_per_step": 4, "max_skip_fraction": 0.2},
                           optim={"max_steps": 2}), show_progress=False)

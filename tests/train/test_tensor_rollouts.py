@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import grpo_cfg, merge
+from train_runs import grpo_cfg, merge, with_missing_videos
 
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.model.checkpoint import read_state_dict, save_model
@@ -117,23 +117,10 @@ def test_tensor_rollouts_match_one_process(synth_root, tiny_ckpt, tmp_path):
         assert [m["perf/rollout_rows"] for m in metrics(tmp_path / run)] == [rows, rows]
 
 
-def _break_rank0_first_rows(synth_root: Path, root: Path, n: int = 12, seed: int = 42) -> None:
-    """A copy of the data whose first step's prompts of rank 0 (of two) have no video: it draws again."""
-    rows = [json.loads(line) for line in (synth_root / "nextqa_0-30s.jsonl").read_text().splitlines()][:n]
-    broken = epoch_order(n, seed, 0)[:4:2]
-    for i, r in enumerate(rows):
-        if i in broken:
-            r["video_filename"] = "./NextQA/missing.mp4"
-        else:
-            dst = root / r["video_filename"][2:]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes((synth_root / r["video_filename"][2:]).read_bytes())
-    (root / "nextqa_0-30s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def test_tensor_rollouts_match_data_parallel_over_several_draws(synth_root, tiny_ckpt, tmp_path, rigged):
     root = tmp_path / "broken"
-    _break_rank0_first_rows(synth_root, root)
+    # the first step's prompts of rank 0 (of two) have no video: it draws again
+    with_missing_videos(synth_root, root, 12, epoch_order(12, 42, 0)[:4:2])
     dynamic = with_(BASE, algo=DYNAMIC)
     replace = with_(BASE, root=str(root), data={"max_skip_fraction": 0.5})
     runs = [(f"{name}-{mode}", with_(over, dist={"rollout_parallel": mode}))

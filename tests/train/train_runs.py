@@ -1,7 +1,10 @@
-"""Config builders for the training-loop tests: the tiny model on a small synthetic set, CPU, fp32."""
+"""Config builders for the training-loop tests (the tiny model on a small synthetic set, CPU, fp32) and
+data sets with missing videos."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,3 +44,18 @@ def same_weights(a: Path, b: Path) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def with_missing_videos(synth_root: Path, root: Path, n: int, broken: list[int]) -> None:
+    """The first ``n`` GRPO rows of ``synth_root`` under ``root``, their videos copied, except rows ``broken``,
+    whose video does not exist."""
+    rows = [json.loads(line) for line in (synth_root / "nextqa_0-30s.jsonl").read_text().splitlines()][:n]
+    for i, r in enumerate(rows):
+        if i in broken:
+            r["video_filename"] = "./NextQA/missing.mp4"
+        else:
+            dst = root / r["video_filename"][2:]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(synth_root / r["video_filename"][2:], dst)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "nextqa_0-30s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
