@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_qwen import tiny_config
+from transformers import Qwen2ForCausalLM
 
 from tlvr_cli.engine.generate import Engine
 from tlvr_cli.engine.sampling import SamplingParams
@@ -22,13 +23,6 @@ GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=1.0, top_k=50)
 LENGTHS = (5, 11, 3, 17, 8)
 EOS = 7  # the tiny model emits it early on some rows, so rows finish at different steps and slots refill
-
-
-def tiny_config(**over) -> Qwen2Config:
-    # a wide init so greedy outputs vary from token to token (the default 0.02 repeats one token)
-    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.3)
-    return Qwen2Config(**{**kw, **over})
 
 
 def perturb(lm: torch.nn.Module) -> None:
@@ -104,12 +98,7 @@ def _scenarios(group, lm, prompts) -> dict:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    lm = Qwen2ForCausalLM(tiny_config()).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        prompts = [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen)) for n in LENGTHS]
+def setup(tmp_path_factory, lm, prompts):
     ranks = run_ranks(_scenarios, (lm, prompts), tmp_path_factory.mktemp("tp"))
     return lm, prompts, ranks
 
@@ -273,12 +262,7 @@ def _spawn_main(rank: int, store: str, out: str, state, cfg, prompts) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_graphs_and_compile_match_one_gpu(tmp_path):
-    torch.manual_seed(0)
-    lm = Qwen2ForCausalLM(tiny_config()).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        prompts = [lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen)) for n in LENGTHS]
+def test_nccl_graphs_and_compile_match_one_gpu(tmp_path, lm, prompts):
     state = {k: v.clone() for k, v in lm.state_dict().items()}
     spawn_args = (str(tmp_path / "store"), str(tmp_path / "out"), state, lm.config, prompts)
     mp.start_processes(_spawn_main, spawn_args, nprocs=2,

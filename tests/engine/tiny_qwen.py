@@ -1,0 +1,12 @@
+"""The tiny Qwen2 config of the engine tests (a module, so tests and their conftest import the same one)."""
+
+from __future__ import annotations
+
+from transformers import Qwen2Config
+
+
+def tiny_config(**over) -> Qwen2Config:
+    # a wide init so greedy outputs vary from token to token (the default 0.02 repeats one token)
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.3)
+    return Qwen2Config(**{**kw, **over})
