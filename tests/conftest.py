@@ -19,6 +19,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture()
+def refused_endpoint(monkeypatch) -> str:
+    """A local URL nobody listens on (the connection is refused at once), with the hub's offline switch off."""
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tlvr_cli.model.tiny import tiny_tokenizer

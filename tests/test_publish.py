@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
 import fixtures_runs as fr
 import pytest
@@ -133,13 +132,8 @@ def test_push_errors_are_one_line(run, tmp_path, monkeypatch, capsys):
     assert "cannot push me/tiny-r1: HF_HUB_OFFLINE is set" in err
 
 
-def test_unreachable_hub(run, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    with socket.socket() as s:  # a port nobody listens on: the connection is refused at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = HfHubClient(token="hf_test", timeout=2.0, endpoint=f"http://127.0.0.1:{port}")
+def test_unreachable_hub(run, refused_endpoint):
+    client = HfHubClient(token="hf_test", timeout=2.0, endpoint=refused_endpoint)
     with pytest.raises(TlvrError, match=r"^cannot reach the Hugging Face hub to push me/x \(offline\?\)"):
         push_checkpoint(run / "final", "me/x", client=client)
 

@@ -206,15 +206,8 @@ def test_real_client_with_hub_offline(monkeypatch, tmp_path):
     assert "Zhang199/TinyLLaVA-Video-R1" in str(err.value) and "by hand" in str(err.value)
 
 
-def test_real_client_unreachable_endpoint(monkeypatch, tmp_path):
-    import socket
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    with socket.socket() as s:  # a port nobody listens on: the connection is refused at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = HfHubClient(timeout=2.0, endpoint=f"http://127.0.0.1:{port}")
+def test_real_client_unreachable_endpoint(refused_endpoint, tmp_path):
+    client = HfHubClient(timeout=2.0, endpoint=refused_endpoint)
     with pytest.raises(TlvrError, match=r"cannot reach the Hugging Face hub for lmms-lab/Video-MME \(offline\?\)"):
         fetch_targets(["videomme"], tmp_path, client=client, dry_run=True, progress=False)
 
