@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from train_runs import coldstart_cfg
 
 from tlvr_cli.config import load_config
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.jobs import ColdstartConfig
+from tlvr_cli.train.metrics import read_metrics
 from tlvr_cli.train.sft import grad_accum_steps, run_coldstart
 
 
@@ -29,5 +28,5 @@ def test_global_batch_sets_the_number_of_steps(synth_root, tiny_ckpt, tmp_path):
     # 8 records, 4 per optimizer step on one process: 2 steps of 4 accumulated micro-batches
     cfg = coldstart_cfg(synth_root, tmp_path / "run", tiny_ckpt, batch_size=1, global_batch_size=4)
     run_coldstart(cfg, show_progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tlvr_cli.model.checkpoint import read_state_dict
+from tlvr_cli.train.metrics import read_metrics
 from tlvr_cli.train.run_dir import read_trainer_state
 
 pytestmark = pytest.mark.slow
@@ -92,8 +93,7 @@ def test_two_processes_match_one(single):
     tmp = single
     launch(JOB.format(tmp=str(tmp), tag="two"), 2, tmp)
     # rollouts and advantage noise are keyed by dataset row: both runs sample the same completions
-    logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()]
-            for tag in ("one", "two")]
+    logs = [read_metrics(tmp / f"grpo-{tag}" / "metrics.jsonl") for tag in ("one", "two")]
     for key in ("reward", "completion_length", "kl", "grad_norm"):
         assert [m[key] for m in logs[0]] == pytest.approx([m[key] for m in logs[1]], abs=1e-5), key
     cs_steps = [[json.loads(line)["step"] for line in (tmp / f"cs-{tag}" / "metrics.jsonl").read_text().splitlines()]
@@ -150,8 +150,7 @@ def test_fsdp2_matches_replicas_and_resumes_with_more_processes(single):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5), (stage, k)
-    logs = [[json.loads(line) for line in (tmp / f"grpo-{tag}" / "metrics.jsonl").read_text().splitlines()]
-            for tag in ("one", "fsdp")]
+    logs = [read_metrics(tmp / f"grpo-{tag}" / "metrics.jsonl") for tag in ("one", "fsdp")]
     assert [m["step"] for m in logs[1]] == [1, 2]
     state, _ = read_trainer_state(tmp / "grpo-fsdp" / "checkpoints" / "step-000002")
     assert state["optimizer"]["layout"] == "fsdp2"

@@ -4,7 +4,6 @@ beta 0; the frame-rate mode and off-policy mini-batches on the tiny model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from tlvr_cli.train import grpo as grpo_mod
 from tlvr_cli.train import rollout as rollout_mod
 from tlvr_cli.train.grpo import run_grpo
 from tlvr_cli.train.grpo_step import GRPOStep
+from tlvr_cli.train.metrics import read_metrics
 from tlvr_cli.train.run_dir import epoch_order, read_trainer_state
 
 RIGGED = '''
@@ -27,7 +27,7 @@ CONSTANT = ("<answer>A</answer>", "<answer>B</answer>")
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run / "metrics.jsonl")
 
 
 @pytest.fixture()

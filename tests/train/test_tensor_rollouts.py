@@ -21,6 +21,7 @@ from tlvr_cli.model.checkpoint import read_state_dict, save_model
 from tlvr_cli.model.tiny import build_tiny_model
 from tlvr_cli.runtime import DistContext
 from tlvr_cli.train.grpo import run_grpo
+from tlvr_cli.train.metrics import read_metrics
 from tlvr_cli.train.rollout_parallel import rollout_group
 from tlvr_cli.train.run_dir import epoch_order
 
@@ -74,7 +75,7 @@ def launch(tmp: Path, runs: list[tuple[str, dict]], synth: Path, ckpt: Path, npr
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run / "metrics.jsonl")
 
 
 def assert_same_steps(a: Path, b: Path) -> None:

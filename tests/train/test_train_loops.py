@@ -10,6 +10,7 @@ import torch
 from train_runs import coldstart_cfg, grpo_cfg, same_weights
 
 from tlvr_cli.model.checkpoint import load_model
+from tlvr_cli.train.metrics import read_metrics
 from tlvr_cli.train.rewards import score_completions
 
 
@@ -20,7 +21,7 @@ def test_coldstart_writes_outputs_and_resumes_exactly(synth_root, tiny_ckpt, tmp
                          show_progress=False)
     run = tmp_path / "a"
     assert (run / "config.yaml").exists() and (run / "loss.png").exists()
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["train/loss"] > 0 for r in rows)
     load_model(str(full), device="cpu")
 
@@ -29,7 +30,7 @@ def test_coldstart_writes_outputs_and_resumes_exactly(synth_root, tiny_ckpt, tmp
     resumed = run_coldstart(coldstart_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 4}), resume="auto",
                             show_progress=False)
     same_weights(full, resumed)
-    rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["train/loss"] for r in rows_b] == [r["train/loss"] for r in rows]
 
 
@@ -38,7 +39,7 @@ def test_grpo_logs_reference_metrics_and_resumes_exactly(synth_root, tiny_ckpt, 
 
     full = run_grpo(grpo_cfg(synth_root, tmp_path / "a", tiny_ckpt, optim={"max_steps": 3}), show_progress=False)
     run = tmp_path / "a"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     cfg = grpo_cfg(synth_root, tmp_path / "a", tiny_ckpt)
     n_seq = cfg.data.prompts_per_step * cfg.algo.num_generations
@@ -62,7 +63,7 @@ def test_grpo_logs_reference_metrics_and_resumes_exactly(synth_root, tiny_ckpt, 
     resumed = run_grpo(grpo_cfg(synth_root, tmp_path / "b", tiny_ckpt, optim={"max_steps": 3}), resume="auto",
                        show_progress=False)
     same_weights(full, resumed)
-    rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["reward"] for r in rows_b] == [r["reward"] for r in rows]
     assert [r["kl"] for r in rows_b] == [r["kl"] for r in rows]
 
