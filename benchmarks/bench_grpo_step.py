@@ -65,7 +65,8 @@ QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, n
                  num_attention_heads=16,
                  num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, use_cache=False)
-PARTS = ("time/vision_s", "time/rollout_s", "time/score_s", "time/ref_logprob_s", "time/backward_s")
+PARTS = ("time/vision_s", "time/rollout_s", "time/score_s", "time/ref_logprob_s", "time/backward_s",
+         "time/optimizer_s")  # optimizer: clip + AdamW, a part of backward
 GIB = 2**30
 
 
@@ -497,7 +498,7 @@ def print_result(r: dict) -> None:
     if r["completed"]:
         print(f"{'part':<22}{'s/step':>10}")
         for k, v in r["parts"].items():
-            print(f"{k:<22}{v:>10.2f}")
+            print(f"{'  of which optimizer' if k == 'optimizer' else k:<22}{v:>10.2f}")
         print(f"{'total':<22}{r['step_s']:>10.2f}")
         rollout = r["parts"].get("rollout", 0.0)
         print(f"rollout {r['tokens_per_step'] / rollout if rollout else float('nan'):.0f} tok/s; "

@@ -62,7 +62,7 @@ def child(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    cfg = load_config(GRPOConfig, None, extra={
+    cfg = load_config(GRPOConfig, None, overrides=args.set, extra={
         "model": {"path": args.ckpt, "device": args.device, "dtype": args.dtype},
         "algo": {"num_generations": args.generations}, "rollout": {"max_new_tokens": args.new_tokens},
         "perf": {"force_max_new_tokens": True}, "data": {"prompts_per_step": args.prompts},
@@ -118,6 +118,7 @@ def run_mode(mode: str, args, ckpt: Path, cache: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--ckpt", str(ckpt), "--device", args.device,
            "--dtype", args.dtype, "--prompts", str(args.prompts), "--generations", str(args.generations),
            "--new-tokens", str(args.new_tokens), "--steps", str(args.steps)]
+    cmd += [f"--set={kv}" for kv in args.set]
     if mode == args.modes[0]:
         cmd.append("--time-second-load")
     t = time.perf_counter()
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a grpo config key, repeatable (e.g. optim.gradient_checkpointing=false)")
     ap.add_argument("--modes", default="cold,warm", help=f"comma-separated, in order, from {', '.join(MODES)}")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "tlvr-bench"),
                     help="where the checkpoint and the compile cache are kept")

@@ -53,6 +53,28 @@ def test_batched_prefill_in_chunks_matches_hf(lm, prompts, reference, monkeypatc
     assert sum(calls) == len(prompts) and max(calls) > 1 and len(calls) > 1
 
 
+def test_prefill_attends_over_a_few_aligned_lengths(lm, prompts, reference, monkeypatch):
+    # cuDNN's attention builds a plan per new shape: prompts of 3 to 17 tokens must all be prefilled at one
+    # padded length, and the padding after them must change nothing they see
+    from tlvr_cli.engine.attention import SHAPE_ALIGN
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.shape[2])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    engine = Engine(lm, max_batch=8, max_seq_len=64)
+    prefills = [engine._prefill_batch([p]) for p in prompts]
+    assert set(seen) == {SHAPE_ALIGN}
+    outs = engine.generate(prompts, GREEDY, 12, 299)
+    assert [o.tokens for o in outs] == reference
+    for p, (one,) in zip(prompts, prefills):
+        assert one.keys.shape[-2] == p.shape[0]  # the keys kept are the prompt's own
+
+
 def test_fused_weights_give_the_same_layer(lm):
     from tlvr_cli.engine.layers import decode_layer
 

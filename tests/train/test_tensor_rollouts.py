@@ -194,5 +194,5 @@ def test_bench_step_tensor_rollouts(tmp_path):
     lines = res.stdout.splitlines()
     r = json.loads(next(line for line in lines if line.startswith("RESULT ")).removeprefix("RESULT "))
     assert r["completed"] and r["rollout_parallel"] == "tensor" and r["tokens_per_step"] == 4 * 2 * 4
-    assert set(r["parts"]) == {"vision", "rollout", "score", "ref_logprob", "backward"}
+    assert set(r["parts"]) == {"vision", "rollout", "score", "ref_logprob", "backward", "optimizer"}
     assert "rollouts tensor-parallel over 2 processes, engine batch 8" in lines[0]

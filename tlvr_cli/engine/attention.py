@@ -18,6 +18,18 @@ from torch.torch_version import TorchVersion
 
 HALF = (torch.float16, torch.bfloat16)
 
+# padded attention lengths (prefill prompts, the training forward's query and key blocks) are rounded
+# up to a multiple of this: cuDNN's attention builds an execution plan for every new shape, so lengths
+# that vary step to step must fall on a few shapes (and SDPA's memory-efficient kernel wants a mask's
+# last dimension aligned to 16). Measured on an H200, completions of 64-512 tokens: 6.2 -> 5.0 s per
+# GRPO step
+SHAPE_ALIGN = 64
+
+
+def aligned(n: int) -> int:
+    """``n`` rounded up to a multiple of ``SHAPE_ALIGN``."""
+    return -(-n // SHAPE_ALIGN) * SHAPE_ALIGN
+
 
 # torch.compile lowers bmm(..., out_dtype=float32) only from 2.10 (pytorch/pytorch#165892); before
 # that a compiled caller keeps its products in the inputs' dtype

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .attention import fp32_products
+from .attention import aligned, fp32_products
 from .layers import attn_in, attn_out, cascade_layer, compiled_cascade, compiled_decode, decode_layer
 from .sampling import SamplingParams, sample_keyed
 from .schedule import Completion, Finished, HostLoop, Prefill, Request, check_prompt, row_seed
@@ -306,7 +306,7 @@ class Engine(DecodeSteps):
     def _prefill_batch(self, embs: list[torch.Tensor]) -> list[Prefill]:
         model = self._lm.model
         lens = [e.shape[0] for e in embs]
-        n = max(lens)
+        n = aligned(max(lens))  # a few shapes for cuDNN's attention plans (SHAPE_ALIGN); padding sees nothing
         x = embs[0].new_zeros(len(embs), n, embs[0].shape[1])
         for i, e in enumerate(embs):
             x[i, :lens[i]] = e

@@ -146,7 +146,14 @@ class GRPOStep:
 
     # ------------------------------------------------------------------ rollouts
 
+    def _sync(self) -> None:
+        if self.par.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.par.ctx.device)
+
     def _time(self, key: str, since: float) -> None:
+        """Add the seconds since ``since`` to ``key``, once the GPU has finished the part's work: kernels
+        queued in one part would otherwise be counted in the next (a handful of syncs per step)."""
+        self._sync()
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - since
 
     def rollout(self, batch: PromptBatch, step: int, draw: int = 0) -> Rollouts | None:
@@ -345,10 +352,13 @@ class GRPOStep:
                         loss.backward()
                     for key, v in part.items():
                         stats[key] = stats.get(key, 0.0) + float(v) * len(rows)
+                self._sync()
+                t = time.perf_counter()
                 grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self._time("time/optimizer_s", t)  # also inside time/backward_s
         return stats, grad_norm
 
     # ------------------------------------------------------------------ what a step reports

@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.models.qwen2.modeling_qwen2 import repeat_kv
 
+from ..engine.attention import aligned
 from ..engine.layers import attn_in, attn_out
 from ..errors import TlvrError
-
-KEY_ALIGN = 16  # SDPA's memory-efficient kernel wants the mask's last dimension aligned to 16
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -158,8 +157,7 @@ class _SdpaBucket:
         q_start = torch.tensor([s for s, _, _ in seqs])
         q_len = torch.tensor([n for _, n, _ in seqs])
         k_len = torch.tensor([len(k) for k in keys])
-        qmax = int(q_len.max())
-        kmax = -(-int(k_len.max()) // KEY_ALIGN) * KEY_ALIGN
+        qmax, kmax = aligned(int(q_len.max())), aligned(int(k_len.max()))  # a few shapes: see SHAPE_ALIGN
         qpos, kpos = torch.arange(qmax), torch.arange(kmax)
         # padded query slots repeat the sequence's last query; their outputs are dropped by ``keep``
         self.q_index = (q_start[:, None] + torch.minimum(qpos[None], q_len[:, None] - 1)).to(device)
