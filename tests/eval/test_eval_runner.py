@@ -184,25 +184,28 @@ def test_a_broken_video_skips_all_its_questions(data, tmp_path):
     assert {r["video"] for r in skipped} == {str(synth / broken.relative_to(data / "synth"))}
 
 
-def test_videos_decode_while_the_model_loads(data, tmp_path, monkeypatch):
-    # the decode workers have the first videos done before the model is loaded (a load that waits for
-    # them finishes; one that ran before any decode was submitted would wait forever)
+@pytest.mark.parametrize("waits_in", ["load_model", "prepare_output"])
+def test_videos_decode_while_the_model_loads_and_is_fingerprinted(data, tmp_path, monkeypatch, waits_in):
+    # the decode workers have the first videos done before the model is loaded, and before the checkpoint's
+    # fingerprint (a new checkpoint is read whole) is taken: a step that waits for them finishes, one that ran
+    # before any decode was submitted would wait forever
     import time
 
-    real_load = runner.load_model
+    real = getattr(runner, waits_in)
     marks = tmp_path / "marks"
     marks.mkdir()
 
-    def load(cfg):
+    def waiting(*args, **kwargs):
         deadline = time.monotonic() + 60
         while len(list(marks.iterdir())) < 2:
-            assert time.monotonic() < deadline, "no video was decoded before the model loaded"
+            assert time.monotonic() < deadline, f"no video was decoded before {waits_in}"
             time.sleep(0.05)
-        return real_load(cfg)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "load_model", load)
+    monkeypatch.setattr(runner, waits_in, waiting)
     monkeypatch.setattr(runner, "decode_video", _marking_decode(marks))
-    report = run_eval(config(data, tmp_path / "out", decode_workers=2), show_progress=False)
+    report = run_eval(config(data, tmp_path / "out", data / "coldstart" / "final", decode_workers=2),
+                      show_progress=False)
     assert report.n == 12 and len(list(marks.iterdir())) == 4  # once per video
 
 

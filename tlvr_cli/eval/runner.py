@@ -21,7 +21,6 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -100,23 +99,37 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
     returns None: the caller prepares the directory once before (``prepared``) and merges the rank
     files after (``eval.distributed``)."""
     items = load_eval_items(cfg)
-    out_dir = output_dir(cfg, model) if prepared else prepare_output(cfg, model)
+    out_dir = output_dir(cfg, model)
     answers_path = rank_answers_path(out_dir, rank, world_size)
-    truncate_torn_tail(answers_path)  # a run killed mid-write: the next row must start on its own line
-    done = {r["item_id"] for r in read_answers(answers_path)}
     mine = items[rank::world_size]
-    todo = [it for it in mine if it.item_id not in done]
+    todo = _unanswered(mine, answers_path)
 
-    if todo:
+    def decode_ahead(pool: DecodePool, todo: list[EvalItem]) -> Iterator[tuple[VideoJob, Decoded]]:
+        if not todo:
+            return (pair for pair in ())  # a generator too: closed like the others
         size = model.config.vision_config.image_size if model is not None else frame_size(cfg.model.path)
         decode = functools.partial(decode_video, video=cfg.video, image_size=size)
-        # workers start, and decode the first videos, while the model loads
-        with DecodePool(usable_workers(cfg.decode_workers)) as pool, \
-                closing(pool.decode(video_jobs(todo, cfg.share_features), decode)) as decoded:
-            if model is None:
-                model = load_model(cfg.model)
-            model.eval()
-            _generate_answers(cfg, model, decoded, answers_path, len(mine) - len(todo), len(mine), show_progress)
+        return pool.decode(video_jobs(todo, cfg.share_features), decode)
+
+    # the workers start, and decode the first videos, while the checkpoint is fingerprinted (a new
+    # checkpoint is read whole: seconds) and while the model loads (none for a finished run: rescoring)
+    with DecodePool(usable_workers(cfg.decode_workers) if todo else 0) as pool:
+        decoded = decode_ahead(pool, todo)
+        try:
+            if not prepared:
+                prepare_output(cfg, model)  # may clear answers of another model (overwrite_stale)
+            truncate_torn_tail(answers_path)  # a run killed mid-write: the next row must start on its own line
+            if (now := _unanswered(mine, answers_path)) != todo:
+                decoded.close()
+                todo, decoded = now, decode_ahead(pool, now)
+            if todo:
+                if model is None:
+                    model = load_model(cfg.model)
+                model.eval()
+                _generate_answers(cfg, model, decoded, answers_path, len(mine) - len(todo), len(mine),
+                                  show_progress)
+        finally:
+            decoded.close()
     if world_size > 1:
         return None
     order = {it.item_id: i for i, it in enumerate(items)}
@@ -127,6 +140,11 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
     report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed, phrases=cfg.reflection.phrases)
     write_report(report, out_dir)
     return report
+
+
+def _unanswered(items: list[EvalItem], answers_path: Path) -> list[EvalItem]:
+    done = {r["item_id"] for r in read_answers(answers_path)}
+    return [it for it in items if it.item_id not in done]
 
 
 def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, Decoded]], answers_path: Path,
