@@ -148,6 +148,24 @@ def test_packed_attention_shapes_repeat_for_varied_completion_lengths():
     assert all(q % SHAPE_ALIGN == 0 and k % SHAPE_ALIGN == 0 for _, _, q, k in shapes(100))
 
 
+def test_padded_rows_run_at_an_aligned_width(tiny_model, batch):
+    # the padded layout (FSDP2's) pads its rows to a multiple of SHAPE_ALIGN too, with the same log-probs
+    from tlvr_cli.engine.attention import SHAPE_ALIGN
+
+    widths = []
+    hook = tiny_model.language_model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: widths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            padded = sequence_logprobs(tiny_model, *batch[:5], [0, 4], chunk_size=64)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        flat = sequence_logprobs(tiny_model, *batch[:5], [0, 4], chunk_size=64, shared_prompt=True, packing=True)
+    assert len(widths) == 1 and widths[0] % SHAPE_ALIGN == 0
+    assert _rel(padded, flat) <= TOL
+
+
 def test_micro_batch_order_keeps_groups_whole():
     lengths = [3, 9, 1, 2,  5, 5, 6, 1,  8, 2, 2, 2]  # three groups of 4; longest completions 9, 6, 8
     assert micro_batch_order(lengths, 8, group_size=4) == [[1, 0, 3, 2, 8, 9, 10, 11], [6, 4, 5, 7]]

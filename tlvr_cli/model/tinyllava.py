@@ -66,9 +66,10 @@ class TinyLlava(nn.Module):
     # ------------------------------------------------------------------ splice
 
     def embed_inputs(self, input_ids: list[list[int]], visual: torch.Tensor | None,
-                     labels: list[list[int]] | None = None) -> SplicedBatch:
+                     labels: list[list[int]] | None = None, pad_to_multiple: int = 1) -> SplicedBatch:
         """Replace each ``IMAGE_TOKEN_INDEX`` by the 512 visual tokens of its sample; truncate to
-        ``tokenizer_model_max_length``; right-pad with zero embeddings (spec §1.5)."""
+        ``tokenizer_model_max_length``; right-pad with zero embeddings (spec §1.5), to the longest
+        sequence rounded up to ``pad_to_multiple`` (masked padding changes no real position)."""
         embed = self.language_model.get_input_embeddings()
         device = embed.weight.device
         max_len = self.config.tokenizer_model_max_length
@@ -94,7 +95,7 @@ class TinyLlava(nn.Module):
             if lab is not None:
                 labs.append(torch.cat(lparts)[:max_len])
         lengths = [s.shape[0] for s in seqs]
-        width = max(lengths)
+        width = -(-max(lengths) // pad_to_multiple) * pad_to_multiple
         b, d = len(seqs), seqs[0].shape[1]
         embeds = seqs[0].new_zeros(b, width, d)
         mask = torch.zeros(b, width, dtype=torch.long, device=device)

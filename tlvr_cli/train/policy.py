@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.attention import SHAPE_ALIGN
 from .logprobs import token_logprobs
 from .packed import PackedLayout, gather_rows, packed_hidden
 
@@ -84,7 +85,8 @@ def sequence_logprobs(
         n = int(lengths[r])
         ids.append(prompt_ids[p] + completions[r, :n].tolist())
         vis.append(visual[slot[p]])
-    batch = model.embed_inputs(ids, torch.stack(vis))
+    # padded to a few lengths: cuDNN's attention plans are per shape (engine.attention.SHAPE_ALIGN)
+    batch = model.embed_inputs(ids, torch.stack(vis), pad_to_multiple=SHAPE_ALIGN)
     hidden = model.language_model.model(
         inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
         use_cache=False
