@@ -7,6 +7,8 @@ Softmax and outputs are float32 until the merge is done; probabilities are round
 for the second product, as flash attention rounds them. On CUDA both products accumulate and write
 float32 (``fp32_products``), so 16-bit scores are never rounded either; elsewhere (CPU, whose tests run
 float32) the products are computed in the inputs' dtype.
+
+Also the one rule for padded attention lengths that vary between calls (``SHAPE_ALIGN``, ``aligned``).
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
         return pool.decode(video_jobs(todo, cfg.share_features), decode)
 
     # the workers start, and decode the first videos, while the checkpoint is fingerprinted (a new
-    # checkpoint is read whole: seconds) and while the model loads (none for a finished run: rescoring)
+    # checkpoint is read whole: seconds) and while the model loads; none for a finished run (rescoring),
+    # whose videos then decode in this process should overwrite_stale clear its answers
     with DecodePool(usable_workers(cfg.decode_workers) if todo else 0) as pool:
         decoded = decode_ahead(pool, todo)
         try:
