@@ -40,10 +40,11 @@ def test_greedy_matches_hf_with_continuous_batching(lm, prompts, reference):
 
 
 def test_batched_prefill_in_chunks_matches_hf(lm, prompts, reference, monkeypatch):
-    # a budget of 24 padded tokens splits the 5 prompts into several right-padded forwards
+    # a budget of two padded prompts (each padded to SHAPE_ALIGN) splits the 5 into several right-padded forwards
     from tlvr_cli.engine import generate
+    from tlvr_cli.engine.attention import SHAPE_ALIGN
 
-    monkeypatch.setattr(generate, "PREFILL_TOKENS", 24)
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 2 * SHAPE_ALIGN)
     engine = Engine(lm, max_batch=8, max_seq_len=64)
     calls = []
     batch = engine._prefill_batch

@@ -296,7 +296,7 @@ class Engine(DecodeSteps):
         start = 0
         while start < len(embs):
             stop = start + 1
-            while stop < len(embs) and (stop + 1 - start) * max(e.shape[0] for e in embs[start:stop + 1]) \
+            while stop < len(embs) and (stop + 1 - start) * aligned(max(e.shape[0] for e in embs[start:stop + 1])) \
                     <= PREFILL_TOKENS:
                 stop += 1
             out += self._prefill_batch(embs[start:stop])
