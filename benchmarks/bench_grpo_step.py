@@ -51,10 +51,10 @@ from tlvr_cli.model.config import TinyLlavaConfig
 from tlvr_cli.model.tinyllava import TinyLlava
 from tlvr_cli.runtime import init_distributed, resolve_dtype, shutdown_distributed
 from tlvr_cli.train.grpo_math import completion_mask
-from tlvr_cli.train.grpo_step import GRPOStep
+from tlvr_cli.train.grpo_step import GRPOStep, row_index
 from tlvr_cli.train.lora import BaseReference, reference_mode
 from tlvr_cli.train.optim import build_optimizer, build_scheduler
-from tlvr_cli.train.packed import varlen_attention_available
+from tlvr_cli.train.packed import varlen_attention_kernel
 from tlvr_cli.train.parallel import Parallel
 from tlvr_cli.train.policy import PolicyLogprobs, micro_batch_order, sequence_logprobs
 from tlvr_cli.train.rollout import PromptBatch, pad_completions, prompt_ids, tower_features
@@ -107,7 +107,7 @@ def bench_config(args: argparse.Namespace, world_size: int) -> GRPOConfig:
     if args.no_graphs or not args.device.startswith("cuda"):
         extra["engine"]["cuda_graphs"] = False
     if args.logprob_path:
-        extra["perf"]["shared_prompt"], extra["perf"]["packing"] = LAYOUTS[args.logprob_path]
+        extra["perf"].update(LAYOUTS[args.logprob_path])
     if args.no_grad_checkpointing:
         extra["optim"] = {"gradient_checkpointing": False}
     cfg = load_config(GRPOConfig, args.preset, overrides=args.set, extra=extra)
@@ -120,7 +120,10 @@ def bench_config(args: argparse.Namespace, world_size: int) -> GRPOConfig:
 
 # ----------------------------------------------------------------------------- completion lengths and layouts
 
-LAYOUTS = {"padded": (False, False), "shared": (True, False), "packed": (True, True)}  # (shared_prompt, packing)
+# sequence_logprobs' layout keywords; packed-sdpa: the default layout with SDPA where a flash kernel could run
+LAYOUTS = {"padded": {"shared_prompt": False, "packing": False}, "shared": {"shared_prompt": True, "packing": False},
+           "packed": {"shared_prompt": True, "packing": True},
+           "packed-sdpa": {"shared_prompt": True, "packing": True, "varlen_attention": False}}
 
 
 def parse_lengths(spec: str, new_tokens: int) -> tuple[int, int] | None:
@@ -165,13 +168,16 @@ def compare_training(cfg: GRPOConfig, model, ref, par: Parallel, batch: PromptBa
     with the padded rows. The loss is a fixed per-token weighting of the log-probs: the backward through
     the network, which is what the layouts change, is the GRPO loss's."""
     device, tok, G = par.ctx.device, model.tokenizer, cfg.algo.num_generations
+    # packed-sdpa differs from packed only where a flash kernel runs
+    dtype = next(model.language_model.parameters()).dtype
+    layouts = {k: v for k, v in LAYOUTS.items() if k != "packed-sdpa" or varlen_attention_kernel(device, dtype)}
     feats = tower_features(model, batch, device, None)
     completions = pad_completions([o.tokens for o in rollouts], tok.pad_token_id, device)
     mask = completion_mask(completions, tok.eos_token_id)
     lengths = mask.sum(1)
     seq_prompt = [i // G for i in range(len(rollouts))]
     weight = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)).to(device) * mask / mask.sum()
-    args = (feats, batch.input_ids, seq_prompt, completions, lengths)
+    args = (feats, batch.input_ids, seq_prompt, completions.cpu(), lengths.cpu())  # host copies, as the step
     dtype_ref = next(ref.connector.parameters()).dtype
     ref_feats = [f.to(dtype_ref) for f in feats] if isinstance(feats, list) else feats.to(dtype_ref)
     chunk = cfg.perf.logprob_chunk_size
@@ -180,8 +186,8 @@ def compare_training(cfg: GRPOConfig, model, ref, par: Parallel, batch: PromptBa
     base_logp = base_grad = None
     model.zero_grad(set_to_none=True)
     out["base_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")  # weights, optimizer, engine
-    for name, (shared, packing) in LAYOUTS.items():
-        layout = {"shared_prompt": shared, "packing": packing}
+    for name, layout in layouts.items():
+        shared = layout["shared_prompt"]
         groups = micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size, group_size=G if shared else 1)
         ref_s, pol_s = [], []
         for rep in range(1 + repeats):  # the first run warms kernels and the allocator up
@@ -193,8 +199,8 @@ def compare_training(cfg: GRPOConfig, model, ref, par: Parallel, batch: PromptBa
             ref_logp = torch.zeros(mask.shape, device=device)
             with torch.no_grad(), reference_mode(ref):
                 for rows in groups:
-                    ref_logp[rows] = sequence_logprobs(ref, ref_feats, *args[1:], rows, chunk_size=chunk,
-                                                       **layout).float()
+                    ref_logp.index_copy_(0, row_index(rows, device), sequence_logprobs(
+                        ref, ref_feats, *args[1:], rows, chunk_size=chunk, **layout).float())
             sync()
             t_ref = time.perf_counter()
             model.train()
@@ -202,7 +208,7 @@ def compare_training(cfg: GRPOConfig, model, ref, par: Parallel, batch: PromptBa
             for j, rows in enumerate(groups):
                 with par.no_sync(j < len(groups) - 1):
                     logp = par.module(*args, rows, chunk_size=chunk, **layout).float()
-                    (logp * weight[rows]).sum().backward()
+                    (logp * weight[row_index(rows, device)]).sum().backward()
             sync()
             if rep:
                 ref_s.append(t_ref - t)
@@ -227,18 +233,19 @@ def print_comparison(res: dict, lengths: str, micro: int, checkpointing: bool, a
     print(f"training log-probs of one step's rollouts on this process: {res['rows']} completions, lengths {lengths} "
           f"(mean {res['mean_length']:.0f}, {res['tokens']} tokens), micro-batch {micro}, gradient checkpointing "
           f"{'on' if checkpointing else 'off'}, flat-layout attention: {attention}")
-    print(f"{'layout':<10}{'ref s':>9}{'policy s':>10}{'total s':>9}{'speed-up':>10}{'policy x':>10}{'peak GiB':>10}"
+    print(f"{'layout':<12}{'ref s':>9}{'policy s':>10}{'total s':>9}{'speed-up':>10}{'policy x':>10}{'peak GiB':>10}"
           f"{'+GiB':>8}{'micro':>7}{'max|dlogp|':>12}{'grad rel':>10}")
     base = res["padded"]
-    for name in LAYOUTS:
+    for name in [k for k in LAYOUTS if k in res]:
         r = res[name]
         total, base_total = r["ref_s"] + r["policy_s"], base["ref_s"] + base["policy_s"]
-        print(f"{name:<10}{r['ref_s']:>9.3f}{r['policy_s']:>10.3f}{total:>9.3f}{base_total / total:>9.2f}x"
+        print(f"{name:<12}{r['ref_s']:>9.3f}{r['policy_s']:>10.3f}{total:>9.3f}{base_total / total:>9.2f}x"
               f"{base['policy_s'] / r['policy_s']:>9.2f}x{r['peak_gib']:>10.1f}{r['peak_gib'] - res['base_gib']:>8.1f}"
               f"{r['micro_batches']:>7}"
               f"{r['max_logp_diff']:>12.2e}{r['grad_rel_diff']:>10.2e}")
     print("padded = one row per completion with its prompt copy (perf.shared_prompt=false perf.packing=false); "
-          "shared = prompt once per group; packed = shared + no padding (the defaults);\n"
+          "shared = prompt once per group; packed = shared + no padding (the defaults); packed-sdpa = packed with SDPA "
+          "in place of the varlen flash kernel (perf.varlen_attention=false);\n"
           "speed-up = padded total / total, policy x = the same for policy log-probs + backward alone; "
           "+GiB = peak above the weights, optimizer and engine buffers held before; "
           "max|dlogp| (reference log-probs) and grad rel (policy gradient) against padded")
@@ -333,8 +340,8 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
         out["compare_training"] = compare_training(cfg, model, ref, par, batch, rollouts.last, args.compare_repeats,
                                                    sync)
         if ctx.is_main:
-            varlen = varlen_attention_available(device, dtype)
-            attention = "flash-attn varlen" if varlen else "SDPA, padded inside attention only"
+            kernel = varlen_attention_kernel(device, dtype) if cfg.perf.varlen_attention else None
+            attention = f"varlen ({kernel})" if kernel else "SDPA, padded inside attention only"
             print_comparison(out["compare_training"], args.lengths, cfg.perf.micro_batch_size,
                              cfg.optim.gradient_checkpointing, attention)
     if args.reference_estimate and ctx.is_main:

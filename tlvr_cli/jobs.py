@@ -321,6 +321,9 @@ class GRPOPerfConfig:
         True, "Run the completions without padding (flash-attn's varlen attention when installed, else SDPA with "
         "padding inside attention only; the LM head sees real tokens only): numerics-neutral up to fp rounding. "
         "Off under dist.strategy=fsdp2, whose sharded layers only run through their own forward.")
+    varlen_attention: bool = option(
+        True, "With shared_prompt or packing, on CUDA in fp16/bf16: attention through a varlen flash kernel "
+        "(flash-attn's when installed, else PyTorch's own). false: SDPA over the sequences padded inside attention.")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Where a job runs: device and dtype, the data root, the compile cache, and the process group of a
-multi-process launch.
+"""Where a job runs: device and dtype (and copies to the device that do not stall the host), the data
+root, the compile cache, and the process group of a multi-process launch.
 
 Every job reads these the same way. ``torchrun`` and ``accelerate launch`` both describe a launch
 with RANK / WORLD_SIZE / LOCAL_RANK; a single process without them runs with no process group
@@ -45,6 +45,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise TlvrError(f"model.dtype={name!r}: expected one of float32, bfloat16, float16, auto")
     return DTYPES[name]
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait for the GPU. A copy from pageable host memory
+    synchronizes the stream, so the host stops queueing kernels until the GPU has drained; from pinned
+    memory it is asynchronous (the pinned buffer stays reserved until the copy has run). Tensors off the
+    host move with a plain ``to``, a no-op where they already are."""
+    if t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def take_rows(t: torch.Tensor, rows: list[int], device: torch.device) -> torch.Tensor:
+    """``t[rows]`` on ``device``, without a host-device synchronization: host tensors are indexed on the
+    host and copied; a GPU tensor indexed by a list would copy the index synchronously first."""
+    if t.device.type == "cpu":
+        return host_to_device(t[rows], device)
+    return t.index_select(0, host_to_device(torch.tensor(rows, dtype=torch.long), t.device)).to(device)
 
 
 # ----------------------------------------------------------------------------- data root

@@ -50,7 +50,7 @@ def test_clip_higher_is_asymmetric():
     # min(r·A, clip(r, 0.8, 1.28)·A): 1.25 stays (a symmetric 0.2 would clip it), 1.5 → 1.28, 0.5 → 0.8
     objective = [1.25, 1.28, -0.8, -0.9]
     assert loss.item() == pytest.approx(-sum(objective) / 4, rel=1e-6)
-    assert stats["clip_fraction"] == pytest.approx(0.5)
+    assert float(stats["clip_fraction"]) == pytest.approx(0.5)
     (grad,) = torch.autograd.grad(loss, logp)
     # d/dlogp of -r·A/4 is -r·A/4 where unclipped, 0 where the clip binds
     assert grad[:, 0].tolist() == pytest.approx([-1.25 / 4, 0.0, 0.0, 0.9 / 4], rel=1e-6)
@@ -68,7 +68,7 @@ def test_gspo_sequence_ratio_and_clipping():
     # sequence 0 is clipped at 1 + 4e-4 (no gradient); sequence 1 (s1 < 1 + 4e-4) is not
     expect = -((1 + 4e-4) * 1.0 + s1 * 2.0) / 2
     assert loss.item() == pytest.approx(expect, rel=1e-6)
-    assert stats["clip_fraction"] == pytest.approx(0.5)
+    assert float(stats["clip_fraction"]) == pytest.approx(0.5)
     (grad,) = torch.autograd.grad(loss, logp)
     # the gradient of s1·A over the sequence mean: each unmasked token gets s1·A/|y|, halved by the mean
     # over 2 sequences

@@ -205,7 +205,7 @@ def test_grpo_run_is_the_same_with_either_layout(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flat_layout_on_cuda_matches_padded_rows_and_sdpa(tiny_model, batch):
-    from tlvr_cli.train.packed import _flash_varlen
+    from tlvr_cli.train.packed import varlen_attention_kernel
 
     model = tiny_model.to("cuda", torch.bfloat16)
     feats, ids, seq_prompt, comps, lengths, _ = batch
@@ -214,10 +214,87 @@ def test_flat_layout_on_cuda_matches_padded_rows_and_sdpa(tiny_model, batch):
         want = sequence_logprobs(model, *args, chunk_size=100)
         got = sequence_logprobs(model, *args, chunk_size=100, shared_prompt=True, packing=True)
     assert torch.allclose(got, want, atol=5e-2, rtol=5e-2)  # bf16 rounding, two attention kernels
-    if _flash_varlen() is not None:
+    if varlen_attention_kernel(torch.device("cuda"), torch.bfloat16) is not None:
         layout = PackedLayout([5, 4], [3, 0, 2], [0, 1, 1])
         x = torch.randn(layout.total, 128, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             a = packed_hidden(model.language_model.model, x, layout, varlen=True)
             b = packed_hidden(model.language_model.model, x, layout, varlen=False)
         assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs a CUDA GPU of compute capability 8.0 or newer")
+def test_varlen_flash_attention_matches_sdpa_in_log_probs_and_every_gradient(tiny_model, batch):
+    """PyTorch's own flash kernel (or flash-attn's) runs the flat layout's attention on such a GPU, prompts
+    attended causally and completions bottom-right aligned after their prompt, as the SDPA path."""
+    from tlvr_cli.train.packed import varlen_attention_kernel
+
+    assert varlen_attention_kernel(torch.device("cuda"), torch.bfloat16) is not None
+    model = tiny_model.to("cuda", torch.bfloat16).train()
+    feats, ids, seq_prompt, comps, lengths, weights = batch
+    args = (feats.to("cuda", torch.bfloat16), ids, seq_prompt, comps, lengths, [5, 0, 1, 2, 3, 4, 6, 7])
+    w = weights.cuda()[args[-1]]
+    out = []
+    for varlen in (True, False):
+        model.zero_grad(set_to_none=True)
+        logp = sequence_logprobs(model, *args, chunk_size=100, shared_prompt=True, packing=True,
+                                 varlen_attention=varlen)
+        (logp * w).sum().backward()
+        out.append((logp.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (flash, flash_grads), (sdpa, sdpa_grads) = out
+    assert torch.allclose(flash, sdpa, atol=5e-2, rtol=5e-2)
+    assert flash_grads.keys() == sdpa_grads.keys()
+    for name, g in sdpa_grads.items():
+        assert float((flash_grads[name] - g).norm() / g.norm().clamp(min=1e-12)) < 5e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shared_prompt,packing", FLAT)
+def test_flat_log_prob_passes_never_wait_for_the_gpu(tiny_model, batch, shared_prompt, packing):
+    """With completions and lengths on the host (as the GRPO step keeps them), a micro-batch's forward
+    and backward, gradient checkpointing included, queue without one host-device synchronization."""
+    model = tiny_model.to("cuda", torch.bfloat16).train()
+    apply_tuning(model, TuneConfig(), gradient_checkpointing=True)
+    feats, ids, seq_prompt, comps, lengths, weights = batch
+    args = (feats.to("cuda", torch.bfloat16), ids, seq_prompt, comps, lengths, [5, 0, 1, 2, 3, 4, 6, 7])
+    layout = {"shared_prompt": shared_prompt, "packing": packing}
+    w = weights.cuda()[args[-1]]
+    (sequence_logprobs(model, *args, chunk_size=100, **layout) * w).sum().backward()  # warm-up: lazy inits
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (sequence_logprobs(model, *args, chunk_size=100, **layout) * w).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs a CUDA GPU of compute capability 8.0 or newer")
+def test_packed_attention_kernels_equal_masked_float32_attention():
+    """Both kernels of the flat layout, in bf16, against float32 attention over each query's visible keys
+    (a prompt causally; a completion its whole prompt, then causally its own tokens), with O(1) inputs so
+    a key seen or missed shows."""
+    from tlvr_cli.train.packed import PackedAttention
+
+    layout = PackedLayout([37, 20], [15, 0, 9, 30], [0, 1, 1, 0])
+    heads, kv_heads, dim, scale = 8, 2, 64, 64 ** -0.5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(layout.total, h, dim, device="cuda", generator=g) for h in (heads, kv_heads, kv_heads))
+    want = torch.zeros(layout.total, heads, dim, device="cuda")
+    for start, n, ranges in layout.sequences():
+        keys = torch.cat([torch.arange(a, a + m) for a, m in ranges]).cuda()
+        kk, vv = (t[keys].repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", q[start:start + n], kk) * scale
+        last_seen = len(keys) - n + torch.arange(n, device="cuda")  # query t sees keys 0..last_seen[t]
+        visible = torch.arange(len(keys), device="cuda")[None] <= last_seen[:, None]
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        want[start:start + n] = torch.einsum("hqk,khd->qhd", probs, vv)
+    for varlen in (True, False):
+        attend = PackedAttention(layout, torch.device("cuda"), varlen)
+        got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale, 0.0).float().view_as(want)
+        assert float((got - want).abs().max()) < 3e-2, f"varlen={varlen}"

@@ -103,7 +103,7 @@ def test_policy_loss_value_and_gradient_match_reference_formula():
     g1 = torch.autograd.grad(loss, logp, retain_graph=True)[0]
     g2 = torch.autograd.grad(expect, logp)[0]
     assert torch.allclose(g1, g2)
-    assert stats["kl"] == pytest.approx(float(((kl.detach() * mask).sum(1) / mask.sum(1)).mean()), rel=1e-5)
+    assert float(stats["kl"]) == pytest.approx(float(((kl.detach() * mask).sum(1) / mask.sum(1)).mean()), rel=1e-5)
     # micro-batches sum to the whole-batch loss
     a, _ = policy_loss(logp[:2], ref[:2], adv[:2], mask[:2], beta=0.01, num_sequences=4)
     b, _ = policy_loss(logp[2:], ref[2:], adv[2:], mask[2:], beta=0.01, num_sequences=4)
@@ -121,7 +121,7 @@ def test_clipped_ratio_when_iterating():
                               clip_eps_low=0.2, clip_eps_high=0.2)
     # token 0: ratio e^0.5 ≈ 1.65 clipped to 1.2; token 1: ratio 1
     assert torch.isclose(loss, -torch.tensor((1.2 + 1.0) / 2))
-    assert stats["clip_fraction"] == 0.5
+    assert float(stats["clip_fraction"]) == 0.5
 
 
 def test_chunked_logprobs_match_full_log_softmax_with_gradients():

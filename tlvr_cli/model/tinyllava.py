@@ -14,6 +14,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 
 from ..data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from ..runtime import host_to_device
 from .config import TinyLlavaConfig
 from .connector import Connector
 from .vision import VisionTower
@@ -75,9 +76,10 @@ class TinyLlava(nn.Module):
         max_len = self.config.tokenizer_model_max_length
         seqs, labs = [], []
         for i, ids in enumerate(input_ids):
-            ids_t = torch.tensor(ids, dtype=torch.long, device=device)
-            lab = torch.tensor(labels[i], dtype=torch.long, device=device) if labels is not None else None
-            where = (ids_t == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+            # built on the host and copied asynchronously: splicing never waits for the GPU
+            ids_t = host_to_device(torch.tensor(ids, dtype=torch.long), device)
+            lab = host_to_device(torch.tensor(labels[i], dtype=torch.long), device) if labels is not None else None
+            where = [j for j, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
             text = embed(ids_t.clamp(min=0))
             parts, lparts, start = [], [], 0
             for pos in where:

@@ -128,12 +128,13 @@ def policy_loss(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: t
                 clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, importance_level: str = "token",
                 kl_estimator: str = "k3", kl_clamp: float = 100.0, max_tokens: int = 512,
                 num_sequences: float | None = None,
-                num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of a micro-batch of sequences, normalised so that micro-batch losses SUM to the
     loss of the whole batch (``num_sequences`` / ``num_tokens`` describe that whole batch).
 
     Without ``old_logp`` the ratio is ``exp(logp − logp.detach())`` (value 1, gradient ∇logp·A), as
-    the reference's single update per rollout; with it, the clipped ratio at ``importance_level``."""
+    the reference's single update per rollout; with it, the clipped ratio at ``importance_level``.
+    The statistics (mean clip fraction and KL per sequence) are 0-d tensors, so reading them can wait."""
     if aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {aggregation!r}")
     if importance_level not in LOG_RATIOS:
@@ -155,7 +156,7 @@ def policy_loss(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: t
     loss = LOSS_AGGREGATIONS[aggregation](per_tok, mask, n_seq, n_tok, max_tokens)
     with torch.no_grad():
         tok_per_seq = mask.sum(1).clamp(min=1)
-        stats = {"clip_fraction": float(((clipped * mask).sum(1) / tok_per_seq).mean())}
+        stats = {"clip_fraction": ((clipped * mask).sum(1) / tok_per_seq).mean()}
         if kl is not None:
-            stats["kl"] = float(((kl * mask).sum(1) / tok_per_seq).mean())
+            stats["kl"] = ((kl * mask).sum(1) / tok_per_seq).mean()
     return loss, stats

@@ -28,6 +28,7 @@ from ..engine.generate import Engine, row_seed
 from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
+from ..runtime import host_to_device
 from .grpo_math import completion_mask, group_advantages, informative_groups, policy_loss
 from .lora import reference_mode
 from .optim import clip_gradients
@@ -46,6 +47,12 @@ def step_seed(seed: int, step: int, salt: int, draw: int = 0) -> int:
     """The seed of one random draw of a step (salt 1: rollouts, 2: advantage noise; a further prompt
     draw ``d`` of the step rolls out with its own seed): a resumed run draws what an uninterrupted one did."""
     return (seed * 1_000_003 + step * 7919 + salt + 2 * draw) % (2**63 - 1)
+
+
+def row_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """The sequence indices ``rows`` as an index tensor on ``device`` (indexing a GPU tensor by a list
+    copies the list synchronously)."""
+    return host_to_device(torch.tensor(rows, dtype=torch.long), device)
 
 
 @dataclass
@@ -84,7 +91,8 @@ class GRPOStep:
         self.rollout_rows = 0  # completions this process's engine decoded in the step (tensor-parallel: its group's)
         # the flat log-prob layout calls the decoder layers' modules directly, which fsdp2's sharded layers refuse
         flat = not par.sharded
-        self.layout = {"shared_prompt": cfg.perf.shared_prompt and flat, "packing": cfg.perf.packing and flat}
+        self.layout = {"shared_prompt": cfg.perf.shared_prompt and flat, "packing": cfg.perf.packing and flat,
+                       "varlen_attention": cfg.perf.varlen_attention}
 
     def __call__(self, batch: PromptBatch, step: int) -> StepOutput:
         """One step on ``batch`` as the reference takes it: one draw, every group trained on."""
@@ -227,7 +235,9 @@ class GRPOStep:
         assert live is not None
         B = len(live.rows)
         mask = completion_mask(live.completions, self.eos)
-        lengths = mask.sum(1)  # up to and including the first eos, as the reference counts
+        # up to and including the first eos, as the reference counts; the log-prob passes read lengths and
+        # completions from host copies, so no micro-batch waits for the GPU
+        lengths = mask.sum(1).cpu()
         loss_mask = mask * live.finished[:, None] if cfg.algo.mask_truncated else mask  # DAPO overlong filtering
         rewards_t = torch.tensor(live.rewards, dtype=torch.float32, device=ctx.device)
         # advantage noise keyed by the prompt's dataset index, like the rollouts
@@ -235,7 +245,7 @@ class GRPOStep:
         adv = group_advantages(rewards_t.cpu(), G, scale=cfg.algo.scale_rewards, eps=cfg.algo.std_eps,
                                noise_std=cfg.algo.advantage_noise_std, noise_seeds=seeds).to(ctx.device)
         group_std = rewards_t.view(B, G).std(dim=1)
-        inputs = (live.feats, live.input_ids, [i // G for i in range(B * G)], live.completions, lengths)
+        inputs = (live.feats, live.input_ids, [i // G for i in range(B * G)], live.completions.cpu(), lengths)
 
         t = time.perf_counter()
         # micro-batches of similar length (padding inside one costs little), whole groups together when
@@ -293,9 +303,9 @@ class GRPOStep:
                 ref_logp = torch.zeros(shape, device=device)
                 with reference_mode(self.ref):  # a LoRA policy's base: its adapters off
                     for rows in groups:
-                        ref_logp[rows] = sequence_logprobs(self.ref, ref_feats, *rest, rows,
-                                                           chunk_size=cfg.perf.logprob_chunk_size,
-                                                           **self.layout).float()
+                        ref_logp.index_copy_(0, row_index(rows, device), sequence_logprobs(
+                            self.ref, ref_feats, *rest, rows, chunk_size=cfg.perf.logprob_chunk_size,
+                            **self.layout).float())
             if need_old:
                 old_logp = torch.zeros(shape, device=device)
                 # as many forwards on every rank (a wrapped forward may gather weights or broadcast buffers)
@@ -303,7 +313,7 @@ class GRPOStep:
                     rows = groups[i] if real and i < len(groups) else groups[0]
                     out = self.par.module(*inputs, rows, chunk_size=cfg.perf.logprob_chunk_size, **self.layout).float()
                     if real and i < len(groups):
-                        old_logp[rows] = out
+                        old_logp.index_copy_(0, row_index(rows, device), out)
         return ref_logp, (old_logp if real else None)
 
     def _update(self, inputs: tuple, parts: list[list[int]], lengths: torch.Tensor, mask: torch.Tensor,
@@ -320,12 +330,13 @@ class GRPOStep:
         counts = (ctx.all_reduce_sum(counts) / ctx.world_size).tolist()
         size = cfg.perf.micro_batch_size
         share = cfg.algo.num_generations if self.layout["shared_prompt"] else 1  # a part holds whole groups
-        micro = [[[p[i] for i in mb] for mb in micro_batch_order([int(lengths[s]) for s in p], size, group_size=share)]
+        n = lengths.tolist()
+        micro = [[[p[i] for i in mb] for mb in micro_batch_order([n[s] for s in p], size, group_size=share)]
                  for p in parts]
         # every rank runs the same number of micro-batches (one short of groups repeats a sequence with
         # weight 0), so DistributedDataParallel's collective calls line up
         n_micro = [ctx.all_reduce_max(len(m)) for m in micro]
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}  # read once, at the end: no micro-batch waits for the GPU
         grad_norm = 0.0
         for _ in range(cfg.algo.num_iterations):
             for k, batches in enumerate(micro):
@@ -340,10 +351,11 @@ class GRPOStep:
                             (logp.sum() * 0.0).backward()
                             continue
                         # each micro-batch's loss is normalised by its mini-batch, so their sum is the mini-batch loss
+                        idx = row_index(rows, ctx.device)
                         loss, part = policy_loss(
-                            logp, None if ref_logp is None else ref_logp[rows], adv[rows], mask[rows],
+                            logp, None if ref_logp is None else ref_logp[idx], adv[idx], mask[idx],
                             beta=cfg.algo.beta, aggregation=cfg.algo.loss_aggregation,
-                            old_logp=None if old_logp is None else old_logp[rows],
+                            old_logp=None if old_logp is None else old_logp[idx],
                             clip_eps_low=cfg.algo.clip_eps_low, clip_eps_high=cfg.algo.clip_eps_high,
                             importance_level=cfg.algo.importance_level, kl_estimator=cfg.algo.kl_estimator,
                             kl_clamp=cfg.algo.kl_clamp, max_tokens=cfg.rollout.max_new_tokens,
@@ -351,7 +363,7 @@ class GRPOStep:
                         )
                         loss.backward()
                     for key, v in part.items():
-                        stats[key] = stats.get(key, 0.0) + float(v) * len(rows)
+                        stats[key] = stats.get(key, 0.0) + v * len(rows)
                 self._sync()
                 t = time.perf_counter()
                 grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
@@ -359,7 +371,7 @@ class GRPOStep:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self._time("time/optimizer_s", t)  # also inside time/backward_s
-        return stats, grad_norm
+        return {k: float(v) for k, v in stats.items()}, grad_norm
 
     # ------------------------------------------------------------------ what a step reports
 

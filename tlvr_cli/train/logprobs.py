@@ -45,9 +45,10 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             w = weight[start:start + chunk]
             # d logp / d logits = onehot(target) - softmax, times the incoming gradient
             d = (hidden @ w.T).float().sub_(lse[:, None]).exp_().mul_(-g[:, None])
+            # the one-hot term, added where the target falls in this chunk (0 added elsewhere: no host read)
             inside = (targets >= start) & (targets < start + w.shape[0])
-            rows = inside.nonzero().squeeze(1)
-            d[rows, targets[rows] - start] += g[rows]
+            col = (targets - start).clamp(0, w.shape[0] - 1)
+            d.scatter_add_(1, col[:, None], torch.where(inside, g, 0.0)[:, None])
             # the two GEMMs in the logits' dtype, as the LM head's own backward runs them (bf16 on the GPU
             # is ~10x fp32's speed); ∂h sums over vocabulary chunks, so its partial products stay fp32
             d = d.to(hidden.dtype)

@@ -15,9 +15,9 @@ sums the gradients of all completions into the prompt's activations — the same
 as one prompt copy per row, up to floating-point summation order. Positions continue after the
 prompt, as in the padded rows.
 
-Attention runs as flash-attn's varlen kernel where it is installed (CUDA, fp16/bf16), otherwise
-as PyTorch SDPA over the sequences padded to the longest (padding inside attention only; the
-layers around it stay unpadded).
+Attention runs as a varlen flash kernel on CUDA in fp16/bf16 (flash-attn's where it is installed,
+else PyTorch's own), otherwise as PyTorch SDPA over the sequences padded to the longest (padding
+inside attention only; the layers around it stay unpadded).
 
 The decoder layers' own modules are called (as the engine does, ``engine/layers.py``), so the
 checkpoint keys and LoRA wrappers are untouched; gradient checkpointing is applied here per layer
@@ -38,6 +38,7 @@ from transformers.models.qwen2.modeling_qwen2 import repeat_kv
 from ..engine.attention import aligned
 from ..engine.layers import attn_in, attn_out
 from ..errors import TlvrError
+from ..runtime import host_to_device
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ class PackedLayout:
         """(1, T) rotary positions: a prompt from 0, a completion from its prompt's length."""
         parts = [torch.arange(n) for n in self.prompt_lens]
         parts += [self.prompt_lens[p] + torch.arange(n) for n, p in zip(self.completion_lens, self.completion_prompt)]
-        return torch.cat(parts).to(device)[None]
+        return host_to_device(torch.cat(parts), device)[None]
 
     def sequences(self) -> list[tuple[int, int, list[tuple[int, int]]]]:
         """Attention sequences in flat order: (query start, query count, key ranges (start, count))."""
@@ -93,8 +94,8 @@ def _starts(lens: list[int], first: int) -> list[int]:
 
 
 @functools.cache
-def _flash_varlen():
-    """flash-attn's varlen kernel, or None where it is not installed."""
+def _flash_attn_package():
+    """flash-attn's varlen kernel, or None where the package is not installed."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -102,13 +103,39 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def varlen_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the flat forward runs flash-attn's varlen kernel for tensors on ``device`` in ``dtype``."""
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
+def _torch_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout: float, scale: float) -> torch.Tensor:
+    """PyTorch's own flash-attention kernel over packed sequences (the one nested-tensor SDPA runs, with its
+    backward): fewer key/value heads than query heads as they are, causal aligned to the bottom right."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, True, False,
+                                                   scale=scale)[0]
+
+
+def _flash_varlen(device: torch.device):
+    """Causal varlen attention ``(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale) -> out`` on ``device``:
+    flash-attn's kernel where the package is installed, else PyTorch's (CUDA, compute capability 8.0 or
+    newer, its flash backend enabled), else None."""
+    if device.type != "cuda":
+        return None
+    package = _flash_attn_package()
+    if package is not None:
+        return lambda q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale: package(
+            q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scale, causal=True)
+    if torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(device) >= (8, 0):
+        return _torch_flash_varlen
+    return None
+
+
+def varlen_attention_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The varlen flash kernel the flat forward runs for tensors on ``device`` in ``dtype`` ("flash-attn" or
+    "PyTorch flash"), or None where SDPA runs."""
+    if dtype not in (torch.float16, torch.bfloat16) or _flash_varlen(device) is None:
+        return None
+    return "flash-attn" if _flash_attn_package() is not None else "PyTorch flash"
 
 
 class PackedAttention:
-    """Attention over a layout's sequences; the index tensors are built once and used by every layer."""
+    """Attention over a layout's sequences; the index tensors are built once, on the host (copied without
+    a host-device synchronization), and used by every layer."""
 
     def __init__(self, layout: PackedLayout, device: torch.device, varlen: bool) -> None:
         seqs = layout.sequences()
@@ -117,10 +144,10 @@ class PackedAttention:
         if varlen:
             q_lens = torch.tensor([n for _, n, _ in seqs])
             k_lens = torch.tensor([len(k) for k in keys])
-            self.cu_q = F.pad(q_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-            self.cu_k = F.pad(k_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+            self.cu_q = host_to_device(F.pad(q_lens.cumsum(0), (1, 0)).to(torch.int32), device)
+            self.cu_k = host_to_device(F.pad(k_lens.cumsum(0), (1, 0)).to(torch.int32), device)
             self.max_q, self.max_k = int(q_lens.max()), int(k_lens.max())
-            self.k_index = torch.cat(keys).to(device)
+            self.k_index = host_to_device(torch.cat(keys), device)
             return
         # prompts and completions padded separately: they differ in length, one padded batch would waste more
         first = sum(1 for _, _, ranges in seqs if len(ranges) == 1)
@@ -132,8 +159,8 @@ class PackedAttention:
         t = q.shape[0]
         if self.varlen:
             k, v = gather_rows(k, self.k_index), gather_rows(v, self.k_index)
-            o = _flash_varlen()(q.contiguous(), k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, dropout_p=dropout,
-                                softmax_scale=scale, causal=True)
+            o = _flash_varlen(q.device)(q.contiguous(), k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, dropout,
+                                        scale)
             return o.reshape(t, -1)
         rep = q.shape[1] // k.shape[1]
         outs = []
@@ -160,16 +187,16 @@ class _SdpaBucket:
         qmax, kmax = aligned(int(q_len.max())), aligned(int(k_len.max()))  # a few shapes: see SHAPE_ALIGN
         qpos, kpos = torch.arange(qmax), torch.arange(kmax)
         # padded query slots repeat the sequence's last query; their outputs are dropped by ``keep``
-        self.q_index = (q_start[:, None] + torch.minimum(qpos[None], q_len[:, None] - 1)).to(device)
+        self.q_index = host_to_device(q_start[:, None] + torch.minimum(qpos[None], q_len[:, None] - 1), device)
         k_index = torch.zeros(len(seqs), kmax, dtype=torch.long)
         for j, k in enumerate(keys):
             k_index[j, : len(k)] = k
-        self.k_index = k_index.to(device)
+        self.k_index = host_to_device(k_index, device)
         # query t of a sequence sees its first (k_len - q_len + t + 1) keys: the prompt, then its own causal prefix
         causal = kpos[None, None] <= (k_len - q_len)[:, None, None] + qpos[None, :, None]
         visible = causal & (kpos[None, None] < k_len[:, None, None])
-        self.mask = visible[:, None].to(device)
-        self.keep = (qpos[None] < q_len[:, None]).flatten().nonzero().squeeze(1).to(device)
+        self.mask = host_to_device(visible[:, None], device)
+        self.keep = host_to_device((qpos[None] < q_len[:, None]).flatten().nonzero().squeeze(1), device)
 
 
 def _decoder_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -187,7 +214,7 @@ def _decoder_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
 def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: PackedLayout, *,
                   varlen: bool | None = None) -> torch.Tensor:
     """Final-norm hidden states (T, D) of the flat token embeddings ``embeds`` (T, D) laid out as
-    ``layout``, through ``decoder`` (a Qwen2Model). ``varlen`` None: flash-attn where it can run."""
+    ``layout``, through ``decoder`` (a Qwen2Model). ``varlen`` None: a flash kernel where one can run."""
     cfg = decoder.config
     sliding = any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or [])
     if sliding or getattr(cfg, "use_sliding_window", False):
@@ -196,7 +223,7 @@ def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: Packed
     if embeds.shape[0] != layout.total:
         raise ValueError(f"{embeds.shape[0]} token embeddings for a layout of {layout.total} tokens")
     if varlen is None:
-        varlen = varlen_attention_available(embeds.device, embeds.dtype)
+        varlen = varlen_attention_kernel(embeds.device, embeds.dtype) is not None
     attend = PackedAttention(layout, embeds.device, varlen)
     x = embeds[None]
     cos, sin = decoder.rotary_emb(x, layout.positions(embeds.device))

@@ -171,7 +171,14 @@ def tower_features(model, batch: PromptBatch, device: torch.device, cache: Featu
     for i in todo:
         by_shape.setdefault(tuple(batch.pixels[i].shape), []).append(i)
     for same in by_shape.values():
-        out = model.tower_features(torch.stack([batch.pixels[i] for i in same]).to(device=device, dtype=dtype))
+        # stacked straight into pinned memory: the copy to the GPU then runs at full speed, asynchronously
+        # (~10x a pageable copy of the step's 0.2 GB of float32 pixels)
+        first = batch.pixels[same[0]]
+        pinned = device.type == "cuda" and first.device.type == "cpu"
+        pixels = torch.stack([batch.pixels[i] for i in same],
+                             out=torch.empty((len(same), *first.shape), dtype=first.dtype, device=first.device,
+                                             pin_memory=pinned))
+        out = model.tower_features(pixels.to(device, non_blocking=pinned).to(dtype))
         for j, i in enumerate(same):
             feats[i] = out[j]
             if cache is not None:
