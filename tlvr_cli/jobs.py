@@ -318,8 +318,8 @@ class GRPOPerfConfig:
         "up to fp rounding, without G-1 of the G copies' work. false: the reference's one padded row per completion "
         "(micro-batches then sort all completions by length instead of keeping groups whole). Off under fsdp2.")
     packing: bool = option(
-        True, "Run the completions without padding (flash-attn's varlen attention when installed, else SDPA with "
-        "padding inside attention only; the LM head sees real tokens only): numerics-neutral up to fp rounding. "
+        True, "Run the completions without padding (a varlen flash kernel on CUDA, see varlen_attention; else SDPA "
+        "with padding inside attention only; the LM head sees real tokens only): numerics-neutral up to fp rounding. "
         "Off under dist.strategy=fsdp2, whose sharded layers only run through their own forward.")
     varlen_attention: bool = option(
         True, "With shared_prompt or packing, on CUDA in fp16/bf16: attention through a varlen flash kernel "

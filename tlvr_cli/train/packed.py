@@ -142,6 +142,9 @@ class PackedAttention:
         keys = [torch.cat([torch.arange(s, s + n) for s, n in ranges]) for _, _, ranges in seqs]
         self.varlen = varlen
         if varlen:
+            self.kernel = _flash_varlen(device)
+            if self.kernel is None:
+                raise ValueError(f"no varlen flash kernel on {device}")
             q_lens = torch.tensor([n for _, n, _ in seqs])
             k_lens = torch.tensor([len(k) for k in keys])
             self.cu_q = host_to_device(F.pad(q_lens.cumsum(0), (1, 0)).to(torch.int32), device)
@@ -159,8 +162,7 @@ class PackedAttention:
         t = q.shape[0]
         if self.varlen:
             k, v = gather_rows(k, self.k_index), gather_rows(v, self.k_index)
-            o = _flash_varlen(q.device)(q.contiguous(), k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, dropout,
-                                        scale)
+            o = self.kernel(q.contiguous(), k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, dropout, scale)
             return o.reshape(t, -1)
         rep = q.shape[1] // k.shape[1]
         outs = []
