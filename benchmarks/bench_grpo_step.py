@@ -49,9 +49,9 @@ from tlvr_cli.errors import TlvrError
 from tlvr_cli.jobs import GRPOConfig
 from tlvr_cli.model.config import TinyLlavaConfig
 from tlvr_cli.model.tinyllava import TinyLlava
-from tlvr_cli.runtime import init_distributed, resolve_dtype, shutdown_distributed
+from tlvr_cli.runtime import init_distributed, resolve_dtype, row_index, shutdown_distributed
 from tlvr_cli.train.grpo_math import completion_mask
-from tlvr_cli.train.grpo_step import GRPOStep, row_index
+from tlvr_cli.train.grpo_step import GRPOStep
 from tlvr_cli.train.lora import BaseReference, reference_mode
 from tlvr_cli.train.optim import build_optimizer, build_scheduler
 from tlvr_cli.train.packed import varlen_attention_kernel

@@ -57,12 +57,18 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def row_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """The indices ``rows`` as an index tensor on ``device`` (indexing a GPU tensor by a Python list copies
+    the list synchronously)."""
+    return host_to_device(torch.tensor(rows, dtype=torch.long), device)
+
+
 def take_rows(t: torch.Tensor, rows: list[int], device: torch.device) -> torch.Tensor:
     """``t[rows]`` on ``device``, without a host-device synchronization: host tensors are indexed on the
-    host and copied; a GPU tensor indexed by a list would copy the index synchronously first."""
+    host and copied, GPU tensors through a ``row_index``."""
     if t.device.type == "cpu":
         return host_to_device(t[rows], device)
-    return t.index_select(0, host_to_device(torch.tensor(rows, dtype=torch.long), t.device)).to(device)
+    return t.index_select(0, row_index(rows, t.device)).to(device)
 
 
 # ----------------------------------------------------------------------------- data root

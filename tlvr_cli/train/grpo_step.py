@@ -28,7 +28,7 @@ from ..engine.generate import Engine, row_seed
 from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
-from ..runtime import host_to_device
+from ..runtime import row_index
 from .grpo_math import completion_mask, group_advantages, informative_groups, policy_loss
 from .lora import reference_mode
 from .optim import clip_gradients
@@ -47,12 +47,6 @@ def step_seed(seed: int, step: int, salt: int, draw: int = 0) -> int:
     """The seed of one random draw of a step (salt 1: rollouts, 2: advantage noise; a further prompt
     draw ``d`` of the step rolls out with its own seed): a resumed run draws what an uninterrupted one did."""
     return (seed * 1_000_003 + step * 7919 + salt + 2 * draw) % (2**63 - 1)
-
-
-def row_index(rows: list[int], device: torch.device) -> torch.Tensor:
-    """The sequence indices ``rows`` as an index tensor on ``device`` (indexing a GPU tensor by a list
-    copies the list synchronously)."""
-    return host_to_device(torch.tensor(rows, dtype=torch.long), device)
 
 
 @dataclass

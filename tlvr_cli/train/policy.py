@@ -144,7 +144,7 @@ def _flat_logprobs(model, tower_feats: torch.Tensor | list[torch.Tensor], prompt
     first = torch.tensor(layout.completion_starts, dtype=torch.long)
     src = torch.where(t == 0, prompt_last[:, None], first[:, None] + t - 1)
     valid = t < torch.tensor(n)[:, None]
-    targets = take_rows(completions, rows, device)[:, :cols]
+    targets = take_rows(completions[:, :cols], rows, device)  # only the columns read are copied
     weight = lm.get_output_embeddings().weight
     if packing:
         # only real tokens reach the LM head, then land in their (row, position) slot
