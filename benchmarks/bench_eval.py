@@ -127,7 +127,8 @@ def time_rollout(model, cfg, prompts: list[torch.Tensor], device: torch.device) 
     max_new = cfg.sampling.max_new_tokens
     engine = Engine(model.language_model, max_batch=cfg.engine.max_batch,
                     max_seq_len=model.config.tokenizer_model_max_length + max_new, cuda_graphs=cfg.engine.cuda_graphs,
-                    compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights)
+                    compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
+                    split_kv=cfg.engine.split_kv_attention)
     greedy = SamplingParams(temperature=0.0)
     eos = model.tokenizer.eos_token_id
     with torch.no_grad():

@@ -90,12 +90,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_engine(lm, prompts, params, args, device, cuda_graphs: bool, compile: bool = False, tp_group=None,
-                out: list | None = None, cascade: bool = False) -> float:
+                out: list | None = None, cascade: bool = False, split_kv: bool = True) -> float:
     """Seconds of the second of two identical engine calls (the first allocates, compiles, captures);
     ``out`` receives the tokens of the timed call."""
     rows = len(prompts) * args.samples
     engine = Engine(lm, max_batch=rows, max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=cuda_graphs,
-                    compile=compile, tp_group=tp_group, cascade=cascade)
+                    compile=compile, tp_group=tp_group, cascade=cascade, split_kv=split_kv)
 
     def run() -> None:
         outs = engine.generate(prompts, params, args.new_tokens, 0, num_samples=args.samples, ignore_eos=True)
@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
             seconds["engine + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True)
             seconds["engine + graphs + compile"] = time_engine(lm, prompts, params, args, device, out=plain_tokens,
                                                                **fast)
+            # the same engine with SDPA's attention instead of the split-KV kernels
+            seconds["engine + graphs + compile, SDPA"] = time_engine(lm, prompts, params, args, device,
+                                                                     split_kv=False, **fast)
         if args.samples > 1:  # the same rows, each prompt's keys/values once per group
             if cuda:
                 seconds["cascade + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True,

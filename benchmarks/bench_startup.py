@@ -98,7 +98,8 @@ def child(args) -> dict:
     longest = max(len(i) for i in ids) - 1 + model.config.num_queries
     engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=longest + args.new_tokens,
                     cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile,
-                    fuse_weights=cfg.engine.fused_weights, copy_weights=par.sharded)
+                    fuse_weights=cfg.engine.fused_weights, copy_weights=par.sharded,
+                    split_kv=cfg.engine.split_kv_attention)
     grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine)
     out["steps"], out["rollout"] = [], []
     for step in range(args.steps):

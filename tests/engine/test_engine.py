@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2ForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -74,6 +75,41 @@ def test_prefill_attends_over_a_few_aligned_lengths(lm, prompts, reference, monk
     assert [o.tokens for o in outs] == reference
     for p, (one,) in zip(prompts, prefills):
         assert one.keys.shape[-2] == p.shape[0]  # the keys kept are the prompt's own
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_rounds_as_the_module(device, dtype):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from tlvr_cli.engine.layers import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = Qwen2RMSNorm(256, eps=1e-6).to(device, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256, generator=gen) * 2)
+    x = (torch.randn(4, 7, 256, generator=gen) * 3).to(device, dtype).requires_grad_()
+    want, got = norm(x), rms_norm(norm, x)
+    grads = [torch.autograd.grad(y.float().square().sum(), [x, norm.weight]) for y in (want, got)]
+    # the normalised value is rounded to x's dtype before the weight multiplies it, as the module does:
+    # the same values on CPU; on CUDA the fused kernel sums in another order, so a row's scale may differ
+    # in its last fp32 bit (which in 16 bits flips a rounding now and then)
+    assert got.dtype == dtype
+    if device == "cpu":
+        assert torch.equal(got, want)
+    elif dtype == torch.float32:
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert (got != want).float().mean() <= 0.01 and (got - want).abs().max() <= 1e-2 * want.abs().max()
+    for a, b in zip(*grads):
+        assert (a.float() - b.float()).norm() <= (1e-6 if device == "cpu" else 1e-2) * a.float().norm()
+    if dtype == torch.bfloat16:  # and the test tells: rounding once, after the weight, changes many values
+        once = F.rms_norm(x, (256,), norm.weight, eps=1e-6)
+        assert (once != want).float().mean() > 0.05
 
 
 def test_fused_weights_give_the_same_layer(lm):

@@ -53,7 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .attention import aligned, fp32_products
-from .layers import attn_in, attn_out, cascade_layer, compiled_cascade, compiled_decode, decode_layer
+from .layers import attn_in, attn_out, cascade_layer, compiled_cascade, compiled_decode, decode_layer, rms_norm
 from .sampling import SamplingParams, sample_keyed
 from .schedule import Completion, Finished, HostLoop, Prefill, Request, check_prompt, row_seed
 from .sizing import auto_max_batch
@@ -88,7 +88,7 @@ class Engine(DecodeSteps):
 
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
                  compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False,
-                 weights: WeightSource | None = None, cascade: bool = False,
+                 weights: WeightSource | None = None, cascade: bool = False, split_kv: bool = True,
                  tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
@@ -110,6 +110,10 @@ class Engine(DecodeSteps):
         self.compile = compile
         self._layer, self._cascade, self._sample = decode_layer, cascade_layer, sample_keyed
         self._fp32 = False  # cascade scores by float32 GEMMs (``attention.fp32_products``), set per call
+        # split_kv: the plain step's attention split along the keys in Triton kernels (``split_kv.py``) on
+        # CUDA, SDPA elsewhere; decided when the cache is allocated
+        self.split_kv = split_kv
+        self._split_kv = False
         # with compile: concatenated q|k|v and gate|up weights (copies, refreshed from the model at
         # every generate call, so optimizer steps are seen) make each decode step 3 GEMMs shorter
         self.fuse_weights = fuse_weights
@@ -321,7 +325,7 @@ class Engine(DecodeSteps):
                                                is_causal=True)
             x = attn_out(layer, x, o.transpose(1, 2).reshape(len(embs), n, -1), group=self._group)
         last = x[torch.arange(len(embs), device=x.device), torch.tensor(lens, device=x.device) - 1]
-        logits = self._lm.lm_head(model.norm(last)).float()
+        logits = self._lm.lm_head(rms_norm(model.norm, last)).float()
         keys, values = torch.stack(keys), torch.stack(values)  # (layers, B, kv_heads, n, head_dim)
         return [Prefill(keys[:, i, :, :m], values[:, i, :, :m], logits[i:i + 1], 0) for i, m in enumerate(lens)]
 

@@ -18,6 +18,17 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from ..runtime import use_compile_cache
 from .attention import merge_partials, partial_attention
 from .sampling import sample_keyed
+from .split_kv import split_kv_attention
+
+
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a Qwen2 RMSNorm, normalised in one kernel (torch's ``rms_norm``; the module runs
+    six, each a pass over x in fp32) and rounded to x's dtype before its weight multiplies it, as the
+    module rounds. Any other norm module (or a sharded weight) runs as itself."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if type(weight) is not torch.nn.Parameter or not isinstance(eps, float):
+        return norm(x)
+    return weight * F.rms_norm(x, weight.shape, eps=eps)
 
 
 def attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
@@ -25,7 +36,7 @@ def attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
     """A decoder layer up to attention: input norm, q/k/v projections (one GEMM with ``fused`` =
     (q|k|v weight, q|k|v bias or None, ...)), rotary; returns (B, heads, N, head_dim) tensors."""
     attn = layer.self_attn
-    h = layer.input_layernorm(x)
+    h = rms_norm(layer.input_layernorm, x)
     b, n, _ = h.shape
     if fused is None:
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
@@ -55,7 +66,7 @@ def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tu
     tensor-parallel ``group`` o_proj and down_proj hold a slice of their input columns, so their
     outputs are partial sums: one all-reduce after attention and one after the MLP."""
     x = x + sum_over_ranks(layer.self_attn.o_proj(o), group)
-    h = layer.post_attention_layernorm(x)
+    h = rms_norm(layer.post_attention_layernorm, x)
     if fused is None:
         return x + sum_over_ranks(layer.mlp(h), group)
     gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
@@ -65,12 +76,14 @@ def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tu
 def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                  heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None,
-                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                 group: dist.ProcessGroup | None = None, split_kv: bool = False) -> torch.Tensor:
     """One decoder layer for one new token per row ``x`` (B, 1, D): writes row ``rows[j]``'s key/value at
     ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len, head_dim) and attends over
     their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
     ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer.
-    With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``)."""
+    With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``).
+    ``split_kv``: attention in ``split_kv.split_kv_attention`` over each row's keys ``<= pos`` (the
+    mask's keys, without reading the masked ones), where ``split_kv_available``."""
     b = x.shape[0]
     q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
     k_cache[rows, :, pos] = k[:, :, 0]
@@ -78,7 +91,10 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
     # one query per row, so a kv head's query group fits in the "sequence" dim: GQA without copying keys
     q = q.reshape(b, kv_heads, heads // kv_heads, head_dim)
     kv_len = mask.shape[-1]
-    o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
+    if split_kv:
+        o = split_kv_attention(q, k_cache, v_cache, pos + 1, kv_len, head_dim ** -0.5)
+    else:
+        o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
     return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
 
 

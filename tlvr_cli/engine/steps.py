@@ -17,8 +17,9 @@ from typing import NamedTuple
 
 import torch
 
-from .layers import mark_dynamic
+from .layers import mark_dynamic, rms_norm
 from .sampling import SamplingParams
+from .split_kv import split_kv_available
 from .tensor_parallel import TensorParallel, assert_same
 
 KV_LEN_BUCKET = 64  # attention reads the cache in chunks of this many keys: fewer CUDA graphs, aligned masks
@@ -67,6 +68,8 @@ class DecodeSteps:
     _cascade: Callable  # layers.cascade_layer, likewise
     _sample: Callable  # sampling.sample_keyed, likewise
     _fp32: bool  # cascade products in float32 (``attention.fp32_products``)
+    split_kv: bool  # plain steps' attention in ``split_kv_attention`` where it runs ...
+    _split_kv: bool  # ... which the cache's device and dtype decide
     _k: list[torch.Tensor]  # per layer (max_batch, kv_heads, max_seq_len, head_dim)
     _v: list[torch.Tensor]
     _state: torch.Tensor | None
@@ -82,6 +85,7 @@ class DecodeSteps:
         # one tensor per layer (not views of one), so the compiled layer sees the same static cache
         # shape in every layer; zeros, not empty: masked keys get weight 0, but 0 * NaN is still NaN
         shape = (self.max_batch, self.n_kv_heads, self.max_seq_len, self.head_dim)
+        self._split_kv = self.split_kv and split_kv_available(device, dtype, self.head_dim)
         self._k = [mark_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
         self._v = [mark_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
         # rows (token, position, seed, position among the new tokens); per block its prompt length (at
@@ -127,8 +131,8 @@ class DecodeSteps:
         for i, layer in enumerate(self._lm.model.layers):
             x = self._layer(layer, x, cos, sin, self._k[i], self._v[i], rows, pos, mask,
                             self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None,
-                            self._group)
-        return self._lm.lm_head(self._lm.model.norm(x))[:, 0]
+                            self._group, self._split_kv)
+        return self._lm.lm_head(rms_norm(self._lm.model.norm, x))[:, 0]
 
     def _cascade_step(self, tok: torch.Tensor, pos: torch.Tensor, new_pos: torch.Tensor,
                       shape: CascadeShape) -> torch.Tensor:
@@ -151,7 +155,7 @@ class DecodeSteps:
             x = self._cascade(layer, x, cos, sin, self._k[i], self._v[i], rows, new_pos, prefix_mask, suffix_mask,
                               self.n_heads, self.n_kv_heads, self.head_dim, shape.width, self._fp32,
                               self._fused[i] if self._fused else None, self._group)
-        return self._lm.lm_head(self._lm.model.norm(x))[:, 0]
+        return self._lm.lm_head(rms_norm(self._lm.model.norm, x))[:, 0]
 
     def _decode_sample(self, b: int, kv_len: int | CascadeShape, params: SamplingParams) -> None:
         """One step for slots ``0..b-1`` from the state buffers: sample, record, advance (no host sync)."""

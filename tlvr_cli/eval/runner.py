@@ -156,7 +156,8 @@ def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, 
     max_new = cfg.sampling.max_new_tokens
     engine = Engine(model.language_model, max_batch=cfg.engine.max_batch,
                     max_seq_len=model.config.tokenizer_model_max_length + max_new, cuda_graphs=cfg.engine.cuda_graphs,
-                    compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights)
+                    compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
+                    split_kv=cfg.engine.split_kv_attention)
     progress = JobProgress(cfg.benchmark, total, enabled=show_progress)
     progress.start(already)
     counts = {"done": already, "correct": 0, "seen": 0, "skipped": 0}

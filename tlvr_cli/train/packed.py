@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.qwen2.modeling_qwen2 import repeat_kv
 
 from ..engine.attention import aligned
-from ..engine.layers import attn_in, attn_out
+from ..engine.layers import attn_in, attn_out, rms_norm
 from ..errors import TlvrError
 from ..runtime import host_to_device
 
@@ -235,4 +235,4 @@ def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: Packed
             x = checkpoint(_decoder_layer, layer, x, cos, sin, attend, use_reentrant=False)
         else:
             x = _decoder_layer(layer, x, cos, sin, attend)
-    return decoder.norm(x)[0]
+    return rms_norm(decoder.norm, x)[0]

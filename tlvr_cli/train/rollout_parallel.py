@@ -84,7 +84,7 @@ def rollout_engine(cfg: GRPOConfig, lm: nn.Module, par: Parallel, max_seq_len: i
     weights = MergedWeights(lm) if cfg.tune.lora.enabled else None
     return Engine(lm, max_batch=max_batch, max_seq_len=max_seq_len, cuda_graphs=cfg.engine.cuda_graphs,
                   compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights, copy_weights=par.sharded,
-                  weights=weights, tp_group=group)
+                  weights=weights, split_kv=cfg.engine.split_kv_attention, tp_group=group)
 
 
 def gather_prompts(prompts: list[torch.Tensor], keys: list[int], group: dist.ProcessGroup,

@@ -1,0 +1,97 @@
+"""The split-KV decode attention (Triton): its key ranges, the kernels against masked SDPA (on CUDA, and
+on CPU through Triton's interpreter where Triton is installed), and the engine decoding with it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2ForCausalLM
+
+from tlvr_cli.engine.generate import Engine
+from tlvr_cli.engine.sampling import SamplingParams
+from tlvr_cli.engine.split_kv import BLOCK_N, WAVES, split_count, split_kv_attention, split_kv_available
+
+HAS_CUDA = torch.cuda.is_available()
+HERE = Path(__file__).resolve().parent
+
+
+def test_split_count_fills_the_sms_in_powers_of_two():
+    sms = 132
+    for rows in (1, 3, 8, 64, 100, 256, 512):
+        for kv_len in (64, 100, 704, 1152, 4096):
+            s = split_count(rows, 2, kv_len, sms)
+            assert s & (s - 1) == 0 and (s == 1 or kv_len / s >= BLOCK_N)  # a power of two; ranges of a block+
+            assert s == 1 or rows * 2 * s <= WAVES * sms  # at most the target's blocks ...
+            # ... and as many as it allows: doubling would pass the target or cut ranges below a block
+            assert rows * 2 * s * 2 > WAVES * sms or 2 * s * BLOCK_N > kv_len
+    assert split_count(1, 2, 4096, sms) == 64  # one stream: a range per block of keys
+
+
+def test_available_only_on_cuda_in_16_bits():
+    assert not split_kv_available(torch.device("cpu"), torch.bfloat16, 128)
+    assert not split_kv_available(torch.device("cuda"), torch.float32, 128)
+    assert not split_kv_available(torch.device("cuda"), torch.bfloat16, 96)  # not a power of two
+
+
+def check_kernels(device: str, group: int) -> None:
+    """The kernels against masked SDPA (float32 on CPU, bf16 on CUDA) for a kv head's query ``group``."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    rows, kv_heads, d, kv_len = 5, 2, 32, 320
+    q = torch.randn(rows, kv_heads, group, d, generator=gen)
+    # a cache with more rows and positions than the step reads, and O(1) scores: a key read that should
+    # not be (or a missed one) shows
+    k, v = (torch.randn(rows + 2, kv_heads, kv_len + 64, d, generator=gen) for _ in range(2))
+    lengths = torch.tensor([1, 64, 65, 200, kv_len])
+    valid = torch.arange(kv_len)[None] < lengths[:, None]
+    mask = torch.zeros(rows, kv_len).masked_fill(~valid, float("-inf"))[:, None, None]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for bound in (kv_len, 64):  # a bound below some rows' lengths cuts them there, as that step's mask would
+        want = F.scaled_dot_product_attention(q, k[:rows, :, :bound], v[:rows, :, :bound], attn_mask=mask[..., :bound])
+        got = split_kv_attention(*(t.to(device, dtype) for t in (q, k, v)), lengths.to(device), bound, d ** -0.5)
+        assert got.shape == q.shape and got.dtype == dtype
+        assert (got.float().cpu() - want).abs().max() < tol, (bound, (got.float().cpu() - want).abs().max())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on CPU)")
+def test_kernels_match_masked_attention_in_the_interpreter():
+    # the interpreter is chosen when Triton is imported, so in a process of its own (8 SMs pretended)
+    code = ("import test_split_kv as t; from tlvr_cli.engine import split_kv; "
+            "split_kv._sm_count = lambda index: 8; t.check_kernels('cpu', 8); t.check_kernels('cpu', 3)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("group", [8, 3])
+def test_kernels_match_masked_attention(group):
+    check_kernels("cuda", group)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_engine_decodes_with_split_kv_as_with_sdpa(lm, prompts, compile):
+    gpu = Qwen2ForCausalLM(lm.config).to("cuda", torch.bfloat16).eval()
+    gpu.load_state_dict(lm.state_dict())
+    embeds = [p.to("cuda", torch.bfloat16) for p in prompts]
+    outs = {}
+    for split in (False, True):
+        engine = Engine(gpu, max_batch=8, max_seq_len=96, cuda_graphs=True, compile=compile, split_kv=split)
+        outs[split] = [o.tokens for o in engine.generate(embeds, SamplingParams(temperature=0.0), 6, 299,
+                                                         num_samples=2)]
+        assert engine._split_kv == split
+    # bf16 sums in another order: greedy tokens agree unless two logits nearly tie; the first token is
+    # drawn from the prefill, which both share
+    assert all(a[0] == b[0] for a, b in zip(outs[False], outs[True]))
+    same = sum(a == b for a, b in zip(outs[False], outs[True]))
+    assert same >= len(outs[True]) - 1
