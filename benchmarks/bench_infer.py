@@ -123,7 +123,8 @@ def breakdown(video: Path, ckpt: Path, args) -> dict[str, float]:
         prompt = model.prompt_embeddings([ids], feats)
     n = args.max_new_tokens
     for graphs in (True, False):
-        engine = Engine(model.language_model, max_batch=1, max_seq_len=prompt[0].shape[0] + n, cuda_graphs=graphs)
+        engine = Engine(model.language_model, max_batch=1, max_seq_len=prompt[0].shape[0] + n, cuda_graphs=graphs,
+                        split_kv=False)  # as tlvr infer decodes
         for call in ("first", "second"):
             res, s = timed(lambda: engine.generate(prompt, SamplingParams(temperature=0.0), n, None, sync_every=4))
             out[f"{'graphs' if graphs else 'eager'}_{call}_tok_s"] = len(res[0].tokens) / s

@@ -83,9 +83,11 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     timings["encode_s"] = time.perf_counter() - t
 
     # one row: CUDA graphs alone remove the per-kernel launch cost that bounds a single stream, and
-    # capture in well under a second; torch.compile would add more seconds than a whole answer takes
+    # capture in well under a second; torch.compile would add more seconds than a whole answer takes.
+    # SDPA's attention, not the split-KV kernels: one stream decodes as fast with it (126-132 tok/s with
+    # the kernels, 129-140 without, H200) and a first run would spend ~2 s compiling them
     engine = Engine(model.language_model, max_batch=1, max_seq_len=prompt[0].shape[0] + cfg.sampling.max_new_tokens,
-                    cuda_graphs=cfg.cuda_graphs)
+                    cuda_graphs=cfg.cuda_graphs, split_kv=False)
     params = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
     streamed: list[int] = []
     shown = [""]

@@ -80,8 +80,9 @@ class EngineConfig:
                            "$TLVR_COMPILE_CACHE.")
     fused_weights: bool = option(True, "With compile: decode from concatenated q|k|v and gate|up weight copies (3.6 GB "
                                  "for Qwen2.5-3B, refreshed before every rollout); off saves that memory.")
-    split_kv_attention: bool = option(True, "GPU only: decode attention in tlvr's split-KV Triton kernels (each row's "
-                                      "keys in ranges across the SMs, merged exactly); off: PyTorch's SDPA.")
+    split_kv_attention: bool = option(True, "GPU only, with cuda_graphs: decode attention in tlvr's split-KV Triton "
+                                      "kernels (each row's keys in ranges across the SMs, merged exactly); off: "
+                                      "PyTorch's SDPA.")
 
 
 # ----------------------------------------------------------------------------- training sections

@@ -95,3 +95,6 @@ def test_engine_decodes_with_split_kv_as_with_sdpa(lm, prompts, compile):
     assert all(a[0] == b[0] for a, b in zip(outs[False], outs[True]))
     same = sum(a == b for a, b in zip(outs[False], outs[True]))
     assert same >= len(outs[True]) - 1
+    eager = Engine(gpu, max_batch=8, max_seq_len=96, cuda_graphs=False)  # two launches per layer: SDPA
+    eager.generate(embeds[:1], SamplingParams(temperature=0.0), 2, 299)
+    assert not eager._split_kv

@@ -69,7 +69,7 @@ class DecodeSteps:
     _sample: Callable  # sampling.sample_keyed, likewise
     _fp32: bool  # cascade products in float32 (``attention.fp32_products``)
     split_kv: bool  # plain steps' attention in ``split_kv_attention`` where it runs ...
-    _split_kv: bool  # ... which the cache's device and dtype decide
+    _split_kv: bool  # ... which the cache's device and dtype and CUDA graphs decide
     _k: list[torch.Tensor]  # per layer (max_batch, kv_heads, max_seq_len, head_dim)
     _v: list[torch.Tensor]
     _state: torch.Tensor | None
@@ -85,7 +85,9 @@ class DecodeSteps:
         # one tensor per layer (not views of one), so the compiled layer sees the same static cache
         # shape in every layer; zeros, not empty: masked keys get weight 0, but 0 * NaN is still NaN
         shape = (self.max_batch, self.n_kv_heads, self.max_seq_len, self.head_dim)
-        self._split_kv = self.split_kv and split_kv_available(device, dtype, self.head_dim)
+        # under CUDA graphs only: eager, each step's two Triton launches per layer cost more host time than
+        # the kernels save (64 rows x 512 tokens on an H200: 1,809-2,056 tok/s with them, 2,375 with SDPA)
+        self._split_kv = self.split_kv and self.cuda_graphs and split_kv_available(device, dtype, self.head_dim)
         self._k = [mark_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
         self._v = [mark_dynamic(torch.zeros(shape, device=device, dtype=dtype), 0, 2) for _ in range(self.n_layers)]
         # rows (token, position, seed, position among the new tokens); per block its prompt length (at
