@@ -28,8 +28,8 @@ from ..data.records import read_grpo_rows
 from ..errors import TlvrError
 from ..jobs import GRPOConfig
 from ..model.checkpoint import generation_from_sampling, load_model
-from ..progress import JobProgress, note
-from ..runtime import init_distributed, resolve_root
+from ..progress import JobProgress
+from ..runtime import init_distributed
 from . import run_dir as R
 from .grpo_step import GRPOStep
 from .lora import BaseReference
@@ -39,7 +39,7 @@ from .parallel import Parallel
 from .policy import PolicyLogprobs
 from .rollout import FeatureCache, PromptDraws, PromptLoader, check_prompts_fit, prompt_ids
 from .rollout_parallel import check_rollout_processes, rollout_engine, rollout_group
-from .setup import apply_tuning, drop_reported_videos
+from .setup import apply_tuning, read_samples
 
 
 def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False, show_progress: bool = True) -> Path:
@@ -52,15 +52,9 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
                         f"{ctx.world_size} processes")
     check_rollout_processes(cfg, ctx.world_size)
     run_dir = Path(cfg.output.run_dir)
-    root = resolve_root(cfg.data.root, "train")
-    rows, n_skipped_report = drop_reported_videos(read_grpo_rows(root / cfg.data.annotations, root),
-                                                  cfg.data.skip_report)
-    if not rows:
-        raise TlvrError(f"{root / cfg.data.annotations}: no usable rows")
+    rows, n_skipped_report = read_samples(read_grpo_rows, cfg.data, "rows")
     total = R.total_steps(len(rows), cfg.data.prompts_per_step, cfg.optim.epochs, cfg.optim.max_steps)
-    plan = R.plan_run(run_dir, resume, cfg, total, force=force)  # before any model is loaded
-    if ctx.is_main and plan.message:
-        note(plan.message)
+    plan = R.plan_run(run_dir, resume, cfg, total, force=force, announce=ctx.is_main)  # before any model loads
     if plan.complete:
         return run_dir / "final"
 

@@ -49,6 +49,7 @@ from ..config import deep_merge, read_yaml, to_yaml
 from ..errors import Interrupted, TlvrError
 from ..files import write_json_atomic, write_text_atomic
 from ..jobs import OutputConfig
+from ..progress import note
 from .parallel import Parallel
 
 STATE_FILE = "trainer_state.json"
@@ -311,10 +312,12 @@ def total_steps(items: int, per_step: int, epochs: int, max_steps: int) -> int:
     return min(total, max_steps) if max_steps else total
 
 
-def plan_run(run_dir: Path, resume: str | None, cfg: Any, total: int, *, force: bool = False) -> RunPlan:
+def plan_run(run_dir: Path, resume: str | None, cfg: Any, total: int, *, force: bool = False,
+             announce: bool = False) -> RunPlan:
     """Apply the run-directory rule (module docstring) before anything is loaded: which checkpoint to
     resume (``resume``: None or 'auto' → the latest, or a checkpoint directory), whether the run is
-    complete, or a one-line refusal naming the keys that differ from the saved config."""
+    complete, or a one-line refusal naming the keys that differ from the saved config. ``announce``
+    (one process of a run) prints the plan's message."""
     run_dir = Path(run_dir)
     ckpts = list_checkpoints(run_dir)
     has_final = (run_dir / "final" / "config.json").exists()
@@ -341,6 +344,8 @@ def plan_run(run_dir: Path, resume: str | None, cfg: Any, total: int, *, force: 
         plan.message = f"resuming {run_dir} from step {step} of {total} ({ckpt}){forced}"
     elif resume == "auto":
         plan.message = f"--resume auto: no checkpoint in {run_dir}: starting fresh"
+    if announce and plan.message:
+        note(plan.message)
     return plan
 
 

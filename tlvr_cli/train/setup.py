@@ -1,13 +1,17 @@
-"""Pieces shared by the training loops: which parts train, and which videos a check report rules out."""
+"""Pieces shared by the training loops: which parts train, and which samples they read (less the videos
+a check report rules out)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
+from ..errors import TlvrError
 from ..jobs import TuneConfig
+from ..runtime import resolve_root
 
 T = TypeVar("T")
 
@@ -49,3 +53,14 @@ def drop_reported_videos(samples: list[T], report: str) -> tuple[list[T], int]:
     bad = load_skip_set(Path(report))
     kept = [s for s in samples if str(s.video_path) not in bad]
     return kept, len(samples) - len(kept)
+
+
+def read_samples(read: Callable[[Path, Path], list[T]], data: Any, what: str) -> tuple[list[T], int]:
+    """``read(annotations, root)`` of a training ``data`` section (its ``root``, ``annotations`` and
+    ``skip_report``) less the videos the report marks bad, and how many were dropped; a one-line error
+    naming the file when no ``what`` (rows, records) are left."""
+    root = resolve_root(data.root, "train")
+    samples, dropped = drop_reported_videos(read(root / data.annotations, root), data.skip_report)
+    if not samples:
+        raise TlvrError(f"{root / data.annotations}: no usable {what}")
+    return samples, dropped

@@ -25,15 +25,15 @@ from ..data.template import build_sft_example
 from ..errors import TlvrError
 from ..jobs import ColdstartConfig
 from ..model.checkpoint import load_model
-from ..progress import JobProgress, note
-from ..runtime import DistContext, init_distributed, resolve_root
+from ..progress import JobProgress
+from ..runtime import DistContext, init_distributed
 from ..video.decode import read_frames
 from ..video.preprocess import preprocess_frames
 from . import run_dir as R
 from .metrics import plot_run
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .parallel import Parallel
-from .setup import apply_tuning, drop_reported_videos
+from .setup import apply_tuning, read_samples
 
 
 @dataclass
@@ -106,18 +106,12 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, force: boo
     ctx = init_distributed(cfg.model.device, cfg.dist.backend, need_group=cfg.dist.strategy == "fsdp2",
                            timeout_minutes=cfg.dist.timeout_minutes)
     run_dir = Path(cfg.output.run_dir)
-    root = resolve_root(cfg.data.root, "train")
-    records, n_skipped_report = drop_reported_videos(read_coldstart_records(root / cfg.data.annotations, root),
-                                                     cfg.data.skip_report)
-    if not records:
-        raise TlvrError(f"{root / cfg.data.annotations}: no usable records")
+    records, n_skipped_report = read_samples(read_coldstart_records, cfg.data, "records")
     # the global batch: batch_size samples x accum micro-batches x processes
     accum = grad_accum_steps(cfg, ctx.world_size)
     per_step = cfg.batch_size * accum * ctx.world_size
     total = R.total_steps(len(records), per_step, cfg.optim.epochs, cfg.optim.max_steps)
-    plan = R.plan_run(run_dir, resume, cfg, total, force=force)  # before any model is loaded
-    if ctx.is_main and plan.message:
-        note(plan.message)
+    plan = R.plan_run(run_dir, resume, cfg, total, force=force, announce=ctx.is_main)  # before any model loads
     if plan.complete:
         return run_dir / "final"
 
