@@ -121,14 +121,11 @@ def eval_prompts(model, cfg, items) -> list[torch.Tensor]:
 
 def time_rollout(model, cfg, prompts: list[torch.Tensor], device: torch.device) -> dict:
     """``Engine.generate`` over all prompts at once, built as the eval builds its engine; the second call is timed."""
-    from tlvr_cli.engine.generate import Engine
     from tlvr_cli.engine.sampling import SamplingParams
+    from tlvr_cli.eval.runner import eval_engine
 
     max_new = cfg.sampling.max_new_tokens
-    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch,
-                    max_seq_len=model.config.tokenizer_model_max_length + max_new, cuda_graphs=cfg.engine.cuda_graphs,
-                    compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
-                    split_kv=cfg.engine.split_kv_attention)
+    engine = eval_engine(cfg, model)
     greedy = SamplingParams(temperature=0.0)
     eos = model.tokenizer.eos_token_id
     with torch.no_grad():

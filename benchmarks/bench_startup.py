@@ -42,7 +42,6 @@ def child(args) -> dict:
 
     from tlvr_cli.config import load_config
     from tlvr_cli.data.records import GRPORow
-    from tlvr_cli.engine.generate import Engine
     from tlvr_cli.jobs import GRPOConfig
     from tlvr_cli.model.checkpoint import load_model
     from tlvr_cli.runtime import init_distributed
@@ -52,6 +51,7 @@ def child(args) -> dict:
     from tlvr_cli.train.parallel import Parallel
     from tlvr_cli.train.policy import PolicyLogprobs
     from tlvr_cli.train.rollout import PromptBatch, prompt_ids
+    from tlvr_cli.train.rollout_parallel import rollout_engine
     from tlvr_cli.train.setup import apply_tuning
 
     out: dict = {"import_s": time.perf_counter() - START}
@@ -96,10 +96,7 @@ def child(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     batch = PromptBatch(rows, ids, [torch.rand(16, 3, size, size, generator=gen) * 2 - 1 for _ in rows])
     longest = max(len(i) for i in ids) - 1 + model.config.num_queries
-    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch, max_seq_len=longest + args.new_tokens,
-                    cuda_graphs=cfg.engine.cuda_graphs, compile=cfg.engine.compile,
-                    fuse_weights=cfg.engine.fused_weights, copy_weights=par.sharded,
-                    split_kv=cfg.engine.split_kv_attention)
+    engine = rollout_engine(cfg, model.language_model, par, longest + args.new_tokens)
     grpo_step = GRPOStep(cfg, model, ref, par, optimizer, scheduler, engine)
     out["steps"], out["rollout"] = [], []
     for step in range(args.steps):

@@ -84,6 +84,11 @@ class EngineConfig:
                                       "kernels (each row's keys in ranges across the SMs, merged exactly); off: "
                                       "PyTorch's SDPA.")
 
+    def engine_kwargs(self) -> dict:
+        """These keys as ``Engine``'s keyword arguments (one mapping for every job that builds an engine)."""
+        return dict(max_batch=self.max_batch, cuda_graphs=self.cuda_graphs, compile=self.compile,
+                    fuse_weights=self.fused_weights, split_kv=self.split_kv_attention)
+
 
 # ----------------------------------------------------------------------------- training sections
 

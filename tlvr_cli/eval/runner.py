@@ -148,16 +148,20 @@ def _unanswered(items: list[EvalItem], answers_path: Path) -> list[EvalItem]:
     return [it for it in items if it.item_id not in done]
 
 
+def eval_engine(cfg: EvalConfig, model) -> Engine:
+    """The engine an evaluation decodes with: ``cfg.engine``'s settings, room for the longest prompt
+    the checkpoint takes and ``sampling.max_new_tokens``."""
+    return Engine(model.language_model, max_seq_len=model.config.tokenizer_model_max_length
+                  + cfg.sampling.max_new_tokens, **cfg.engine.engine_kwargs())
+
+
 def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, Decoded]], answers_path: Path,
                       already: int, total: int, show_progress: bool) -> None:
     tok = model.tokenizer
     params = SamplingParams(temperature=0.0) if cfg.protocol == "greedy" else SamplingParams(
         temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
     max_new = cfg.sampling.max_new_tokens
-    engine = Engine(model.language_model, max_batch=cfg.engine.max_batch,
-                    max_seq_len=model.config.tokenizer_model_max_length + max_new, cuda_graphs=cfg.engine.cuda_graphs,
-                    compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights,
-                    split_kv=cfg.engine.split_kv_attention)
+    engine = eval_engine(cfg, model)
     progress = JobProgress(cfg.benchmark, total, enabled=show_progress)
     progress.start(already)
     counts = {"done": already, "correct": 0, "seen": 0, "skipped": 0}

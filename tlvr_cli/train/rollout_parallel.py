@@ -74,17 +74,15 @@ def rollout_engine(cfg: GRPOConfig, lm: nn.Module, par: Parallel, max_seq_len: i
                    group: dist.ProcessGroup | None = None) -> Engine:
     """The engine of GRPO's rollouts (``group``: decode tensor-parallel over it). LoRA: it decodes from its own
     copy of the merged weights, refreshed at every rollout; FSDP2: from a copy of the gathered weights."""
-    max_batch = cfg.engine.max_batch
+    options = cfg.engine.engine_kwargs()
     if group is not None:
         # a draw holds at most the group's share of the step; each process caches 1/N of a row, so N times the
         # rows fit
         groups = par.ctx.world_size // group.size()
         rows = cfg.data.prompts_per_step // groups * cfg.algo.num_generations
-        max_batch = rows if max_batch == 0 else min(rows, max_batch * group.size())
+        options["max_batch"] = rows if cfg.engine.max_batch == 0 else min(rows, cfg.engine.max_batch * group.size())
     weights = MergedWeights(lm) if cfg.tune.lora.enabled else None
-    return Engine(lm, max_batch=max_batch, max_seq_len=max_seq_len, cuda_graphs=cfg.engine.cuda_graphs,
-                  compile=cfg.engine.compile, fuse_weights=cfg.engine.fused_weights, copy_weights=par.sharded,
-                  weights=weights, split_kv=cfg.engine.split_kv_attention, tp_group=group)
+    return Engine(lm, max_seq_len=max_seq_len, copy_weights=par.sharded, weights=weights, tp_group=group, **options)
 
 
 def gather_prompts(prompts: list[torch.Tensor], keys: list[int], group: dist.ProcessGroup,
