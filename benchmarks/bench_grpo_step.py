@@ -270,7 +270,8 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
         ref = build(args.config, device, dtype)
         ref.load_state_dict(model.state_dict())
         ref.requires_grad_(False).eval()
-    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
+    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers)
     if cfg.algo.beta > 0 and lora:
         ref = BaseReference(model)
     # before the optimizer: fsdp2 swaps the parameters
@@ -310,7 +311,12 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
             torch.cuda.synchronize()
 
     phase.name = "warm-up step"
+    sync()
+    t = time.perf_counter()
     grpo_step(batch, 0)  # compiles and captures the engine
+    sync()
+    if ctx.is_main:
+        print(f"warm-up step: {time.perf_counter() - t:.1f} s (compiles, captures)", flush=True)
     times, parts, kept = [], {}, 0
     for step in range(1, args.steps + 1):
         phase.name = f"step {step}"

@@ -70,7 +70,8 @@ def child(args) -> dict:
                    "compile": args.mode != "nocompile"}})
     t = time.perf_counter()  # the models as run_grpo loads them
     model = load_model(cfg.model)
-    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
+    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers)
     sync()
     out["load_policy_s"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -122,6 +122,9 @@ class OptimConfig:
     epochs: int = option(1, "Passes over the data.", ge=1)
     max_steps: int = option(0, "Stop after this many optimizer steps (0: the full epochs).", ge=0)
     gradient_checkpointing: bool = option(True, "Recompute LLM activations in backward to save memory.")
+    uncheckpointed_layers: int = option(
+        0, "With gradient_checkpointing: the last N decoder layers keep their activations instead (no recompute): "
+        "a faster backward for N layers' activations of a micro-batch more memory.", ge=0)
     kind: Literal["adamw", "adamw8bit"] = option(
         "adamw", "adamw: fp32 moments (torch's AdamW, as the reference); adamw8bit: both moments stored in 8 bits, "
         "block-wise quantised (2 instead of 8 bytes per trained parameter; each step dequantises, updates, "
@@ -332,6 +335,10 @@ class GRPOPerfConfig:
     varlen_attention: bool = option(
         True, "With shared_prompt or packing, on CUDA in fp16/bf16: attention through a varlen flash kernel "
         "(flash-attn's when installed, else PyTorch's own). false: SDPA over the sequences padded inside attention.")
+    compile_layers: bool = option(
+        True, "GPU only, with shared_prompt or packing: torch.compile the decoder layers' work around attention "
+        "(norms, rotary, SwiGLU, residual adds fused, forward and backward); the first run compiles, later runs "
+        "load the kernels from $TLVR_COMPILE_CACHE. Numerics-neutral up to bf16 rounding.")
 
 
 @dataclass

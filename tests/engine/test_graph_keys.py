@@ -1,6 +1,6 @@
 """Which key lengths a decode step attends over (and so how many CUDA graphs a run captures): the
-whole cache while it is cheap against the weights, ``KV_LEN_BUCKET`` steps otherwise; both decode
-the same tokens."""
+whole cache while it is cheap against the weights or the split-KV kernels attend, ``KV_LEN_BUCKET``
+steps otherwise; both decode the same tokens."""
 
 from __future__ import annotations
 
@@ -47,6 +47,16 @@ def test_released_shapes_one_question_reads_the_whole_cache_rollouts_use_buckets
     assert rollout._kv_len(64, 700) == 704  # 64 rows of full-length keys would weigh 43 % of the weights: buckets
     evaluate = Engine(lm, max_batch=8, max_seq_len=650 + 1024)
     assert evaluate._kv_len(8, 700) == 704 and evaluate._kv_len(1, 700) == 650 + 1024
+
+
+def test_split_kv_kernels_read_the_whole_cache_bound():
+    # the kernels read each row's own keys whatever the bound: one graph per row count, plain or cascade
+    with torch.device("meta"):
+        lm = Qwen2ForCausalLM(Qwen2Config(**QWEN25_3B))
+    rollout = Engine(lm, max_batch=64, max_seq_len=614 + 512)
+    rollout._split_kv = True
+    assert rollout._kv_len(64, 700) == 614 + 512 and rollout._kv_len(64, 100) == 614 + 512
+    assert rollout._cascade_shape(8, 64, 614, 40, 512) == (8, 614, 512)
 
 
 def test_graphs_are_captured_once_per_key_and_survive_optimizer_steps(lm, monkeypatch):

@@ -16,7 +16,15 @@ from transformers import Qwen2ForCausalLM
 
 from tlvr_cli.engine.generate import Engine
 from tlvr_cli.engine.sampling import SamplingParams
-from tlvr_cli.engine.split_kv import BLOCK_N, WAVES, split_count, split_kv_attention, split_kv_available
+from tlvr_cli.engine.split_kv import (
+    BLOCK_N,
+    WAVES,
+    cascade_attention,
+    query_tiles,
+    split_count,
+    split_kv_attention,
+    split_kv_available,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 HERE = Path(__file__).resolve().parent
@@ -38,6 +46,37 @@ def test_available_only_on_cuda_in_16_bits():
     assert not split_kv_available(torch.device("cpu"), torch.bfloat16, 128)
     assert not split_kv_available(torch.device("cuda"), torch.float32, 128)
     assert not split_kv_available(torch.device("cuda"), torch.bfloat16, 96)  # not a power of two
+
+
+def test_query_tiles_cover_a_block_in_tiles_of_16_to_64():
+    assert query_tiles(8) == (16, 1) and query_tiles(24) == (32, 1) and query_tiles(64) == (64, 1)
+    assert query_tiles(128) == (64, 2) and query_tiles(72) == (64, 2)
+
+
+def check_cascade(device: str, width: int, group: int) -> None:
+    """The cascade kernels against SDPA over each row's prompt keys followed by its own new tokens."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    blocks, kv_heads, d, seq, suffix = 3, 2, 32, 256, 64
+    rows = blocks * width
+    q = torch.randn(rows, kv_heads, group, d, generator=gen)
+    k, v = (torch.randn(rows + 1, kv_heads, seq, d, generator=gen) for _ in range(2))
+    prompt_lens = torch.tensor([1, 70, 130])
+    new_pos = torch.randint(0, suffix, (rows,), generator=gen)
+    new_pos[0], new_pos[-1] = 0, suffix - 1
+    own_start = seq - 1 - new_pos
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for prefix in (192, 64):  # a bound below a prompt's length cuts it there, as that step's mask would
+        want = torch.empty_like(q)
+        for r in range(rows):
+            g, n = r // width, min(int(prompt_lens[r // width]), prefix)
+            keys = [torch.cat([c[g, :, :n], c[r, :, int(own_start[r]):]], 1) for c in (k, v)]
+            want[r] = F.scaled_dot_product_attention(q[r, :, :, None], keys[0][:, None], keys[1][:, None])[:, :, 0]
+        got = cascade_attention(*(t.to(device, dtype) for t in (q, k, v)), prompt_lens.to(device), prefix,
+                                own_start.to(device), suffix, d ** -0.5)
+        assert got.shape == q.shape and got.dtype == dtype
+        err = (got.float().cpu() - want).abs().max()
+        assert err < tol, (width, group, prefix, err)
 
 
 def check_kernels(device: str, group: int) -> None:
@@ -64,7 +103,8 @@ def check_kernels(device: str, group: int) -> None:
 def test_kernels_match_masked_attention_in_the_interpreter():
     # the interpreter is chosen when Triton is imported, so in a process of its own (8 SMs pretended)
     code = ("import test_split_kv as t; from tlvr_cli.engine import split_kv; "
-            "split_kv._sm_count = lambda index: 8; t.check_kernels('cpu', 8); t.check_kernels('cpu', 3)")
+            "split_kv._sm_count = lambda index: 8; t.check_kernels('cpu', 8); t.check_kernels('cpu', 3); "
+            "t.check_cascade('cpu', 4, 8); t.check_cascade('cpu', 4, 3); t.check_cascade('cpu', 16, 8)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,6 +115,13 @@ def test_kernels_match_masked_attention_in_the_interpreter():
 @pytest.mark.parametrize("group", [8, 3])
 def test_kernels_match_masked_attention(group):
     check_kernels("cuda", group)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("width", "group"), [(4, 8), (4, 3), (16, 8), (8, 8)])
+def test_cascade_kernels_match_attention(width, group):
+    check_cascade("cuda", width, group)
 
 
 @pytest.mark.gpu

@@ -252,15 +252,16 @@ def test_varlen_flash_attention_matches_sdpa_in_log_probs_and_every_gradient(tin
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile_layers", [False, True])
 @pytest.mark.parametrize("shared_prompt,packing", FLAT)
-def test_flat_log_prob_passes_never_wait_for_the_gpu(tiny_model, batch, shared_prompt, packing):
+def test_flat_log_prob_passes_never_wait_for_the_gpu(tiny_model, batch, shared_prompt, packing, compile_layers):
     """With completions and lengths on the host (as the GRPO step keeps them), a micro-batch's forward
     and backward, gradient checkpointing included, queue without one host-device synchronization."""
     model = tiny_model.to("cuda", torch.bfloat16).train()
     apply_tuning(model, TuneConfig(), gradient_checkpointing=True)
     feats, ids, seq_prompt, comps, lengths, weights = batch
     args = (feats.to("cuda", torch.bfloat16), ids, seq_prompt, comps, lengths, [5, 0, 1, 2, 3, 4, 6, 7])
-    layout = {"shared_prompt": shared_prompt, "packing": packing}
+    layout = {"shared_prompt": shared_prompt, "packing": packing, "compile_layers": compile_layers}
     w = weights.cuda()[args[-1]]
     (sequence_logprobs(model, *args, chunk_size=100, **layout) * w).sum().backward()  # warm-up: lazy inits
     torch.cuda.synchronize()
@@ -298,3 +299,59 @@ def test_packed_attention_kernels_equal_masked_float32_attention():
         attend = PackedAttention(layout, torch.device("cuda"), varlen)
         got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale, 0.0).float().view_as(want)
         assert float((got - want).abs().max()) < 3e-2, f"varlen={varlen}"
+
+
+def test_uncheckpointed_layers_are_the_last_ones(tiny_model):
+    layers = tiny_model.language_model.model.layers
+    for kept in (0, 1, len(layers), len(layers) + 5):
+        apply_tuning(tiny_model, TuneConfig(), gradient_checkpointing=True, uncheckpointed_layers=kept)
+        flags = [layer.gradient_checkpointing for layer in layers]
+        n = min(kept, len(layers))
+        assert flags == [True] * (len(layers) - n) + [False] * n
+
+
+def test_compiled_layers_match_eager_in_loss_and_every_gradient(tiny_model, batch, monkeypatch):
+    # perf.compile_layers takes effect on GPU only; here it is let in on CPU to check its maths (fp32)
+    from tlvr_cli.train import packed
+
+    monkeypatch.setattr(packed, "COMPILE_DEVICES", ("cpu",))
+    model = tiny_model.train()
+    apply_tuning(model, TuneConfig(), gradient_checkpointing=True, uncheckpointed_layers=1)
+    layout = {"shared_prompt": True, "packing": True}
+    rows = [5, 0, 1, 2, 3, 4, 6, 7]
+    logp0, loss0, grads0 = _loss_and_grads(model, batch, rows, **layout)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    logp, loss, grads = _loss_and_grads(model, batch, rows, compile_layers=True, **layout)
+    assert counters["stats"]["unique_graphs"] >= 2  # both halves ran compiled
+    assert _rel(logp, logp0) <= TOL and _rel(loss, loss0) <= TOL
+    assert grads.keys() == grads0.keys()
+    assert all(_rel(grads[n], grads0[n]) <= TOL for n in grads0)
+    graphs = counters["stats"]["unique_graphs"]
+    _loss_and_grads(model, batch, rows[:3], compile_layers=True, **layout)  # another token count ...
+    assert counters["stats"]["unique_graphs"] == graphs  # ... runs the same dynamic graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_layers_match_eager_on_gpu_in_bf16(tiny_model, batch):
+    model = tiny_model.to("cuda", torch.bfloat16).train()
+    apply_tuning(model, TuneConfig(), gradient_checkpointing=True)
+    feats, ids, seq_prompt, comps, lengths, weights = batch
+    args = (feats.to("cuda", torch.bfloat16), ids, seq_prompt, comps, lengths)
+    rows = [5, 0, 1, 2, 3, 4, 6, 7]
+    w = weights.cuda()[rows]
+    out = {}
+    for compiled in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp = sequence_logprobs(model, *args, rows, chunk_size=100, shared_prompt=True, packing=True,
+                                 compile_layers=compiled)
+        (logp * w).sum().backward()
+        out[compiled] = logp.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                                if p.grad is not None}
+    (logp0, grads0), (logp1, grads1) = out[False], out[True]
+    assert float((logp1 - logp0).abs().max()) < 5e-2  # bf16: the fused kernels round once, eager after every op
+    assert grads1.keys() == grads0.keys()
+    for n in grads0:
+        assert float((grads1[n] - grads0[n]).norm() / grads0[n].norm().clamp(min=1e-30)) < 5e-2, n

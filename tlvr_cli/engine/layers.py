@@ -18,7 +18,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from ..runtime import use_compile_cache
 from .attention import merge_partials, partial_attention
 from .sampling import sample_keyed
-from .split_kv import split_kv_attention
+from .split_kv import cascade_attention, split_kv_attention
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -101,20 +101,27 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
 def cascade_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, rows: torch.Tensor, new_pos: torch.Tensor, prefix_mask: torch.Tensor,
                   suffix_mask: torch.Tensor, heads: int, kv_heads: int, head_dim: int, width: int, fp32: bool,
-                  fused: tuple | None = None, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                  fused: tuple | None = None, group: dist.ProcessGroup | None = None,
+                  prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
     """``decode_layer`` for rows in groups of ``width`` consecutive rows that share a prompt. Group g's
     prompt keys/values sit once at [0, L_g) of cache row g; row r's own tokens grow down from the end of
     cache row r (its j-th new token at index max_seq_len - 1 - j, so the window of the last N indices
     holds the first N new tokens whatever the prompt lengths). Writes each row's key/value at its
     ``new_pos``, attends the group's prompt (the first ``prefix_mask.shape[-1]`` indices of the first
     ``prefix_mask.shape[0]`` cache rows, masked by ``prefix_mask``) and the row's own tokens (the last
-    ``suffix_mask.shape[-1]`` indices, masked by ``suffix_mask``) separately and merges them exactly."""
+    ``suffix_mask.shape[-1]`` indices, masked by ``suffix_mask``) separately and merges them exactly.
+    With ``prompt_lens`` (the blocks' prompt lengths, which ``prefix_mask`` encodes) both are attended in
+    ``split_kv.cascade_attention`` instead, without reading the masked keys, where ``split_kv_available``."""
     b = x.shape[0]
     q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
     at = k_cache.shape[2] - 1 - new_pos
     k_cache[rows, :, at] = k[:, :, 0]
     v_cache[rows, :, at] = v[:, :, 0]
     groups, rep, scale = prefix_mask.shape[0], heads // kv_heads, head_dim ** -0.5
+    if prompt_lens is not None:
+        o = cascade_attention(q.reshape(b, kv_heads, rep, head_dim), k_cache, v_cache, prompt_lens,
+                              prefix_mask.shape[-1], at, suffix_mask.shape[-1], scale)
+        return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
     # a group's rows are extra queries against the one copy of its prompt: (groups, kv_heads, width * rep)
     qp = q.reshape(groups, width, kv_heads, rep, head_dim).transpose(1, 2).reshape(groups, kv_heads, -1, head_dim)
     n = prefix_mask.shape[-1]

@@ -68,7 +68,7 @@ class DecodeSteps:
     _cascade: Callable  # layers.cascade_layer, likewise
     _sample: Callable  # sampling.sample_keyed, likewise
     _fp32: bool  # cascade products in float32 (``attention.fp32_products``)
-    split_kv: bool  # plain steps' attention in ``split_kv_attention`` where it runs ...
+    split_kv: bool  # decode attention in the ``split_kv`` kernels where they run ...
     _split_kv: bool  # ... which the cache's device and dtype and CUDA graphs decide
     _k: list[torch.Tensor]  # per layer (max_batch, kv_heads, max_seq_len, head_dim)
     _v: list[torch.Tensor]
@@ -149,6 +149,7 @@ class DecodeSteps:
                                 torch.float32)
         window = torch.arange(shape.suffix, device=device)[None]
         suffix_mask = _additive(window >= shape.suffix - 1 - new_pos[:, None], torch.float32)
+        prompt_lens = mark_dynamic(self._prompt_len[:blocks], 0) if self._split_kv else None
         for t in (x, cos, sin, rows, pos, new_pos):
             mark_dynamic(t, 0)
         mark_dynamic(prefix_mask, 0, 3)
@@ -156,7 +157,7 @@ class DecodeSteps:
         for i, layer in enumerate(self._lm.model.layers):
             x = self._cascade(layer, x, cos, sin, self._k[i], self._v[i], rows, new_pos, prefix_mask, suffix_mask,
                               self.n_heads, self.n_kv_heads, self.head_dim, shape.width, self._fp32,
-                              self._fused[i] if self._fused else None, self._group)
+                              self._fused[i] if self._fused else None, self._group, prompt_lens)
         return self._lm.lm_head(rms_norm(self._lm.model.norm, x))[:, 0]
 
     def _decode_sample(self, b: int, kv_len: int | CascadeShape, params: SamplingParams) -> None:
@@ -177,8 +178,10 @@ class DecodeSteps:
 
     def _kv_len(self, b: int, reach: int) -> int:
         """Cache positions a step over ``b`` rows attends to when its rows reach position ``reach``:
-        all of them while that is cheap (see ``FULL_CACHE_SHARE``), else ``reach`` rounded up to a bucket."""
-        if b * self.max_seq_len <= self._full_cache_rows:
+        all of them while that is cheap (see ``FULL_CACHE_SHARE``) or when the split-KV kernels attend
+        (they read each row's own keys whatever the bound: one graph per row count), else ``reach``
+        rounded up to a bucket."""
+        if self._split_kv or b * self.max_seq_len <= self._full_cache_rows:
             return self.max_seq_len  # masked keys weigh exactly 0: the same attention, one graph
         return min(self.max_seq_len, _bucket(reach))
 
@@ -186,7 +189,7 @@ class DecodeSteps:
         """``_kv_len`` for a cascade step over ``b`` rows in blocks of ``width``: the prompt keys cover the
         longest prompt (``prompt_reach``), the own keys ``new_reach`` new tokens, of at most ``new_cap``."""
         prompt_cap = self.max_seq_len - new_cap
-        if b // width * prompt_cap + b * new_cap <= self._full_cache_rows:
+        if self._split_kv or b // width * prompt_cap + b * new_cap <= self._full_cache_rows:
             return CascadeShape(width, prompt_cap, new_cap)
         return CascadeShape(width, min(prompt_cap, _bucket(prompt_reach)),
                             min(new_cap, _bucket(new_reach, NEW_KEYS_BUCKET)))

@@ -65,7 +65,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
         raise TlvrError("tune.lora trains with dist.strategy ddp or none, not fsdp2")
     model = load_model(replace(cfg.model, device=str(ctx.device)))
     tp_group = rollout_group(cfg, ctx, model.language_model)  # before a run directory is written
-    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing)
+    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers)
     ref = None
     if cfg.algo.beta > 0 and lora and not cfg.ref_model:
         ref = BaseReference(model)  # the start model is the policy with its adapters off: no second LLM

@@ -86,7 +86,7 @@ class GRPOStep:
         # the flat log-prob layout calls the decoder layers' modules directly, which fsdp2's sharded layers refuse
         flat = not par.sharded
         self.layout = {"shared_prompt": cfg.perf.shared_prompt and flat, "packing": cfg.perf.packing and flat,
-                       "varlen_attention": cfg.perf.varlen_attention}
+                       "varlen_attention": cfg.perf.varlen_attention, "compile_layers": cfg.perf.compile_layers}
 
     def __call__(self, batch: PromptBatch, step: int) -> StepOutput:
         """One step on ``batch`` as the reference takes it: one draw, every group trained on."""

@@ -36,9 +36,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.qwen2.modeling_qwen2 import repeat_kv
 
 from ..engine.attention import aligned
-from ..engine.layers import attn_in, attn_out, rms_norm
+from ..engine.generate import COMPILE_DEVICES
+from ..engine.layers import attn_in, attn_out, mark_dynamic, rms_norm
 from ..errors import TlvrError
-from ..runtime import host_to_device
+from ..runtime import host_to_device, use_compile_cache
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -201,22 +202,32 @@ class _SdpaBucket:
         self.keep = host_to_device((qpos[None] < q_len[:, None]).flatten().nonzero().squeeze(1), device)
 
 
+@functools.cache
+def compiled_halves() -> tuple:
+    """``attn_in`` and ``attn_out`` compiled, forward and backward (the norms, rotary, SwiGLU, biases and
+    residual adds around the GEMMs fused), shared by every call: one compile per process, cached on disk."""
+    use_compile_cache()
+    return torch.compile(attn_in), torch.compile(attn_out)
+
+
 def _decoder_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   attend: PackedAttention) -> torch.Tensor:
-    """One Qwen2 decoder layer (the maths of ``Qwen2DecoderLayer.forward``) over the flat tokens (1, T, D)."""
+                   attend: PackedAttention, halves: tuple) -> torch.Tensor:
+    """One Qwen2 decoder layer (the maths of ``Qwen2DecoderLayer.forward``) over the flat tokens (1, T, D),
+    its two halves around attention ``halves`` (``attn_in``, ``attn_out`` or their compiled twins)."""
     attn = layer.self_attn
     cfg = attn.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, attn.head_dim)
+    q, k, v = halves[0](layer, x, cos, sin, heads, kv_heads, attn.head_dim)
     dropout = cfg.attention_dropout if layer.training else 0.0
     o = attend(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), attn.scaling, dropout)
-    return attn_out(layer, x, o[None])
+    return halves[1](layer, x, mark_dynamic(o[None], 1))
 
 
 def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: PackedLayout, *,
-                  varlen: bool | None = None) -> torch.Tensor:
+                  varlen: bool | None = None, compile: bool = False) -> torch.Tensor:
     """Final-norm hidden states (T, D) of the flat token embeddings ``embeds`` (T, D) laid out as
-    ``layout``, through ``decoder`` (a Qwen2Model). ``varlen`` None: a flash kernel where one can run."""
+    ``layout``, through ``decoder`` (a Qwen2Model). ``varlen`` None: a flash kernel where one can run.
+    ``compile`` (on ``COMPILE_DEVICES``): the layers' halves around attention through ``compiled_halves``."""
     cfg = decoder.config
     sliding = any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or [])
     if sliding or getattr(cfg, "use_sliding_window", False):
@@ -227,12 +238,17 @@ def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: Packed
     if varlen is None:
         varlen = varlen_attention_kernel(embeds.device, embeds.dtype) is not None
     attend = PackedAttention(layout, embeds.device, varlen)
+    halves = (attn_in, attn_out)
+    if compile and embeds.device.type in COMPILE_DEVICES:
+        halves = compiled_halves()
     x = embeds[None]
     cos, sin = decoder.rotary_emb(x, layout.positions(embeds.device))
+    for t in (x, cos, sin):  # the token count changes every micro-batch: one dynamic graph for all
+        mark_dynamic(t, 1)
     for layer in decoder.layers[: cfg.num_hidden_layers]:
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
             # non-reentrant, as apply_tuning asks of Hugging Face's own checkpointing
-            x = checkpoint(_decoder_layer, layer, x, cos, sin, attend, use_reentrant=False)
+            x = checkpoint(_decoder_layer, layer, x, cos, sin, attend, halves, use_reentrant=False)
         else:
-            x = _decoder_layer(layer, x, cos, sin, attend)
+            x = _decoder_layer(layer, x, cos, sin, attend, halves)
     return rms_norm(decoder.norm, x)[0]

@@ -72,18 +72,20 @@ def sequence_logprobs(
     shared_prompt: bool = False,
     packing: bool = False,
     varlen_attention: bool = True,
+    compile_layers: bool = False,
 ) -> torch.Tensor:
     """Log-probs (len(rows), Lc) of ``completions[rows]``; zero past each row's ``lengths``.
 
     ``tower_feats`` (B, N, V) or [(N_i, V)] are the frozen tower's outputs per prompt; the connector runs here so
     its parameters receive gradients when grad is enabled. ``shared_prompt`` / ``packing`` pick the
     flat layout (module docstring); both off is the padded one. ``varlen_attention`` False keeps the flat
-    layout's attention on SDPA where a varlen flash kernel could run (``packed.packed_hidden``).
+    layout's attention on SDPA where a varlen flash kernel could run (``packed.packed_hidden``);
+    ``compile_layers`` compiles the flat layout's layers around attention there (on GPU).
     """
     if shared_prompt or packing:
         return _flat_logprobs(model, tower_feats, prompt_ids, seq_prompt, completions, lengths, rows,
                               chunk_size=chunk_size, shared_prompt=shared_prompt, packing=packing,
-                              varlen=None if varlen_attention else False)
+                              varlen=None if varlen_attention else False, compile=compile_layers)
     device = model.language_model.get_input_embeddings().weight.device
     n = lengths[rows].tolist()
     uniq = sorted({seq_prompt[r] for r in rows})
@@ -114,7 +116,8 @@ def sequence_logprobs(
 
 def _flat_logprobs(model, tower_feats: torch.Tensor | list[torch.Tensor], prompt_ids: list[list[int]],
                    seq_prompt: list[int], completions: torch.Tensor, lengths: torch.Tensor, rows: list[int], *,
-                   chunk_size: int, shared_prompt: bool, packing: bool, varlen: bool | None) -> torch.Tensor:
+                   chunk_size: int, shared_prompt: bool, packing: bool, varlen: bool | None,
+                   compile: bool) -> torch.Tensor:
     """``sequence_logprobs`` over the flat layout of ``packed.py``."""
     lm = model.language_model
     device = lm.get_input_embeddings().weight.device
@@ -133,7 +136,8 @@ def _flat_logprobs(model, tower_feats: torch.Tensor | list[torch.Tensor], prompt
     inputs = [max(k - 1, 0) if packing else max(width, 0) for k in n]
     ids = host_to_device(torch.cat([completions[r, :m] for r, m in zip(rows, inputs)]), device)
     layout = PackedLayout([e.shape[0] for e in embeds], inputs, owner)
-    hidden = packed_hidden(lm.model, torch.cat([*embeds, lm.get_input_embeddings()(ids)]), layout, varlen=varlen)
+    hidden = packed_hidden(lm.model, torch.cat([*embeds, lm.get_input_embeddings()(ids)]), layout, varlen=varlen,
+                           compile=compile)
 
     # the hidden state predicting token t: the prompt's last position for t = 0, else the completion's
     # token t - 1 (indices built on the host)

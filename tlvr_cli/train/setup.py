@@ -16,9 +16,11 @@ from ..runtime import resolve_root
 T = TypeVar("T")
 
 
-def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: bool) -> None:
+def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: bool,
+                 uncheckpointed_layers: int = 0) -> None:
     """Set ``requires_grad`` per part (spec §4: tower frozen, connector and LLM trained); with ``tune.lora``
-    the LLM gets adapters (``lora.add_adapters``) and only they train in it."""
+    the LLM gets adapters (``lora.add_adapters``) and only they train in it. ``gradient_checkpointing``
+    recomputes the LLM's decoder layers in backward, all but the last ``uncheckpointed_layers``."""
     lora = tune.lora.enabled
     if lora:
         from .lora import add_adapters, is_adapter
@@ -40,6 +42,9 @@ def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: 
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = lm.model.layers
+        for layer in layers[max(0, len(layers) - uncheckpointed_layers):]:
+            layer.gradient_checkpointing = False
     model.language_model.config.use_cache = False
 
 
