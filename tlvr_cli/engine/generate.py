@@ -16,8 +16,9 @@ with ``max_batch < G`` one block of all slots that the prompt's rows fill in tur
 keys/values once; a step attends to the block's prompt with all G rows as queries of one attention, to each row's
 own new tokens separately, and merges the two exactly by their log-sum-exps (``attention.py``; under
 CUDA graphs the split-KV kernels of ``split_kv.py``). The keys a step reads drop from rows x (prompt +
-new) to prompts + rows x new, and the prompt is copied into the cache once instead of G times. A block frees when all its rows finish, so when rows outnumber
-``max_batch`` a finished row's slot waits for its block; ``generate_stream`` (one row per request, as
+new) to prompts + rows x new, and the prompt is copied into the cache once instead of G times. A block
+frees when all its rows finish, so when rows outnumber ``max_batch`` a finished row's slot waits for its
+block; ``generate_stream`` (one row per request, as
 evaluation uses it) and ``cascade=False`` keep per-slot continuous batching with the prompt copied
 into each row's slot.
 
