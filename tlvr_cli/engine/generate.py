@@ -111,8 +111,8 @@ class Engine(DecodeSteps):
         self.compile = compile
         self._layer, self._cascade, self._sample = decode_layer, cascade_layer, sample_keyed
         self._fp32 = False  # cascade scores by float32 GEMMs (``attention.fp32_products``), set per call
-        # split_kv: the plain step's attention split along the keys in Triton kernels (``split_kv.py``) on
-        # CUDA under CUDA graphs, SDPA elsewhere; decided when the cache is allocated
+        # split_kv: decode attention (plain and cascade steps) split along the keys in Triton kernels
+        # (``split_kv.py``) on CUDA under CUDA graphs, SDPA elsewhere; decided when the cache is allocated
         self.split_kv = split_kv
         self._split_kv = False
         # with compile: concatenated q|k|v and gate|up weights (copies, refreshed from the model at

@@ -3,7 +3,8 @@ it: prefill halves (``attn_in`` / ``attn_out``, attention in between) and the on
 (``decode_layer``: cache write, GQA attention under an additive mask) and its cascade variant for
 rows that share a prompt (``cascade_layer``), optionally on concatenated q|k|v and gate|up weights,
 optionally on one rank's tensor-parallel shard of the layer (``group``: the partial sums of the
-row-parallel o_proj and down_proj are all-reduced); plus the shared ``torch.compile`` of the decode step."""
+row-parallel o_proj and down_proj are all-reduced); plus the shared ``torch.compile``s of the decode step
+and of the training forward's halves."""
 
 from __future__ import annotations
 
@@ -151,6 +152,15 @@ def compiled_cascade() -> Callable:
     """The compiled ``cascade_layer``, shared by every engine like ``compiled_decode``."""
     use_compile_cache()
     return torch.compile(cascade_layer)
+
+
+@functools.cache
+def compiled_halves() -> tuple[Callable, Callable]:
+    """``attn_in`` and ``attn_out`` compiled for the training forward (``train/packed.py``), forward and
+    backward (the norms, rotary, SwiGLU, biases and residual adds around the GEMMs fused), shared like
+    ``compiled_decode``."""
+    use_compile_cache()
+    return torch.compile(attn_in), torch.compile(attn_out)
 
 
 def mark_dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:

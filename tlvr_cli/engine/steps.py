@@ -221,8 +221,9 @@ class DecodeSteps:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # captured directly rather than under ``torch.cuda.graph``, whose entry synchronizes and empties the
-        # device and pinned-host allocator caches before every capture: ~90 ms each on an H200 host, and an
-        # evaluation of 1,024-token answers captures a graph per key bucket it passes (17 in bench_eval)
+        # device and pinned-host allocator caches before every capture: ~90 ms each on an H200 host, and
+        # without the split-KV kernels an evaluation of 1,024-token answers captures a graph per key bucket
+        # it passes (17 in bench_eval)
         with torch.cuda.stream(side):
             graph.capture_begin(self._graph_pool, capture_error_mode="thread_local")
             try:

@@ -37,9 +37,9 @@ from transformers.models.qwen2.modeling_qwen2 import repeat_kv
 
 from ..engine.attention import aligned
 from ..engine.generate import COMPILE_DEVICES
-from ..engine.layers import attn_in, attn_out, mark_dynamic, rms_norm
+from ..engine.layers import attn_in, attn_out, compiled_halves, mark_dynamic, rms_norm
 from ..errors import TlvrError
-from ..runtime import host_to_device, use_compile_cache
+from ..runtime import host_to_device
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -202,14 +202,6 @@ class _SdpaBucket:
         self.keep = host_to_device((qpos[None] < q_len[:, None]).flatten().nonzero().squeeze(1), device)
 
 
-@functools.cache
-def compiled_halves() -> tuple:
-    """``attn_in`` and ``attn_out`` compiled, forward and backward (the norms, rotary, SwiGLU, biases and
-    residual adds around the GEMMs fused), shared by every call: one compile per process, cached on disk."""
-    use_compile_cache()
-    return torch.compile(attn_in), torch.compile(attn_out)
-
-
 def _decoder_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    attend: PackedAttention, halves: tuple) -> torch.Tensor:
     """One Qwen2 decoder layer (the maths of ``Qwen2DecoderLayer.forward``) over the flat tokens (1, T, D),
@@ -227,7 +219,7 @@ def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: Packed
                   varlen: bool | None = None, compile: bool = False) -> torch.Tensor:
     """Final-norm hidden states (T, D) of the flat token embeddings ``embeds`` (T, D) laid out as
     ``layout``, through ``decoder`` (a Qwen2Model). ``varlen`` None: a flash kernel where one can run.
-    ``compile`` (on ``COMPILE_DEVICES``): the layers' halves around attention through ``compiled_halves``."""
+    ``compile`` (on ``COMPILE_DEVICES``): the layers' halves around attention through ``layers.compiled_halves``."""
     cfg = decoder.config
     sliding = any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or [])
     if sliding or getattr(cfg, "use_sliding_window", False):
