@@ -143,6 +143,28 @@ def test_fused_weights_give_the_same_layer(lm):
         layer.mlp.up_proj.weight.copy_(before)
 
 
+def test_deferred_residual_is_the_same_layer(lm):
+    # a layer may hand its MLP output unsummed to the next one, which adds it before its input norm
+    from tlvr_cli.engine.layers import decode_layer, resume
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 1, 64, generator=gen)
+    pos = torch.tensor([4, 9, 2])
+    cos, sin = lm.model.rotary_emb(x, pos[:, None])
+    mask = torch.zeros(3, 16).masked_fill_(torch.arange(16)[None] > pos[:, None], float("-inf"))[:, None, None]
+    args = (torch.arange(3), pos, mask, 4, 2, 16)
+    outs = []
+    for defer in (False, True):
+        k, v = torch.randn(2, 3, 2, 16, 16, generator=torch.Generator().manual_seed(6))
+        h = x
+        with torch.no_grad():
+            for layer in lm.model.layers[:2]:
+                h = decode_layer(layer, h, cos, sin, k, v, *args, defer=defer)
+        assert isinstance(h, tuple) == defer
+        outs.append(resume(h))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_weight_copy_decodes_the_same_and_follows_the_model(lm, prompts, reference):
     # copy_weights: the engine decodes from its own copy, refreshed from the model at each call
     engine = Engine(lm, max_batch=4, max_seq_len=64, copy_weights=True)

@@ -60,31 +60,47 @@ def sum_over_ranks(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Te
     return t
 
 
+Residual = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
 def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tuple | None = None,
-             group: dist.ProcessGroup | None = None) -> torch.Tensor:
+             group: dist.ProcessGroup | None = None, defer: bool = False) -> Residual:
     """The rest of a decoder layer from the attention output ``o`` (B, N, heads * head_dim); with
     ``fused`` = (..., gate|up weight) the MLP's gate and up projections are one GEMM. With a
     tensor-parallel ``group`` o_proj and down_proj hold a slice of their input columns, so their
-    outputs are partial sums: one all-reduce after attention and one after the MLP."""
+    outputs are partial sums: one all-reduce after attention and one after the MLP. ``defer``: return
+    the residual stream and the MLP's output unsummed, (x, mlp), for the next layer to add (``resume``)."""
     x = x + sum_over_ranks(layer.self_attn.o_proj(o), group)
     h = rms_norm(layer.post_attention_layernorm, x)
     if fused is None:
-        return x + sum_over_ranks(layer.mlp(h), group)
-    gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
-    return x + sum_over_ranks(layer.mlp.down_proj(layer.mlp.act_fn(gate) * up), group)
+        mlp = sum_over_ranks(layer.mlp(h), group)
+    else:
+        gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
+        mlp = sum_over_ranks(layer.mlp.down_proj(layer.mlp.act_fn(gate) * up), group)
+    return (x, mlp) if defer else x + mlp
 
 
-def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+def resume(x: Residual) -> torch.Tensor:
+    """The residual stream from a layer's output: a deferred (x, mlp) pair is summed here, where a
+    compiled decode layer fuses the add into its input norm (one kernel per layer fewer than adding
+    at the end of the previous layer)."""
+    return x[0] + x[1] if isinstance(x, tuple) else x
+
+
+def decode_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                  heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None,
-                 group: dist.ProcessGroup | None = None, split_kv: bool = False) -> torch.Tensor:
-    """One decoder layer for one new token per row ``x`` (B, 1, D): writes row ``rows[j]``'s key/value at
-    ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len, head_dim) and attends over
-    their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
+                 group: dist.ProcessGroup | None = None, split_kv: bool = False,
+                 defer: bool = False) -> Residual:
+    """One decoder layer for one new token per row ``x`` (B, 1, D), or a previous layer's deferred
+    output (``attn_out``'s ``defer``; this layer's output is deferred too with ``defer``): writes row
+    ``rows[j]``'s key/value at ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len,
+    head_dim) and attends over their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
     ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer.
     With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``).
     ``split_kv``: attention in ``split_kv.split_kv_attention`` over each row's keys ``<= pos`` (the
     mask's keys, without reading the masked ones), where ``split_kv_available``."""
+    x = resume(x)
     b = x.shape[0]
     q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
     k_cache[rows, :, pos] = k[:, :, 0]
@@ -96,14 +112,14 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
         o = split_kv_attention(q, k_cache, v_cache, pos + 1, kv_len, head_dim ** -0.5)
     else:
         o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
-    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
+    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer)
 
 
-def cascade_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+def cascade_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, rows: torch.Tensor, new_pos: torch.Tensor, prefix_mask: torch.Tensor,
                   suffix_mask: torch.Tensor, heads: int, kv_heads: int, head_dim: int, width: int, fp32: bool,
                   fused: tuple | None = None, group: dist.ProcessGroup | None = None,
-                  prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+                  prompt_lens: torch.Tensor | None = None, defer: bool = False) -> Residual:
     """``decode_layer`` for rows in groups of ``width`` consecutive rows that share a prompt. Group g's
     prompt keys/values sit once at [0, L_g) of cache row g; row r's own tokens grow down from the end of
     cache row r (its j-th new token at index max_seq_len - 1 - j, so the window of the last N indices
@@ -112,7 +128,9 @@ def cascade_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, si
     ``prefix_mask.shape[0]`` cache rows, masked by ``prefix_mask``) and the row's own tokens (the last
     ``suffix_mask.shape[-1]`` indices, masked by ``suffix_mask``) separately and merges them exactly.
     With ``prompt_lens`` (the blocks' prompt lengths, which ``prefix_mask`` encodes) both are attended in
-    ``split_kv.cascade_attention`` instead, without reading the masked keys, where ``split_kv_available``."""
+    ``split_kv.cascade_attention`` instead, without reading the masked keys, where ``split_kv_available``.
+    ``x`` and ``defer`` as in ``decode_layer``."""
+    x = resume(x)
     b = x.shape[0]
     q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
     at = k_cache.shape[2] - 1 - new_pos
@@ -122,7 +140,7 @@ def cascade_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, si
     if prompt_lens is not None:
         o = cascade_attention(q.reshape(b, kv_heads, rep, head_dim), k_cache, v_cache, prompt_lens,
                               prefix_mask.shape[-1], at, suffix_mask.shape[-1], scale)
-        return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
+        return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer)
     # a group's rows are extra queries against the one copy of its prompt: (groups, kv_heads, width * rep)
     qp = q.reshape(groups, width, kv_heads, rep, head_dim).transpose(1, 2).reshape(groups, kv_heads, -1, head_dim)
     n = prefix_mask.shape[-1]
@@ -133,7 +151,7 @@ def cascade_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, si
     own = partial_attention(q.reshape(b, kv_heads, rep, head_dim), k_cache[:b, :, start:], v_cache[:b, :, start:],
                             suffix_mask, scale, fp32)
     o = merge_partials(prefix, own).to(x.dtype)
-    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group)
+    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer)
 
 
 @functools.cache

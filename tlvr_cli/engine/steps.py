@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .layers import mark_dynamic, rms_norm
+from .layers import mark_dynamic, resume, rms_norm
 from .sampling import SamplingParams
 from .split_kv import split_kv_available
 from .tensor_parallel import TensorParallel, assert_same
@@ -122,6 +122,13 @@ class DecodeSteps:
         cos, sin = model.rotary_emb(x, pos[:, None])
         return x, cos, sin
 
+    @staticmethod
+    def _deferred(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings as a deferred residual (x, 0): each layer adds the previous one's MLP output in
+        its own input norm (``layers.resume``), and every layer, the first included, takes the same
+        input types, so one compiled variant serves them all."""
+        return x, mark_dynamic(torch.zeros_like(x), 0)
+
     def _decode_step(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One token for slots ``0..B-1``: input ids ``tok`` (B,) at positions ``pos`` (B,); returns logits (B, V)."""
         x, cos, sin = self._embed(tok, pos)
@@ -130,11 +137,12 @@ class DecodeSteps:
         for t in (x, cos, sin, rows, pos):
             mark_dynamic(t, 0)
         mark_dynamic(mask, 0, 3)
+        x = self._deferred(x)
         for i, layer in enumerate(self._lm.model.layers):
             x = self._layer(layer, x, cos, sin, self._k[i], self._v[i], rows, pos, mask,
                             self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None,
-                            self._group, self._split_kv)
-        return self._lm.lm_head(rms_norm(self._lm.model.norm, x))[:, 0]
+                            self._group, self._split_kv, True)
+        return self._lm.lm_head(rms_norm(self._lm.model.norm, resume(x)))[:, 0]
 
     def _cascade_step(self, tok: torch.Tensor, pos: torch.Tensor, new_pos: torch.Tensor,
                       shape: CascadeShape) -> torch.Tensor:
@@ -154,11 +162,12 @@ class DecodeSteps:
             mark_dynamic(t, 0)
         mark_dynamic(prefix_mask, 0, 3)
         mark_dynamic(suffix_mask, 0, 3)
+        x = self._deferred(x)
         for i, layer in enumerate(self._lm.model.layers):
             x = self._cascade(layer, x, cos, sin, self._k[i], self._v[i], rows, new_pos, prefix_mask, suffix_mask,
                               self.n_heads, self.n_kv_heads, self.head_dim, shape.width, self._fp32,
-                              self._fused[i] if self._fused else None, self._group, prompt_lens)
-        return self._lm.lm_head(rms_norm(self._lm.model.norm, x))[:, 0]
+                              self._fused[i] if self._fused else None, self._group, prompt_lens, True)
+        return self._lm.lm_head(rms_norm(self._lm.model.norm, resume(x)))[:, 0]
 
     def _decode_sample(self, b: int, kv_len: int | CascadeShape, params: SamplingParams) -> None:
         """One step for slots ``0..b-1`` from the state buffers: sample, record, advance (no host sync)."""
