@@ -95,7 +95,8 @@ def decode_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: to
     """One decoder layer for one new token per row ``x`` (B, 1, D), or a previous layer's deferred
     output (``attn_out``'s ``defer``; this layer's output is deferred too with ``defer``): writes row
     ``rows[j]``'s key/value at ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len,
-    head_dim) and attends over their first B rows and kv_len = ``mask.shape[-1]`` positions under the additive ``mask``.
+    head_dim) and attends over their first B rows and kv_len = ``mask.shape[-1]`` positions under the
+    additive ``mask``.
     ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer.
     With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``).
     ``split_kv``: attention in ``split_kv.split_kv_attention`` over each row's keys ``<= pos`` (the
