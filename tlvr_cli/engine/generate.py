@@ -18,9 +18,8 @@ own new tokens separately, and merges the two exactly by their log-sum-exps (``a
 CUDA graphs the split-KV kernels of ``split_kv.py``). The keys a step reads drop from rows x (prompt +
 new) to prompts + rows x new, and the prompt is copied into the cache once instead of G times. A block
 frees when all its rows finish, so when rows outnumber ``max_batch`` a finished row's slot waits for its
-block; ``generate_stream`` (one row per request, as
-evaluation uses it) and ``cascade=False`` keep per-slot continuous batching with the prompt copied
-into each row's slot.
+block; ``generate_stream`` (one row per request, as evaluation uses it) and ``cascade=False`` keep
+per-slot continuous batching with the prompt copied into each row's slot.
 
 A decode step (forward, sampling, writing the sampled token and the next position back into the
 step's own input buffers, and into a token history) is one CUDA graph on GPU; the host replays it
