@@ -131,16 +131,47 @@ def test_fused_weights_give_the_same_layer(lm):
         caches.append((k, v))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*caches))
-    # an optimizer step changes the model in place: the next sync copies it into the fused buffers
+    # the fused buffers are the model's own storage: the same Parameter objects, re-pointed, not copied
     layer = lm.model.layers[0]
-    before = layer.mlp.up_proj.weight.detach().clone()
-    with torch.no_grad():
-        layer.mlp.up_proj.weight.add_(1.0)
-    engine._sync_fused()  # outside no_grad, as generate calls it
-    assert torch.equal(engine._fused[0][2][128:], layer.mlp.up_proj.weight)
-    assert not engine._fused[0][2].requires_grad
-    with torch.no_grad():
-        layer.mlp.up_proj.weight.copy_(before)
+    qkv, _, gate_up = engine._fused[0]
+    up = layer.mlp.up_proj.weight
+    assert up.data_ptr() == gate_up[128:].data_ptr() and up.requires_grad and not gate_up.requires_grad
+    assert layer.self_attn.k_proj.weight.data_ptr() == qkv[64:80].data_ptr()
+    before = up.detach().clone()
+    with torch.no_grad():  # an optimizer step in place is in the buffers at once, before any sync
+        up.add_(1.0)
+    assert torch.equal(gate_up[128:], before + 1.0)
+    # a parameter replaced by a new tensor is copied into its slot at the next sync and moved there
+    layer.mlp.up_proj.weight = torch.nn.Parameter(before.clone())
+    engine._sync_fused()
+    assert engine._fused[0][2] is gate_up and torch.equal(gate_up[128:], before)
+    assert layer.mlp.up_proj.weight.data_ptr() == gate_up[128:].data_ptr()
+
+
+def test_training_a_model_whose_weights_the_engine_fused_is_unchanged(lm, prompts):
+    # as in GRPO: the optimizer exists before the first rollout moves the q/k/v and gate/up
+    # parameters into the engine's buffers; its steps then give the weights a plain copy gets, and
+    # the engine decodes them with no refresh
+    import copy
+
+    models = [copy.deepcopy(lm).train() for _ in range(2)]
+    opts = [torch.optim.AdamW(model.parameters(), lr=1e-2) for model in models]
+    engine = Engine(models[1], max_batch=4, max_seq_len=64)
+    engine.generate(prompts[:1], GREEDY, 1, 299)  # the cache exists: the fused buffers stay (eager on CPU)
+    engine._sync_fused()
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(7))
+    for model, opt in zip(models, opts):
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+    plain = Engine(models[0].eval(), max_batch=4, max_seq_len=64).generate(prompts, GREEDY, 8, 299)
+    before = Engine(lm, max_batch=4, max_seq_len=64).generate(prompts, GREEDY, 8, 299)
+    assert [o.tokens for o in before] != [o.tokens for o in plain]  # the steps changed what is decoded
+    assert engine._fused is not None  # no sync since the steps: the buffers are the trained weights
+    assert [o.tokens for o in engine.generate(prompts, GREEDY, 8, 299)] == [o.tokens for o in plain]
 
 
 def test_deferred_residual_is_the_same_layer(lm):

@@ -169,6 +169,25 @@ def test_a_loaded_checkpoint_saves_back_byte_identical(tmp_path, tiny_model):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
+def test_a_model_whose_weights_the_engine_fused_saves_the_same_weights(tmp_path):
+    # the engine moves q/k/v and gate/up into one buffer per part (views of one storage): the saved
+    # file holds each tensor on its own, with the values a plain model saves
+    from safetensors.torch import load_file
+
+    from tlvr_cli.engine.weights import fuse_layer
+    from tlvr_cli.model.tiny import build_tiny_model
+
+    plain, fused = build_tiny_model(seed=0), build_tiny_model(seed=0)
+    for layer in fused.language_model.model.layers:
+        fuse_layer(layer)
+    a = load_file(save_model(plain, tmp_path / "a") / "model.safetensors")
+    b = load_file(save_model(fused, tmp_path / "b") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reloaded = load_model(str(tmp_path / "b"), dtype="float32", device="cpu")
+    assert torch.equal(reloaded.language_model.model.layers[0].mlp.up_proj.weight,
+                       plain.language_model.model.layers[0].mlp.up_proj.weight)
+
+
 # ---------------------------------------------------------------------------- tokenizer files
 
 

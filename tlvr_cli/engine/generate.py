@@ -25,8 +25,9 @@ A decode step (forward, sampling, writing the sampled token and the next positio
 step's own input buffers, and into a token history) is one CUDA graph on GPU; the host replays it
 ``sync_every`` times, then reads the history once to handle eos, finished rows and refills. With
 ``compile=True`` (GPU) the decoder layer is one ``torch.compile``d function shared by all layers
-(norms, rotary, cache writes and residuals fused), reading concatenated q|k|v and gate|up weight
-copies that are refreshed from the model at every ``generate`` call. With ``copy_weights=True`` the
+(norms, rotary, cache writes and residuals fused), reading concatenated q|k|v and gate|up weights:
+the model's own parameters, re-pointed into one buffer per part on first use (``weights.fuse_layer``:
+no second copy, and optimizer steps in place are seen as they happen). With ``copy_weights=True`` the
 engine decodes from its own copy of the whole model (refreshed likewise; the fused buffers are that
 copy's weights), so captured graphs stay valid when the model's parameters move between calls, as
 FSDP2's gathered parameters do. A ``WeightSource`` (``weights.py``, ``weights=``) decides what that
@@ -59,23 +60,13 @@ from .schedule import Completion, Finished, HostLoop, Prefill, Request, check_pr
 from .sizing import auto_max_batch
 from .steps import FULL_CACHE_SHARE, KV_LEN_BUCKET, SYNC_EVERY, CascadeShape, DecodeSteps
 from .tensor_parallel import TensorParallel
-from .weights import ModelWeights, WeightCopy, WeightSource, fused_parts
+from .weights import ModelWeights, WeightCopy, WeightSource, fuse_layer
 
 __all__ = ["COMPILE_DEVICES", "KV_LEN_BUCKET", "PREFILL_TOKENS", "SYNC_EVERY", "CascadeShape", "Completion", "Engine",
            "Finished", "Request", "row_seed"]
 
 COMPILE_DEVICES = ("cuda",)  # where ``compile=True`` takes effect (elsewhere the engine runs eager)
 PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward
-
-
-def _weight_copy_bytes(lm: torch.nn.Module, compile: bool, fuse_weights: bool, copy_weights: bool) -> int:
-    """Bytes of the weights the engine copies on the GPU: the whole model, or the fused q|k|v and gate|up buffers."""
-    if copy_weights:
-        return sum(p.numel() * p.element_size() for p in lm.parameters())
-    if not (compile and fuse_weights and lm.model.embed_tokens.weight.device.type in COMPILE_DEVICES):
-        return 0
-    parts = [getattr(mod, attr) for layer in lm.model.layers for mods, attr in fused_parts(layer) for mod in mods]
-    return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 class Engine(DecodeSteps):
@@ -99,7 +90,9 @@ class Engine(DecodeSteps):
                              f"{max_seq_len}")
         self.lm = lm
         if max_batch == 0:
-            copies = _weight_copy_bytes(lm, compile, fuse_weights, copy_weights)
+            # a copy of the whole model needs room besides the cache; fused buffers take over the
+            # model's own storage (``weights.fuse_layer``)
+            copies = sum(p.numel() * p.element_size() for p in lm.parameters()) if copy_weights else 0
             max_batch = auto_max_batch(lm, max_seq_len, extra_bytes=copies)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
@@ -114,8 +107,8 @@ class Engine(DecodeSteps):
         # (``split_kv.py``) on CUDA under CUDA graphs, SDPA elsewhere; decided when the cache is allocated
         self.split_kv = split_kv
         self._split_kv = False
-        # with compile: concatenated q|k|v and gate|up weights (copies, refreshed from the model at
-        # every generate call, so optimizer steps are seen) make each decode step 3 GEMMs shorter
+        # with compile: concatenated q|k|v and gate|up weights (the model's parameters moved into one
+        # buffer per part, so updates in place are seen) make each decode step 3 GEMMs shorter
         self.fuse_weights = fuse_weights
         self._fused: list[tuple] | None = None
         # copy_weights: decode from the engine's own copy of the model, refreshed from ``lm`` at every
@@ -270,21 +263,11 @@ class Engine(DecodeSteps):
         else:
             self._weight_copy.refresh()
 
-    @torch.no_grad()
     def _sync_fused(self) -> None:
-        """Copy the current q/k/v and gate/up weights into the fused buffers (allocated on first use)."""
-        fresh = self._fused is None
-        if fresh:
-            self._fused = [(None, None, None)] * self.n_layers
-        for i, layer in enumerate(self.lm.model.layers):
-            parts = [None if getattr(mods[0], attr) is None else [getattr(m, attr) for m in mods]
-                     for mods, attr in fused_parts(layer)]
-            if fresh:
-                self._fused[i] = tuple(None if p is None else torch.cat(p) for p in parts)
-            else:
-                for p, buf in zip(parts, self._fused[i]):
-                    if p is not None:
-                        torch.cat(p, out=buf)
+        """Point the model's q/k/v and gate/up parameters into the fused buffers (``weights.fuse_layer``:
+        the model's own storage, no copy); parameters replaced since the last call are copied in."""
+        into = self._fused or [None] * self.n_layers
+        self._fused = [fuse_layer(layer, buffers) for layer, buffers in zip(self.lm.model.layers, into)]
 
     @property
     def _group(self) -> dist.ProcessGroup | None:

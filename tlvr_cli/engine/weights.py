@@ -65,23 +65,52 @@ def fused_parts(layer: torch.nn.Module) -> list[tuple[list[torch.nn.Module], str
     return [(qkv, "weight"), (qkv, "bias"), ([m.gate_proj, m.up_proj], "weight")]
 
 
-def fuse_layer(layer: torch.nn.Module) -> tuple:
-    """Make ``layer``'s q/k/v and gate/up parameters views into one concatenated buffer per part (on
-    a copy: no second copy of those weights, and the buffer starts with what the copy holds);
-    returns the buffers as ``fused_parts`` lists them."""
+def fuse_layer(layer: torch.nn.Module, into: tuple | None = None) -> tuple:
+    """Make ``layer``'s q/k/v and gate/up parameters views into one concatenated buffer per part and
+    return the buffers as ``fused_parts`` lists them (None for absent biases).
 
-    def join(mods: list, attr: str) -> torch.Tensor | None:
-        if getattr(mods[0], attr) is None:
+    The same ``Parameter`` objects are re-pointed (values, ``requires_grad``, optimizer references
+    and hooks kept; their old storage is freed), so the fused weights cost no memory of their own
+    and every in-place update (an optimizer step) is seen without a copy. Parameters already back to
+    back in memory are left as they are. ``into``: the buffers of an earlier call (CUDA graphs read
+    them): a parameter replaced since is copied into its slot and re-pointed there."""
+    out = []
+    with torch.inference_mode(False), torch.no_grad():  # in this order: inference_mode(False) enables grad
+        for j, (mods, attr) in enumerate(fused_parts(layer)):
+            params = [getattr(mod, attr) for mod in mods]
+            first = params[0]
+            if first is None:
+                out.append(None)
+                continue
+            shape = (sum(p.shape[0] for p in params), *first.shape[1:])
+            buf = None if into is None else into[j]
+            if buf is None or (buf.shape, buf.dtype, buf.device) != (shape, first.dtype, first.device):
+                buf = contiguous_join(params)
+            if buf is None:
+                buf = torch.empty(shape, dtype=first.dtype, device=first.device)
+            start = 0
+            for p in params:
+                slot = buf[start:start + p.shape[0]]
+                if p.data_ptr() != slot.data_ptr():
+                    slot.copy_(p)
+                    p.data = slot
+                start += p.shape[0]
+            out.append(buf)
+    return tuple(out)
+
+
+def contiguous_join(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """``tensors`` concatenated along dim 0 as a view, when they already lie back to back in one
+    storage (as ``fuse_layer`` leaves them); None otherwise."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (t.dtype, t.device, t.shape[1:]) != (first.dtype, first.device, first.shape[1:]) or not t.is_contiguous() \
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.storage_offset() != offset:
             return None
-        buf = torch.cat([getattr(mod, attr) for mod in mods])
-        start = 0
-        for mod in mods:
-            n = getattr(mod, attr).shape[0]
-            setattr(mod, attr, torch.nn.Parameter(buf[start:start + n], requires_grad=False))
-            start += n
-        return buf
-
-    return tuple(join(mods, attr) for mods, attr in fused_parts(layer))
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 class WeightCopy:
