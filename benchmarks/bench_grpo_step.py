@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-compile", action="store_true", help="Decode without torch.compile (CUDA graphs only).")
     ap.add_argument("--engine-max-batch", type=int, default=0,
                     help="rows the engine decodes at once (default: the preset's, at most this process's completions)")
-    ap.add_argument("--no-fused-weights", action="store_true", help="engine.fused_weights=false (3 GEMMs more per layer)")
+    ap.add_argument("--no-fused-weights", action="store_true", help="engine.fused_weights=false (3 more GEMMs a layer)")
     ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp2"], default="auto",
                     help="dist.strategy (auto: ddp with several processes)")
     ap.add_argument("--rollout-parallel", choices=["data", "tensor"], default="data",
