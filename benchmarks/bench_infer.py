@@ -75,6 +75,7 @@ def run_infer(video: Path, ckpt: Path, args, extra: list[str]) -> dict:
     if proc.returncode == 0 and lines:
         out = json.loads(lines[-1])
         result.update(out["timings"], new_tokens=out["new_tokens"])
+        result["other_s"] = wall - sum(out["timings"].values())  # interpreter start, CLI, config, exit
         result["tok_s"] = out["new_tokens"] / out["timings"]["generate_s"]
     else:
         result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'':<30}" + "".join(f"{c:>12}" for c in cols))
     for key, label in (("wall_s", "wall s"), ("import_s", "torch + transformers import s"), ("load_s", "load s"),
                        ("decode_s", "video decode s"),
-                       ("encode_s", "tower + prompt s"), ("generate_s", "generation s"), ("new_tokens", "new tokens"),
+                       ("encode_s", "tower + prompt s"), ("generate_s", "generation s"),
+                       ("other_s", "start-up, CLI and exit s"), ("new_tokens", "new tokens"),
                        ("tok_s", "tok/s")):
         print(f"{label:<30}" + "".join(f"{r.get(key, float('nan')):>12.2f}" for r in table))
     for r in table:

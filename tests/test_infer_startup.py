@@ -14,7 +14,7 @@ import torch
 
 from tlvr_cli.config import load_config
 from tlvr_cli.errors import TlvrError
-from tlvr_cli.infer import answer_question
+from tlvr_cli.infer import UNUSED_PACKAGES, answer_question
 from tlvr_cli.jobs import InferConfig
 from tlvr_cli.video.frames import VideoError
 
@@ -43,6 +43,22 @@ def test_a_missing_video_fails_before_torch_is_imported(tmp_path):
     out = subprocess.run([sys.executable, "-c", PROBE, *argv], env=env, capture_output=True, text=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"code": 2, "torch": False}
     assert "missing.mp4" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_infer_does_not_import_packages_it_never_uses(tmp_path, make_video):
+    # importable (empty) stand-ins: transformers imports what it finds, and would fail on these
+    fake = tmp_path / "site"
+    for name in UNUSED_PACKAGES:
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text("")
+    probe = ("import json, sys\nfrom tlvr_cli.cli import main\nmain(sys.argv[1:])\n"
+             f"print(json.dumps([m for m in {UNUSED_PACKAGES!r} if sys.modules.get(m)]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(ROOT)]))
+    argv = ["infer", str(make_video(n=8)), "q", "--model", "tiny", "--device", "cpu", "--max-new-tokens", "2", "--json"]
+    out = subprocess.run([sys.executable, "-c", probe, *argv], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[-2])["new_tokens"] == 2 and json.loads(lines[-1]) == []
 
 
 def test_bad_inputs_are_refused_before_the_model_loads(tmp_path, make_video, no_loading):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,20 @@ from .errors import TlvrError
 from .jobs import InferConfig
 
 STREAM_SYNC_EVERY = 4  # decode steps between streamed chunks: small enough to read as it is written
+# packages transformers imports whenever they are installed that answering a question never uses:
+# scikit-learn (assisted generation's heuristics: transformers 5.17 imports it, and scipy and pandas
+# under it, with every model) and scipy (the object-detection losses). On a host that has them they
+# are 2-3 s of a one-question run
+UNUSED_PACKAGES = ("sklearn", "scipy")
+
+
+def skip_unused_imports(names: tuple[str, ...] = UNUSED_PACKAGES) -> None:
+    """Make the packages ``names`` look absent to this process unless it has imported them already
+    (``sys.modules[name] = None``: ``importlib.util.find_spec`` answers None, so transformers' checks say
+    unavailable, and an import raises ImportError). For a process that only answers questions, as
+    ``tlvr infer``'s; the library itself never calls it."""
+    for name in names:
+        sys.modules.setdefault(name, None)
 
 
 @dataclass

@@ -148,6 +148,22 @@ def test_fused_weights_give_the_same_layer(lm):
     assert layer.mlp.up_proj.weight.data_ptr() == gate_up[128:].data_ptr()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotating_q_and_k_together_is_hf_rotary_bit_for_bit(lm, dtype):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from tlvr_cli.engine.layers import rotate_heads
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 5, 6, 16, generator=gen).to(dtype)  # (B, N, heads, head_dim): 4 query + 2 key heads
+    pos = torch.randint(0, 900, (3, 5), generator=gen)
+    cos, sin = lm.model.rotary_emb(x, pos)
+    q, k = apply_rotary_pos_emb(x[:, :, :4].transpose(1, 2), x[:, :, 4:].transpose(1, 2), cos, sin)
+    both = rotate_heads(x, cos, sin)
+    assert both.dtype == dtype
+    assert torch.equal(both[:, :, :4].transpose(1, 2), q) and torch.equal(both[:, :, 4:].transpose(1, 2), k)
+
+
 def test_training_a_model_whose_weights_the_engine_fused_is_unchanged(lm, prompts):
     # as in GRPO: the optimizer exists before the first rollout moves the q/k/v and gate/up
     # parameters into the engine's buffers; its steps then give the weights a plain copy gets, and

@@ -97,8 +97,10 @@ def infer(
                                  help="Print one JSON object (output, think, answer, timings, warnings)."),
 ) -> None:
     """Answer a question about a video, streaming the answer (greedy unless --temperature is given)."""
-    from ..infer import answer_question
+    from ..infer import answer_question, skip_unused_imports
     from ..jobs import InferConfig
+
+    skip_unused_imports()  # before torch and transformers are imported
 
     extra: dict = {"model": {}, "sampling": {}, "video": {}}
     for section, key, value in (("model", "path", model), ("model", "dtype", dtype), ("model", "device", device),

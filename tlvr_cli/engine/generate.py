@@ -25,14 +25,15 @@ A decode step (forward, sampling, writing the sampled token and the next positio
 step's own input buffers, and into a token history) is one CUDA graph on GPU; the host replays it
 ``sync_every`` times, then reads the history once to handle eos, finished rows and refills. With
 ``compile=True`` (GPU) the decoder layer is one ``torch.compile``d function shared by all layers
-(norms, rotary, cache writes and residuals fused), reading concatenated q|k|v and gate|up weights:
-the model's own parameters, re-pointed into one buffer per part on first use (``weights.fuse_layer``:
-no second copy, and optimizer steps in place are seen as they happen). With ``copy_weights=True`` the
-engine decodes from its own copy of the whole model (refreshed likewise; the fused buffers are that
-copy's weights), so captured graphs stay valid when the model's parameters move between calls, as
-FSDP2's gathered parameters do. A ``WeightSource`` (``weights.py``, ``weights=``) decides what that
-copy holds: the parameters it calls static are read in place, the others are written by the source at
-every call (LoRA training merges its adapters there, ``train/lora.py``, leaving the model untouched).
+(norms, rotary, cache writes and residuals fused). On GPU, compiled or not, the layers read
+concatenated q|k|v and gate|up weights: the model's own parameters, re-pointed into one buffer per
+part on first use (``weights.fuse_layer``: no second copy, and optimizer steps in place are seen as
+they happen). With ``copy_weights=True`` the engine decodes from its own copy of the whole model
+(refreshed likewise; the fused buffers are that copy's weights), so captured graphs stay valid when
+the model's parameters move between calls, as FSDP2's gathered parameters do. A ``WeightSource``
+(``weights.py``, ``weights=``) decides what that copy holds: the parameters it calls static are read
+in place, the others are written by the source at every call (LoRA training merges its adapters
+there, ``train/lora.py``, leaving the model untouched).
 
 With ``tp_group`` the engine decodes tensor-parallel (``tensor_parallel.py``): each rank of the group
 keeps its own shard of the model (1/N of the heads and MLP columns, refreshed from the full model at
@@ -242,10 +243,13 @@ class Engine(DecodeSteps):
             self._layer, self._sample = compiled_decode()
             self._cascade = compiled_cascade()
         self._fp32 = fp32_products(device, compiled)
+        # fused buffers cost no memory (the parameters move into them, or they are the copy's own), and
+        # on a GPU three GEMMs fewer per layer shorten an eager step too; on CPU an eager engine reads
+        # the model's parameters as they are (its GEMMs round as the model's own forward does)
+        fuse = self.fuse_weights and (compiled or device.type == "cuda" or self.tp is not None)
         if self.copy_weights:
-            # a shard is always a copy, so its fused buffers cost nothing: fuse in eager too
-            self._sync_copy(device, dtype, fused=self.fuse_weights and (compiled or self.tp is not None))
-        elif compiled and self.fuse_weights:
+            self._sync_copy(device, dtype, fused=fuse)
+        elif fuse:
             self._sync_fused()
         return device
 
