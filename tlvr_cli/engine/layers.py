@@ -35,19 +35,24 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
             head_dim: int, fused: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decoder layer up to attention: input norm, q/k/v projections (one GEMM with ``fused`` =
-    (q|k|v weight, q|k|v bias or None, ...), and q and k rotated together), rotary; returns (B, heads,
-    N, head_dim) tensors."""
+    (q|k|v weight, q|k|v bias or None, ...)), rotary; returns (B, heads, N, head_dim) tensors."""
     attn = layer.self_attn
     h = rms_norm(layer.input_layernorm, x)
     b, n, _ = h.shape
-    if fused is not None:
-        # q and k rotated as one tensor: half the rotary kernels, which bound a decode step run eager
+    if fused is not None and not torch.compiler.is_compiling():
+        # eager, where a step's kernel count bounds one row: q and k rotated as one tensor (half the
+        # rotary kernels); compiled, the rotary is fused into a kernel either way
         qkv = F.linear(h, fused[0], fused[1]).view(b, n, heads + 2 * kv_heads, head_dim)
         q, k = rotate_heads(qkv[:, :, :heads + kv_heads], cos, sin).split([heads, kv_heads], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, heads + kv_heads:].transpose(1, 2)
-    q = attn.q_proj(h).view(b, n, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(b, n, kv_heads, head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(b, n, kv_heads, head_dim).transpose(1, 2)
+    if fused is None:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    else:
+        sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        q, k, v = F.linear(h, fused[0], fused[1]).split(sizes, dim=-1)
+    q = q.view(b, n, heads, head_dim).transpose(1, 2)
+    k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
 
