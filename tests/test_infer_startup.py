@@ -61,6 +61,34 @@ def test_infer_does_not_import_packages_it_never_uses(tmp_path, make_video):
     assert json.loads(lines[-2])["new_tokens"] == 2 and json.loads(lines[-1]) == []
 
 
+CONSOLE = """
+import atexit, sys
+atexit.register(lambda: print("exit handlers ran", flush=True))
+
+class Sentinel:
+    def __del__(self):
+        print("torn down", flush=True)
+
+kept = Sentinel()
+from tlvr_cli.cli import console_main
+console_main()
+"""
+
+
+def test_infer_from_the_console_ends_without_the_teardown_but_runs_the_exit_handlers(make_video):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = ["infer", str(make_video(n=8)), "q", "--model", "tiny", "--device", "cpu", "--max-new-tokens", "2", "--json"]
+    out = subprocess.run([sys.executable, "-c", CONSOLE, *argv], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[-2])["new_tokens"] == 2 and lines[-1] == "exit handlers ran"
+    assert "torn down" not in out.stdout
+    # any other command, and a failing infer, exit through the interpreter's teardown as usual
+    for argv, code in ((["presets", "list"], 0), (["infer", "missing.mp4", "q", "--model", "tiny"], 2)):
+        out = subprocess.run([sys.executable, "-c", CONSOLE, *argv], env=env, capture_output=True, text=True)
+        assert out.returncode == code and out.stdout.strip().splitlines()[-2:] == ["exit handlers ran", "torn down"]
+
+
 def test_bad_inputs_are_refused_before_the_model_loads(tmp_path, make_video, no_loading):
     cfg = load_config(InferConfig, "tiny")
     with pytest.raises(VideoError, match="missing"):

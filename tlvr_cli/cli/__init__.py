@@ -14,7 +14,7 @@ from rich.console import Console
 from .. import __version__
 from ..errors import Interrupted, TlvrError
 from . import data, eval, presets, push, run, runs
-from .common import help_when_bare, resume_command
+from .common import exit_now, help_when_bare, quick_exit_allowed, resume_command
 
 app = typer.Typer(
     name="tlvr",
@@ -117,3 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     code = run_cli(sys.argv[1:] if argv is None else argv)
     if code:
         sys.exit(code)
+
+
+def console_main() -> None:
+    """The console script ``tlvr`` and ``python -m tlvr_cli``: ``main``; a command that allows it
+    (``common.allow_quick_exit``) then ends the process without the interpreter's teardown."""
+    main()
+    if quick_exit_allowed():
+        exit_now(0)

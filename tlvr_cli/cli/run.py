@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from ..config import load_config
-from .common import FORCE_HELP, PRESET_HELP, RESUME_HELP, RUN_DIR_HELP, SET_HELP
+from .common import FORCE_HELP, PRESET_HELP, RESUME_HELP, RUN_DIR_HELP, SET_HELP, allow_quick_exit
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -116,6 +116,7 @@ def infer(
     cfg = load_config(InferConfig, preset, set_, extra=extra)
     stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     result = answer_question(cfg, video, question, on_text=stream)
+    allow_quick_exit()  # nothing left to tear down but the modules: about a second with torch and transformers
     if as_json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return
