@@ -78,9 +78,9 @@ class EngineConfig:
     compile: bool = option(True, "GPU only: torch.compile the engine's decoder layer (fused norms, rotary, cache "
                            "writes); the first run spends ~20-40 s compiling, later runs load the kernels from "
                            "$TLVR_COMPILE_CACHE.")
-    fused_weights: bool = option(True, "GPU (or with compile): decode from concatenated q|k|v and gate|up weights "
-                                 "(the model's own parameters moved into one buffer per part: no extra memory); "
-                                 "off: three GEMMs more per layer and step.")
+    fused_weights: bool = option(True, "GPU only: decode from concatenated q|k|v and gate|up weights (the model's "
+                                 "own parameters moved into one buffer per part: no extra memory); off: three "
+                                 "GEMMs more per layer and step.")
     split_kv_attention: bool = option(True, "GPU only, with cuda_graphs: decode attention in tlvr's split-KV Triton "
                                       "kernels (each row's keys in ranges across the SMs, merged exactly); off: "
                                       "PyTorch's SDPA.")
