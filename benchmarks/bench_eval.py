@@ -39,6 +39,7 @@ QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, n
                  rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, use_cache=False)
 GOAL_TOKENS_PER_S = 10_000
 GOAL_OF_ROLLOUT = 0.8
+LOAD_REPEATS = 3  # model loads timed after the eval; the fastest is its "model load"
 REFERENCE_REPEATS = 3
 
 
@@ -101,10 +102,13 @@ def time_eval(args, ckpt: Path, data: Path, work: Path, device: torch.device) ->
         print(f"\nhost profile of the timed run_eval ({wall:.2f} s), by cumulative time:")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
     rows = [json.loads(line) for line in (work / "eval" / "answers.jsonl").read_text().splitlines()]
-    t = time.perf_counter()
-    model = load_model(cfg.model)
-    synchronize(device)
-    load = time.perf_counter() - t
+    model, load = None, float("inf")
+    for _ in range(LOAD_REPEATS):  # the fastest, as the eval's own load reads a warm file cache
+        model = None
+        t = time.perf_counter()
+        model = load_model(cfg.model)
+        synchronize(device)
+        load = min(load, time.perf_counter() - t)
     return {"cfg": cfg, "model": model, "wall": wall, "load": load, "tokens": sum(r.get("new_tokens", 0) for r in rows),
             "items": len(rows), "skipped": report.n_skipped}
 
@@ -215,9 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
     ref_s = ref["per_item"] * n
     rows = [("reference loop (fp32, 1 item, est.)", n, mean_tokens * n, ref_s),
             ("tlvr eval, default settings", n, tokens, ev["wall"]),
-            ("tlvr eval, without model load", n, tokens, ev["wall"] - ev["load"]),
             ("engine rollout, first call (captures)", rollout["items"], rollout["tokens"], rollout["first_wall"]),
             ("engine rollout, same prompts", rollout["items"], rollout["tokens"], rollout["wall"])]
+    if ev["wall"] > ev["load"]:  # on a tiny model the load, timed apart, can outlast the eval it overlaps in
+        rows.insert(2, ("tlvr eval, without model load", n, tokens, ev["wall"] - ev["load"]))
     print(f"{'method':<38}{'items':>7}{'gen tokens':>12}{'seconds':>10}{'items/s':>10}{'tok/s':>11}"
           f"{'vs reference':>14}")
     rates = {}

@@ -13,5 +13,7 @@ def test_bench_eval_smoke(tmp_path, one_thread):
     spec.loader.exec_module(bench)
     result = bench.main(["--config", "tiny", "--device", "cpu", "--items", "6", "--max-new-tokens", "4",
                          "--reference-items", "1", "--reference-tokens", "3", "--workdir", str(tmp_path)])
-    assert len(result["tokens_per_s"]) == 5 and all(r > 0 for r in result["tokens_per_s"].values())
+    rates = result["tokens_per_s"]
+    # every row but "without model load", which is left out where the load, timed apart, outlasts the eval
+    assert len(rates) in (4, 5) and "tlvr eval, default settings" in rates and all(r > 0 for r in rates.values())
     assert result["skipped"] == 0 and 0 < result["eval_of_rollout"]
