@@ -108,8 +108,8 @@ class Engine(DecodeSteps):
         # (``split_kv.py``) on CUDA under CUDA graphs, SDPA elsewhere; decided when the cache is allocated
         self.split_kv = split_kv
         self._split_kv = False
-        # with compile: concatenated q|k|v and gate|up weights (the model's parameters moved into one
-        # buffer per part, so updates in place are seen) make each decode step 3 GEMMs shorter
+        # on GPU: concatenated q|k|v and gate|up weights (the model's parameters moved into one buffer
+        # per part, so updates in place are seen) make each decode step 3 GEMMs shorter
         self.fuse_weights = fuse_weights
         self._fused: list[tuple] | None = None
         # copy_weights: decode from the engine's own copy of the model, refreshed from ``lm`` at every
