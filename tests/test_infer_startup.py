@@ -61,6 +61,37 @@ def test_infer_does_not_import_packages_it_never_uses(tmp_path, make_video):
     assert json.loads(lines[-2])["new_tokens"] == 2 and json.loads(lines[-1]) == []
 
 
+READ_AHEAD = """
+import json, sys
+import tlvr_cli.model.checkpoint as checkpoint
+seen = []
+start = checkpoint._read_in_background
+def spy(*args):
+    seen.append("transformers.modeling_utils" in sys.modules)
+    return start(*args)
+checkpoint._read_in_background = spy
+from tlvr_cli.cli import main
+main(sys.argv[1:])
+print(json.dumps(seen))
+"""
+
+
+def test_infer_reads_the_weights_while_transformers_is_imported(tmp_path, make_video, tiny_model):
+    from tlvr_cli.model.checkpoint import save_model
+
+    ckpt = save_model(tiny_model, tmp_path / "ckpt")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = ["infer", str(make_video(n=8)), "q", "--model", str(ckpt), "--device", "cpu", "--max-new-tokens", "3",
+            "--greedy", "--json"]
+    out = subprocess.run([sys.executable, "-c", READ_AHEAD, *argv], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == [False]  # one read, started before the model code was imported
+    cfg = load_config(InferConfig, "tiny", ["sampling.max_new_tokens=3", "sampling.temperature=0"])
+    same = answer_question(cfg, make_video(n=8), "q", model=tiny_model.eval())
+    assert json.loads(lines[-2])["output"] == same.output
+
+
 CONSOLE = """
 import atexit, sys
 atexit.register(lambda: print("exit handlers ran", flush=True))

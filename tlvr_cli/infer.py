@@ -67,15 +67,19 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     t = time.perf_counter()
     import torch
 
+    from .model.checkpoint import load_model, read_weights_ahead
+
+    # the weights are read onto the device on a thread while transformers is imported (a few seconds
+    # either way, and neither needs the other): most of the load is hidden behind the import
+    weights = read_weights_ahead(cfg.model) if model is None else None
     from .engine.generate import Engine
     from .engine.sampling import SamplingParams
-    from .model.checkpoint import load_model
     from .video.preprocess import preprocess_frames
 
     timings["import_s"] = time.perf_counter() - t  # torch and transformers: a fixed cost of every command
     t = time.perf_counter()
     if model is None:
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, weights=weights)
     model.eval()
     timings["load_s"] = time.perf_counter() - t
     device = model.device

@@ -202,6 +202,52 @@ def test_checkpoint_round_trip_and_tied_head(tmp_path, tiny_model):
     assert loaded.tokenizer.eos_token_id == tiny_model.tokenizer.eos_token_id == loaded.tokenizer.pad_token_id
 
 
+def test_a_loaded_model_equals_one_built_then_copied_into_buffers_included(tmp_path, tiny_model):
+    # load_model builds the parameters on the meta device and assigns the weights read: the non-persistent
+    # buffers (rotary tables, position ids) must still be built, and nothing may stay on meta
+    out = save_model(tiny_model, tmp_path / "ck")
+    loaded = load_model(str(out), dtype="float32", device="cpu")
+    built = TinyLlavaConfig.from_json_file(out / "config.json")
+    from tlvr_cli.model.tinyllava import TinyLlava
+
+    copied = TinyLlava(built, tiny_model.tokenizer)
+    load_weights(copied, read_state_dict(out), out)
+    assert not [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.is_meta]
+    for theirs, ours in ((copied.named_buffers(), loaded.named_buffers()), (copied.state_dict(), loaded.state_dict())):
+        theirs, ours = dict(theirs), dict(ours)
+        assert sorted(theirs) == sorted(ours)
+        assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert all(p.requires_grad for p in loaded.parameters())
+    assert loaded.language_model.lm_head.weight is loaded.language_model.model.embed_tokens.weight
+    assert {p.dtype for p in load_model(str(out), dtype="bfloat16", device="cpu").parameters()} == {torch.bfloat16}
+
+
+def test_an_untied_checkpoint_without_lm_head_gets_its_own_copy_of_the_embedding(tmp_path, tiny_model):
+    out = save_model(tiny_model, tmp_path / "ck")  # tied: lm_head is not written
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["text_config"]["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(cfg))
+    lm = load_model(str(out), dtype="float32", device="cpu").language_model
+    head, embed = lm.lm_head.weight, lm.model.embed_tokens.weight
+    assert torch.equal(head, embed) and head.data_ptr() != embed.data_ptr()  # trained apart, as two parameters
+
+
+def test_weights_read_ahead_are_the_ones_load_model_uses(tmp_path, tiny_model):
+    from tlvr_cli.model.checkpoint import read_weights_ahead
+
+    out = save_model(tiny_model, tmp_path / "ck")
+    assert read_weights_ahead("tiny", device="cpu") is None
+    pending = read_weights_ahead(str(out), dtype="float32", device="cpu")
+    loaded = load_model(str(out), dtype="float32", device="cpu", weights=pending)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="bfloat16"):
+        load_model(str(out), dtype="bfloat16", device="cpu", weights=pending)
+    (out / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    broken = read_weights_ahead(str(out), dtype="float32", device="cpu")  # returns at once; the error comes with
+    with pytest.raises(TlvrError, match="model.safetensors: unreadable weights"):  # the weights
+        load_model(str(out), dtype="float32", device="cpu", weights=broken)
+
+
 def test_weights_that_do_not_match_give_one_clear_error(tmp_path, tiny_model):
     out = save_model(tiny_model, tmp_path / "ck")
     cfg = json.loads((out / "config.json").read_text())

@@ -15,17 +15,22 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data.template import EOS
 from ..errors import TlvrError
 from ..runtime import data_root, resolve_device, resolve_dtype
-from .config import TinyLlavaConfig
 from .tokenizer_files import save_tokenizer
+
+# transformers (with the model config, ``.config``) is imported where it is used: a caller can start
+# reading a checkpoint's weights (``read_weights_ahead``) before paying for that import
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -64,17 +69,82 @@ def resolve_checkpoint(path: str) -> Path:
     raise TlvrError(f"{path}: checkpoint directory not found{hint}")
 
 
-def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(ckpt: Path, *, device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint directory ``ckpt`` (one file or shards). Without ``device`` and
+    ``dtype``, as stored, mapped from the file; with them, each tensor copied onto ``device`` with its
+    floating-point values in ``dtype``, one at a time (host memory holds no second copy of the model)."""
     index = ckpt / INDEX
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            sd.update(load_file(str(ckpt / shard)))
-        return sd
-    if (ckpt / WEIGHTS).exists():
-        return load_file(str(ckpt / WEIGHTS))
-    raise TlvrError(f"{ckpt}: no {WEIGHTS} or {INDEX}")
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (ckpt / WEIGHTS).exists():
+        files = [WEIGHTS]
+    else:
+        raise TlvrError(f"{ckpt}: no {WEIGHTS} or {INDEX}")
+    sd: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            if device is None and dtype is None:
+                sd.update(load_file(str(ckpt / name)))
+                continue
+            with safe_open(str(ckpt / name), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    cast = dtype if dtype is not None and t.is_floating_point() else None
+                    sd[key] = t.to(device=device, dtype=cast, copy=True)
+        except (SafetensorError, OSError) as e:
+            raise TlvrError(f"{ckpt / name}: unreadable weights ({e})") from None
+    return sd
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingWeights:
+    """A checkpoint's weights being read onto ``device`` in ``dtype`` on a background thread
+    (``read_weights_ahead``); ``load_model(..., weights=)`` takes them."""
+
+    ckpt: Path
+    device: torch.device
+    dtype: torch.dtype
+    future: Future
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The state dict, once read; an error of the read is raised here."""
+        return self.future.result()
+
+
+def read_weights_ahead(path: str | ModelSpec, *, dtype: str = "auto", device: str = "auto") -> PendingWeights | None:
+    """Start reading the weights ``load_model`` with the same arguments will use, on a background
+    thread, and return at once (None for 'tiny', which has no file). The copies run outside the GIL,
+    so the caller can meanwhile import transformers and build the model: ``tlvr infer`` hides most
+    of a load behind that import this way."""
+    path, dev, dt = _target(path, dtype, device)
+    if path == "tiny":
+        return None
+    return _read_in_background(resolve_checkpoint(path), dev, dt)
+
+
+def _read_in_background(ckpt: Path, device: torch.device, dtype: torch.dtype) -> PendingWeights:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tlvr-weights")
+    future = pool.submit(read_state_dict, ckpt, device=device, dtype=dtype)
+    pool.shutdown(wait=False)  # the thread ends with the read; the process waits for it at exit
+    return PendingWeights(ckpt, device, dtype, future)
+
+
+@contextmanager
+def parameters_on_meta():
+    """Inside, every parameter a module registers lands on the meta device: no memory, and the
+    random initialization of the weights is skipped. Buffers (rotary tables, position ids) are built
+    as usual. For models whose weights are all assigned afterwards (``load_model``)."""
+    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None):
+        if param is not None and param.device.type != "meta":
+            return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        return None
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def checked_state(model, sd: dict[str, torch.Tensor], where: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -86,7 +156,7 @@ def checked_state(model, sd: dict[str, torch.Tensor], where: str | os.PathLike) 
     if tied:
         sd.pop(LM_HEAD, None)
     elif LM_HEAD not in sd and EMBED in sd:
-        sd[LM_HEAD] = sd[EMBED]
+        sd[LM_HEAD] = sd[EMBED].clone()  # its own parameter: loading may assign tensors instead of copying
     expected = set(model.state_dict())
     if tied:
         expected.discard(LM_HEAD)
@@ -138,31 +208,49 @@ class ModelSpec(Protocol):
     attn_implementation: str
 
 
-def load_model(path: str | ModelSpec, *, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa"):
+def _target(path: str | ModelSpec, dtype: str, device: str) -> tuple[str, torch.device, torch.dtype]:
+    if not isinstance(path, str):
+        path, dtype, device = path.path, path.dtype, path.device
+    dev = resolve_device(device)
+    return path, dev, resolve_dtype(dtype, dev)
+
+
+def load_model(path: str | ModelSpec, *, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa",
+               weights: PendingWeights | None = None):
     """A TinyLLaVA model with its tokenizer, from a checkpoint path or a model config (``cfg.model``,
-    whose dtype/device/attention then apply); ``path`` 'tiny' gives the embedded random-init tiny model."""
+    whose dtype/device/attention then apply); ``path`` 'tiny' gives the embedded random-init tiny model.
+    ``weights``: what ``read_weights_ahead`` started for the same arguments; without it the read starts
+    here, on a thread, while the tokenizer loads and the model is built (its parameters on the meta
+    device, then the weights read assigned: no random initialization, no second copy)."""
+    from .config import TinyLlavaConfig
     from .tinyllava import TinyLlava
 
     if not isinstance(path, str):
-        path, dtype, device, attn_implementation = path.path, path.dtype, path.device, path.attn_implementation
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+        attn_implementation = path.attn_implementation
+    path, dev, dt = _target(path, dtype, device)
     attn = _check_attn(attn_implementation, dev)
     if path == "tiny":
         from .tiny import build_tiny_model
 
         return build_tiny_model().to(device=dev, dtype=dt)
     ckpt = resolve_checkpoint(path)
+    if weights is None:
+        weights = _read_in_background(ckpt, dev, dt)
+    elif (weights.ckpt, weights.device, weights.dtype) != (ckpt, dev, dt):
+        raise ValueError(f"weights were read for {weights.ckpt} on {weights.device} in {weights.dtype}, "
+                         f"not for {ckpt} on {dev} in {dt}")
     config = TinyLlavaConfig.from_json_file(ckpt / "config.json")
     tok = load_tokenizer(ckpt)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dt)  # built in the target dtype: no transient fp32 copy (13.5 GiB at 3.6B) while loading
+    torch.set_default_dtype(dt)  # buffers built in the target dtype, as the weights are read
     try:
-        with torch.device(dev):
+        with torch.device(dev), parameters_on_meta():
             model = TinyLlava(config, tok, attn_implementation=attn)
     finally:
         torch.set_default_dtype(default)
-    load_weights(model, read_state_dict(ckpt), ckpt)
+    model.load_state_dict(checked_state(model, weights.result(), ckpt), strict=False, assign=True)
+    if config.text_config.tie_word_embeddings:
+        model.language_model.tie_weights()
     model.generation_settings = read_generation_settings(ckpt)
     return model.to(dtype=dt)  # buffers too (e.g. the rotary table), as before
 
@@ -174,6 +262,8 @@ def frame_size(path: str) -> int:
         from .tiny import tiny_config
 
         return tiny_config(1).vision_config.image_size
+    from .config import TinyLlavaConfig
+
     return TinyLlavaConfig.from_json_file(resolve_checkpoint(path) / "config.json").vision_config.image_size
 
 
