@@ -240,8 +240,12 @@ def test_weights_read_ahead_are_the_ones_load_model_uses(tmp_path, tiny_model):
     pending = read_weights_ahead(str(out), dtype="float32", device="cpu")
     loaded = load_model(str(out), dtype="float32", device="cpu", weights=pending)
     assert all(torch.equal(a, b) for a, b in zip(tiny_model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(RuntimeError, match="taken already"):  # handed over: only the model holds them now
+        pending.take()
+    other = read_weights_ahead(str(out), device="cpu")
     with pytest.raises(ValueError, match="bfloat16"):
-        load_model(str(out), dtype="bfloat16", device="cpu", weights=pending)
+        load_model(str(out), dtype="bfloat16", device="cpu", weights=other)
+    other.take()  # the file is rewritten below: let the read end first
     (out / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     broken = read_weights_ahead(str(out), dtype="float32", device="cpu")  # returns at once; the error comes with
     with pytest.raises(TlvrError, match="model.safetensors: unreadable weights"):  # the weights

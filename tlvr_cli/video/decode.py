@@ -99,7 +99,8 @@ def _bounded_range(path, bound, fps: float, first_idx: int, max_frame: int) -> t
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def _check_exists(path: str | os.PathLike) -> None:
+def check_exists(path: str | os.PathLike) -> None:
+    """A ``VideoError`` (kind "missing") unless ``path`` exists."""
     if not os.path.exists(path):
         raise VideoError(path, "missing", "no such file or directory")
 
@@ -149,7 +150,7 @@ def _decord_read(path, choose: Callable[[int, float], list[int]]) -> Frames:
 
 def _read_with(path, backend: str, choose: Callable[[int, float], list[int]]) -> Frames:
     """Decode with the chosen backend; "auto" retries with PyAV when decord cannot read a file."""
-    _check_exists(path)
+    check_exists(path)
     if _resolve_backend(backend) == "pyav":
         return pyav_read(path, choose)
     _check_opens(path)
@@ -198,7 +199,7 @@ def _stream_seconds(container, stream) -> float | None:
 
 def _read_pts_seek(path: str | os.PathLike, count: Callable[[float], int]) -> Frames:
     """Path B (spec §2.B, Video-MME/MLVU): seek to target PTS values, keyframe-backward."""
-    _check_exists(path)
+    check_exists(path)
     with as_video_error(path):
         container, stream = open_video_stream(path)
         with container:
@@ -270,7 +271,7 @@ def _read_frame_folder(path, bound, num_frames: int, folder_fps: float) -> Frame
     """Path D (spec §6.2, MVBench frame folders): 1-based JPEG files at ``folder_fps``."""
     from PIL import Image
 
-    _check_exists(path)
+    check_exists(path)
     folder = Path(path)
     if not folder.is_dir():
         raise VideoError(path, "unreadable", "expected a folder of JPEG frames")
