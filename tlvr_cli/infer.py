@@ -64,7 +64,7 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
 
     check_exists(video)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
+
     def decode():
         start = time.perf_counter()
         out = read_frames(video, **cfg.video.frame_args(), backend=cfg.video.backend)
@@ -72,6 +72,7 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
         return out
 
     # the frames decode on a thread while torch is imported (the decoders run outside the GIL)
+    t = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="tlvr-video") as pool:
         decoding = pool.submit(decode)
         import torch

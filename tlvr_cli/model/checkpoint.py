@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..data.template import EOS
@@ -86,19 +86,15 @@ def read_state_dict(ckpt: Path, *, device: torch.device | None = None,
     sd: dict[str, torch.Tensor] = {}
     for name in files:
         try:
-            if device is None and dtype is None:
-                sd.update(load_file(str(ckpt / name)))
-                continue
-            if device is not None and device.type == "cuda":  # mapped, then copied by several threads
-                sd.update(upload(load_file(str(ckpt / name)), device, dtype))
-                continue
-            with safe_open(str(ckpt / name), framework="pt") as f:
-                for key in f.keys():
-                    t = f.get_tensor(key)
-                    cast = dtype if dtype is not None and t.is_floating_point() else None
-                    sd[key] = t.to(device=device, dtype=cast, copy=True)
+            tensors = load_file(str(ckpt / name))  # mapped: nothing is read until a tensor is copied
         except (SafetensorError, OSError) as e:
             raise TlvrError(f"{ckpt / name}: unreadable weights ({e})") from None
+        if device is not None and device.type == "cuda":
+            tensors = upload(tensors, device, dtype)
+        elif device is not None or dtype is not None:
+            tensors = {k: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None,
+                               copy=True) for k, t in tensors.items()}
+        sd.update(tensors)
     return sd
 
 
@@ -191,9 +187,10 @@ def checked_state(model, sd: dict[str, torch.Tensor], where: str | os.PathLike) 
     return sd
 
 
-def load_weights(model, sd: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
-    """Copy the state dict ``sd`` into ``model`` after ``checked_state``'s key and shape check (ties ``lm_head``)."""
-    model.load_state_dict(checked_state(model, sd, where), strict=False)
+def load_weights(model, sd: dict[str, torch.Tensor], where: str | os.PathLike, *, assign: bool = False) -> None:
+    """Copy the state dict ``sd`` into ``model`` after ``checked_state``'s key and shape check (ties ``lm_head``);
+    ``assign``: the model's parameters become ``sd``'s tensors instead (for a model built on meta)."""
+    model.load_state_dict(checked_state(model, sd, where), strict=False, assign=assign)
     if model.config.text_config.tie_word_embeddings:
         model.language_model.tie_weights()
 
@@ -254,9 +251,7 @@ def load_model(path: str | ModelSpec, *, dtype: str = "auto", device: str = "aut
             model = TinyLlava(config, tok, attn_implementation=attn)
     finally:
         torch.set_default_dtype(default)
-    model.load_state_dict(checked_state(model, weights.take(), ckpt), strict=False, assign=True)
-    if config.text_config.tie_word_embeddings:
-        model.language_model.tie_weights()
+    load_weights(model, weights.take(), ckpt, assign=True)
     model.generation_settings = read_generation_settings(ckpt)
     return model.to(dtype=dt)  # buffers too (e.g. the rotary table), as before
 
