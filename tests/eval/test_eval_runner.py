@@ -172,6 +172,24 @@ def test_feature_sharing_changes_nothing_but_the_work(data, tmp_path):
     assert all(torch.equal(prompts[0][k], prompts[1][k]) for k in prompts[0])
 
 
+def test_workers_hand_over_resized_uint8_frames_the_tower_sees_normalized(data, tmp_path):
+    from tlvr_cli.video.decode import read_video
+    from tlvr_cli.video.preprocess import preprocess_frames
+
+    item = load_eval_items(config(data, tmp_path / "x"))[0]
+    video = VideoConfig(num_frames=16)
+    frames, indices = decode_video(item.video, item.frame_spec, video, 32)
+    assert frames.dtype == torch.uint8 and frames.shape == (16, 32, 32, 3)
+    read = read_video(item.video, item.frame_spec, backend=video.backend, **video.frame_args(item.frame_spec))
+    assert indices == list(read.indices)
+    seen = []
+    model = build_tiny_model()
+    model.encode_videos = lambda pixels: seen.append(pixels) or torch.zeros(1, 512, model.config.hidden_size)
+    model.prompt_embeddings = lambda ids, visual: [torch.zeros(3, model.config.hidden_size) for _ in ids]
+    next(runner._requests(model, iter([(video_jobs([item], True)[0], (frames, indices))]), pytest.fail))
+    assert torch.equal(seen[0][0], preprocess_frames(read.frames, size=32))
+
+
 def test_a_broken_video_skips_all_its_questions(data, tmp_path):
     synth = tmp_path / "synth"
     shutil.copytree(data / "synth", synth)

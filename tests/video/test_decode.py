@@ -20,7 +20,7 @@ from tlvr_cli.video.decode import (
     sample_frame_indices,
     segment_midpoint_indices,
 )
-from tlvr_cli.video.preprocess import preprocess_frames
+from tlvr_cli.video.preprocess import normalize_frames, preprocess_frames, resize_frames
 
 NUM_FRAMES, HEIGHT, WIDTH, FPS = 20, 48, 32, 8
 BACKENDS = ["decord", "pyav"]
@@ -282,6 +282,37 @@ def test_preprocess_accepts_pil_and_array_lists():
     base = preprocess_frames(frames, size=6)
     assert torch.equal(preprocess_frames([Image.fromarray(f) for f in frames], size=6), base)
     assert torch.equal(preprocess_frames(list(frames), size=6), base)
+
+
+@pytest.mark.parametrize("size", [24, 7])  # upscaled and downscaled (PIL's bicubic antialiases down)
+def test_preprocess_equals_the_hf_siglip_processor_bit_for_bit(size):
+    from transformers import SiglipImageProcessor
+
+    processor = SiglipImageProcessor(size={"height": size, "width": size})
+    frames = np.random.default_rng(2).integers(0, 256, size=(3, 17, 13, 3), dtype=np.uint8)
+    frames[0, 0, 0] = (0, 128, 255)
+    expected = processor(images=list(frames), return_tensors="pt")["pixel_values"]
+    out = preprocess_frames(frames, size=size)
+    assert out.is_contiguous() and torch.equal(out, expected)
+
+
+def test_resize_then_normalize_is_preprocess_in_any_dtype():
+    frames = np.random.default_rng(3).integers(0, 256, size=(2, 11, 19, 3), dtype=np.uint8)
+    resized = resize_frames(frames, size=9)
+    assert resized.dtype == torch.uint8 and resized.shape == (2, 9, 9, 3)
+    full = preprocess_frames(frames, size=9)
+    assert torch.equal(normalize_frames(resized), full)
+    # one rounding of the float32 value, as casting the float32 pixels rounds them
+    assert torch.equal(normalize_frames(resized, torch.bfloat16), full.to(torch.bfloat16))
+    assert resize_frames([], size=9).shape == (0, 9, 9, 3) and preprocess_frames([], size=9).shape == (0, 3, 9, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_normalize_on_the_gpu_equals_the_host():
+    resized = resize_frames(np.random.default_rng(4).integers(0, 256, size=(4, 30, 50, 3), dtype=np.uint8), 16)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(normalize_frames(resized.cuda(), dtype).cpu(), normalize_frames(resized, dtype))
 
 
 # ----------------------------------------------------------------------------- edge cases

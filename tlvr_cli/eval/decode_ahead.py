@@ -26,12 +26,12 @@ import torch
 
 from ..jobs import VideoConfig
 from ..video.decode import FrameSpec, read_video
-from ..video.preprocess import preprocess_frames
+from ..video.preprocess import resize_frames
 from .items import EvalItem
 
 AHEAD_PER_WORKER = 4  # decodes in flight per worker: enough to hide a slow video, few frames held in memory
 
-Decoded = tuple[torch.Tensor, list[int]] | str  # (pixels (T, 3, S, S) float32, frame indices), or why it failed
+Decoded = tuple[torch.Tensor, list[int]] | str  # (resized frames (T, S, S, 3) uint8, frame indices), or why it failed
 
 
 @dataclass
@@ -57,11 +57,12 @@ def video_jobs(items: list[EvalItem], share: bool) -> list[VideoJob]:
 
 
 def decode_video(path: Path, spec: FrameSpec, video: VideoConfig, image_size: int) -> Decoded:
-    """Frames of one video (``video``: how many, which decoder) preprocessed for the tower; a video that
-    fails to decode gives its reason (the runner records its questions as skipped instead of stopping)."""
+    """Frames of one video (``video``: how many, which decoder) resized for the tower (uint8, not yet
+    normalised); a video that fails to decode gives its reason (the runner records its questions as
+    skipped instead of stopping)."""
     try:
         frames = read_video(path, spec, backend=video.backend, **video.frame_args(spec))
-        return preprocess_frames(frames.frames, size=image_size), list(frames.indices)
+        return resize_frames(frames.frames, size=image_size), list(frames.indices)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a per-video skip, reported with its reason
         return f"{type(e).__name__}: {e}"
 

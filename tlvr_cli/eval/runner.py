@@ -34,7 +34,8 @@ from ..files import write_text_atomic
 from ..jobs import EvalConfig
 from ..model.checkpoint import frame_size, load_model
 from ..progress import JobProgress
-from ..runtime import resolve_root
+from ..runtime import host_to_device, resolve_root
+from ..video.preprocess import normalize_frames
 from .answer import parse_option_answer, parse_reason_answer
 from .answers import rank_answers_path, read_answers, truncate_torn_tail, write_answers
 from .benchmarks import get_benchmark
@@ -209,9 +210,11 @@ def _requests(model, decoded: Iterator[tuple[VideoJob, Decoded]], skip: Callable
         if isinstance(result, str):
             skip(job, result)
             continue
-        pixels, indices = result
+        frames, indices = result
         with torch.no_grad():
-            visual = model.encode_videos(pixels[None].to(device=device, dtype=dtype))
+            # normalised where the tower runs: the host neither converts nor waits for the GPU
+            pixels = normalize_frames(host_to_device(frames, device), dtype)
+            visual = model.encode_videos(pixels[None])
             ids = [tokenize_with_image(tok, build_prompt(it.prompt)) for it in job.items]
             prompts = model.prompt_embeddings(ids, visual.expand(len(ids), -1, -1))
         ready = time.perf_counter()
