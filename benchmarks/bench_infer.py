@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n`tlvr infer`, {args.config} model, {args.device} {args.dtype}, {args.max_new_tokens} new tokens, greedy")
     print(f"{'':<30}" + "".join(f"{c:>12}" for c in cols))
     for key, label in (("wall_s", "wall s"), ("import_s", "torch + transformers import s"), ("load_s", "load s"),
-                       ("decode_s", "video decode s (during import)"), ("preprocess_s", "frame resize s"),
+                       ("decode_s", "video decode s (during import)"), ("preprocess_s", "frame normalize s"),
                        ("encode_s", "tower + prompt s"), ("generate_s", "generation s"),
                        ("other_s", "start-up, CLI and exit s"), ("new_tokens", "new tokens"),
                        ("tok_s", "tok/s")):

@@ -71,7 +71,8 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
         timings["decode_s"] = time.perf_counter() - start  # on its own thread, during the import
         return out
 
-    # the frames decode on a thread while torch is imported (the decoders run outside the GIL)
+    # the frames decode on a thread while torch is imported (the decoders run outside the GIL), and are
+    # resized for the tower there while transformers is imported (so is PIL's resize)
     t = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="tlvr-video") as pool:
         decoding = pool.submit(decode)
@@ -79,17 +80,21 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
 
         frames = decoding.result()
 
-    from .model.checkpoint import load_model, read_weights_ahead
+        from .model.checkpoint import frame_size, load_model, read_weights_ahead
+        from .runtime import host_to_device
+        from .video.preprocess import normalize_frames, resize_frames
 
-    # the weights are read onto the device on a thread while transformers is imported (a few seconds
-    # either way, and neither needs the other): most of the load is hidden behind the import
-    weights = read_weights_ahead(cfg.model) if model is None else None
-    from .engine.generate import Engine
-    from .engine.sampling import SamplingParams
-    from .video.preprocess import preprocess_frames
+        # the weights are read onto the device on a thread while transformers is imported (a few seconds
+        # either way, and neither needs the other): most of the load is hidden behind the import
+        weights = read_weights_ahead(cfg.model) if model is None else None
+        size = model.config.vision_config.image_size if model is not None else frame_size(cfg.model.path)
+        resizing = pool.submit(resize_frames, frames.frames, size)
+        from .engine.generate import Engine
+        from .engine.sampling import SamplingParams
 
-    # torch and transformers, a fixed cost of every command, with the video decoded and the weights read
-    # meanwhile (what the video took beyond torch's import included)
+        # torch and transformers, a fixed cost of every command, with the video decoded and resized and the
+        # weights read meanwhile (what those took beyond the imports included)
+        resized = resizing.result()
     timings["import_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if model is None:
@@ -100,8 +105,8 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     dtype = next(model.vision_tower.parameters()).dtype
 
     t = time.perf_counter()
-    pixels = preprocess_frames(frames.frames, size=model.config.vision_config.image_size)
-    timings["preprocess_s"] = time.perf_counter() - t  # the frames resized and normalized
+    pixels = normalize_frames(host_to_device(resized, device), dtype)
+    timings["preprocess_s"] = time.perf_counter() - t  # the resized frames normalized where the tower runs
     warnings = []
     if frames.distinct < len(frames.indices):  # a short or cut video: some frames repeat
         warnings.append(f"{video}: only {frames.distinct} distinct frames of the {len(frames.indices)} asked could be "
@@ -111,7 +116,7 @@ def answer_question(cfg: InferConfig, video: str | Path, question: str, *, model
     ids = tokenize_with_image(tok, inference_prompt(question, cfg.reason))
     t = time.perf_counter()
     with torch.no_grad():
-        feats = model.encode_videos(pixels[None].to(device=device, dtype=dtype))
+        feats = model.encode_videos(pixels[None])
         prompt = model.prompt_embeddings([ids], feats)
     timings["encode_s"] = time.perf_counter() - t
 

@@ -18,7 +18,7 @@ import regex
 import torch
 
 from tlvr_cli.errors import TlvrError
-from tlvr_cli.model.checkpoint import generation_from_sampling, load_model, load_tokenizer, save_model
+from tlvr_cli.model.checkpoint import frame_size, generation_from_sampling, load_model, load_tokenizer, save_model
 from tlvr_cli.model.config import TinyLlavaConfig
 from tlvr_cli.model.tokenizer_files import QWEN2_SPLIT, slow_tokenizer_class
 
@@ -134,6 +134,18 @@ def test_older_5x_only_and_released_4x_only_configs_load_with_the_right_rope_bas
     clash["text_config"]["rope_theta"] = 10000.0
     with pytest.raises(TlvrError, match="rope_theta 10000.0 disagrees"):
         TinyLlavaConfig.from_dict(clash)
+
+
+def test_frame_size_reads_the_saved_field_or_the_configs_default(tmp_path, tiny_model):
+    ckpt = save_model(tiny_model, tmp_path / "tiny")
+    assert frame_size(str(ckpt)) == tiny_model.config.vision_config.image_size == frame_size("tiny")
+    released = tmp_path / "released"
+    released.mkdir()
+    (released / "config.json").write_text(json.dumps(R1_LIKE))  # no image_size: so400m's 384
+    parsed = TinyLlavaConfig.from_json_file(released / "config.json")
+    assert frame_size(str(released)) == parsed.vision_config.image_size == 384
+    (released / "config.json").write_text(json.dumps({**R1_LIKE, "vision_config": {"image_size": 224}}))
+    assert frame_size(str(released)) == 224
 
 
 # ---------------------------------------------------------------------------- generation_config.json and re-saves

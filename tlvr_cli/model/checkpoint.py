@@ -263,9 +263,16 @@ def frame_size(path: str) -> int:
         from .tiny import tiny_config
 
         return tiny_config(1).vision_config.image_size
+    config = resolve_checkpoint(path) / "config.json"
+    try:  # the saved field itself, without importing transformers' config classes
+        size = json.loads(config.read_text()).get("vision_config", {}).get("image_size")
+    except (OSError, ValueError, AttributeError):
+        size = None
+    if isinstance(size, int):
+        return size
     from .config import TinyLlavaConfig
 
-    return TinyLlavaConfig.from_json_file(resolve_checkpoint(path) / "config.json").vision_config.image_size
+    return TinyLlavaConfig.from_json_file(config).vision_config.image_size
 
 
 def _check_attn(name: str, device: torch.device) -> str:
