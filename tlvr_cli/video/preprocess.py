@@ -5,6 +5,7 @@ resized uint8 frames over (a quarter of the float32 bytes) and the GPU normalise
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,12 @@ def _levels() -> np.ndarray:
 
 
 LEVELS = _levels()
+
+
+@functools.cache
+def _levels_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``LEVELS`` on ``device`` in ``dtype``, copied there once (a copy per call would be a pageable one)."""
+    return torch.from_numpy(LEVELS).to(device=device, dtype=dtype)
 
 
 def _to_pil(frame) -> Image.Image:
@@ -54,9 +61,8 @@ def normalize_frames(resized: torch.Tensor, dtype: torch.dtype = torch.float32) 
     if resized.device.type == "cpu":  # numpy's lookup: a few times torch's on the host
         return torch.from_numpy(LEVELS[np.ascontiguousarray(resized.numpy().transpose(0, 3, 1, 2))]).to(dtype)
     t, h, w, c = resized.shape
-    levels = torch.from_numpy(LEVELS).to(device=resized.device, dtype=dtype)
     index = resized.permute(0, 3, 1, 2).reshape(-1).int()
-    return levels.index_select(0, index).view(t, c, h, w)
+    return _levels_on(resized.device, dtype).index_select(0, index).view(t, c, h, w)
 
 
 def preprocess_frames(frames: np.ndarray | Sequence, size: int = 384) -> torch.Tensor:
