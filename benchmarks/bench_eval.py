@@ -110,7 +110,8 @@ def time_eval(args, ckpt: Path, data: Path, work: Path, device: torch.device) ->
         synchronize(device)
         load = min(load, time.perf_counter() - t)
     return {"cfg": cfg, "model": model, "wall": wall, "load": load, "tokens": sum(r.get("new_tokens", 0) for r in rows),
-            "items": len(rows), "skipped": report.n_skipped}
+            "items": len(rows), "skipped": report.n_skipped,
+            "speed": json.loads((work / "eval" / "speed.json").read_text())}
 
 
 def eval_prompts(model, cfg, items) -> list[torch.Tensor]:
@@ -235,10 +236,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'met' if eval_rate >= GOAL_OF_ROLLOUT * roll_rate else 'not met'}); eval {eval_rate:,.0f} generated tok/s "
           f"(goal >= {GOAL_TOKENS_PER_S:,}: {'met' if eval_rate >= GOAL_TOKENS_PER_S else 'not met'}); "
           f"model load {ev['load']:.1f} s; reference timed on {ref['timed']} items x {ref['tokens']} tokens")
+    sp = ev["speed"]
+    print(f"the eval's own record (speed.json): model load {sp['load_s']:.2f} s in the run, engine start to first "
+          f"answer {sp['first_answer_s']:.2f} s, engine start to last answer {sp['generate_s']:.2f} s "
+          f"({sp['tokens_per_s']:,.0f} tok/s), whole run {sp['wall_s']:.2f} s")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     return {"tokens_per_s": rates, "items_per_s": {label: items / secs for label, items, _, secs in rows},
-            "eval_of_rollout": eval_rate / roll_rate, "skipped": ev["skipped"]}
+            "eval_of_rollout": eval_rate / roll_rate, "skipped": ev["skipped"], "speed": ev["speed"]}
 
 
 if __name__ == "__main__":

@@ -17,3 +17,4 @@ def test_bench_eval_smoke(tmp_path, one_thread):
     # every row but "without model load", which is left out where the load, timed apart, outlasts the eval
     assert len(rates) in (4, 5) and "tlvr eval, default settings" in rates and all(r > 0 for r in rates.values())
     assert result["skipped"] == 0 and 0 < result["eval_of_rollout"]
+    assert result["speed"]["questions"] == 6 and result["speed"]["generated_tokens"] == 24

@@ -132,6 +132,29 @@ def test_torn_last_line_is_cut_before_appending(data, tmp_path):
     assert report.n == 12 and answers(out) == answers(full)
 
 
+def test_each_run_records_its_speed_beside_the_answers(data, tmp_path, capsys):
+    out = tmp_path / "speed"
+    run_eval(config(data, out, limit=5, engine={"max_batch": 3}), show_progress=True)
+    speed = json.loads((out / "speed.json").read_text())
+    rows = answers(out)
+    assert speed["questions"] == 5 and speed["already_answered"] == 0 and speed["skipped"] == 0
+    assert speed["generated_tokens"] == sum(r["new_tokens"] for r in rows.values()) > 0
+    assert speed["engine_max_batch"] == 3 and speed["device"] == "cpu"
+    assert 0 < speed["first_answer_s"] <= speed["generate_s"] < speed["wall_s"] and speed["load_s"] >= 0
+    assert speed["tokens_per_s"] == pytest.approx(speed["generated_tokens"] / speed["generate_s"], rel=0.01)
+    assert "5 questions in" in capsys.readouterr().err
+    # a resumed run records its own part; a run with nothing left to answer leaves the record as it was
+    run_eval(config(data, out), show_progress=False)
+    speed = json.loads((out / "speed.json").read_text())
+    assert (speed["questions"], speed["already_answered"]) == (7, 5)
+    run_eval(config(data, out), show_progress=False)
+    assert json.loads((out / "speed.json").read_text()) == speed
+    # answers of another evaluation cleared by overwrite_stale take their speed record with them
+    (out / "speed.rank1.json").write_text("{}")
+    run_eval(config(data, out, limit=2, sampling={"max_new_tokens": 5}, overwrite_stale=True), show_progress=False)
+    assert json.loads((out / "speed.json").read_text())["questions"] == 2 and not (out / "speed.rank1.json").exists()
+
+
 def test_paper_answers_do_not_depend_on_batch_or_resume(data, tmp_path):
     runs = {}
     for name, batch in (("one", 1), ("eight", 8)):

@@ -30,7 +30,7 @@ from ..data.template import build_prompt, tokenize_with_image
 from ..engine.generate import Engine, Request
 from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
-from ..files import write_text_atomic
+from ..files import write_json_atomic, write_text_atomic
 from ..jobs import EvalConfig
 from ..model.checkpoint import frame_size, load_model
 from ..progress import JobProgress
@@ -43,6 +43,8 @@ from .decode_ahead import Decoded, DecodePool, VideoJob, decode_video, usable_wo
 from .items import EvalItem
 from .report import Report, score_answers, write_report
 from .resume import check_resume, default_dir_name, read_provenance, run_settings, weights_fingerprint, write_provenance
+
+SPEED = "speed.json"  # this run's speed, beside the answers
 
 
 def output_dir(cfg: EvalConfig, model: torch.nn.Module | None = None) -> Path:
@@ -99,6 +101,7 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
     written to disk). With several processes each evaluates its share (``rank::world_size``) and
     returns None: the caller prepares the directory once before (``prepared``) and merges the rank
     files after (``eval.distributed``)."""
+    started = time.perf_counter()
     items = load_eval_items(cfg)
     out_dir = output_dir(cfg, model)
     answers_path = rank_answers_path(out_dir, rank, world_size)
@@ -125,11 +128,16 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
                 decoded.close()
                 todo, decoded = now, decode_ahead(pool, now)
             if todo:
+                t = time.perf_counter()
                 if model is None:
                     model = load_model(cfg.model)
                 model.eval()
-                _generate_answers(cfg, model, decoded, answers_path, len(mine) - len(todo), len(mine),
-                                  show_progress)
+                load_s = time.perf_counter() - t
+                speed = _generate_answers(cfg, model, decoded, answers_path, len(mine) - len(todo), len(mine),
+                                          show_progress)
+                speed.update(wall_s=round(time.perf_counter() - started, 3), load_s=round(load_s, 3),
+                             already_answered=len(mine) - len(todo))
+                write_json_atomic(speed_path(out_dir, rank, world_size), speed)
         finally:
             decoded.close()
     if world_size > 1:
@@ -156,22 +164,34 @@ def eval_engine(cfg: EvalConfig, model) -> Engine:
                   + cfg.sampling.max_new_tokens, **cfg.engine.engine_kwargs())
 
 
+def speed_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    """Where a run records how fast it answered (``speed.json``; per process when sharded)."""
+    return Path(out_dir) / (SPEED if world_size == 1 else f"speed.rank{rank}.json")
+
+
 def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, Decoded]], answers_path: Path,
-                      already: int, total: int, show_progress: bool) -> None:
+                      already: int, total: int, show_progress: bool) -> dict:
+    """Answer the decoded videos' questions, appending each row as it finishes; returns this run's speed
+    (``speed.json``'s fields from the engine's start on)."""
     tok = model.tokenizer
     params = SamplingParams(temperature=0.0) if cfg.protocol == "greedy" else SamplingParams(
         temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p)
     max_new = cfg.sampling.max_new_tokens
+    start = time.perf_counter()
     engine = eval_engine(cfg, model)
     progress = JobProgress(cfg.benchmark, total, enabled=show_progress)
     progress.start(already)
-    counts = {"done": already, "correct": 0, "seen": 0, "skipped": 0}
+    counts = {"done": already, "correct": 0, "seen": 0, "skipped": 0, "tokens": 0}
+    first = None
     try:
         with answers_path.open("a") as out:
             def write(row: dict) -> None:
+                nonlocal first
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 out.flush()
+                first = first or time.perf_counter() - start
                 counts["done"] += 1
+                counts["tokens"] += row.get("new_tokens", 0)
                 if row.get("skipped"):
                     counts["skipped"] += 1
                 else:
@@ -196,6 +216,16 @@ def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, 
                        "new_tokens": len(fin.completion.tokens), "seconds": round(time.perf_counter() - ready, 4)})
     finally:
         progress.stop()
+    seconds = time.perf_counter() - start
+    done = counts["done"] - already
+    speed = {"questions": done, "skipped": counts["skipped"], "generated_tokens": counts["tokens"],
+             "generate_s": round(seconds, 3), "first_answer_s": round(first or seconds, 3),
+             "tokens_per_s": round(counts["tokens"] / seconds, 1), "questions_per_s": round(done / seconds, 2),
+             "engine_max_batch": engine.max_batch, "device": str(model.device)}
+    if show_progress:
+        progress.note(f"{done} questions in {seconds:.1f} s: {speed['tokens_per_s']:,.0f} generated tok/s, "
+                      f"{speed['questions_per_s']:.2f} questions/s (engine of {engine.max_batch} rows)")
+    return speed
 
 
 def _requests(model, decoded: Iterator[tuple[VideoJob, Decoded]], skip: Callable[[VideoJob, str], None]
