@@ -8,10 +8,10 @@ video written with PyAV, then runs the real command in fresh processes:
 ``python -m tlvr_cli infer VIDEO "question" --model CKPT --max-new-tokens N --greedy --json``.
 The first run reads the checkpoint from disk, later runs from the file cache (the goal is stated for
 a warm file cache). Prints the wall time of each run beside the timings the command reports
-(import, load, video decode on its thread during the import, frame resize, tower + prompt,
-generation), the generated tok/s, the same command decoding without CUDA graphs
-(``--set cuda_graphs=false``, the path every question took before) and how long
-a missing video takes to be reported.
+(import, load, video decode and frame resize on its thread during the import, the frames'
+normalization on the device, tower + prompt, generation), the generated tok/s, the same command
+decoding without CUDA graphs (``--set cuda_graphs=false``, the path every question took before) and
+how long a missing video takes to be reported.
 """
 
 from __future__ import annotations

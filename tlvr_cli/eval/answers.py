@@ -11,6 +11,7 @@ from ..errors import TlvrError
 from ..files import write_text_atomic
 
 ANSWERS = "answers.jsonl"
+SPEED = "speed.json"  # how fast the last run that answered something answered
 
 
 def read_answers(path: Path, *, missing_ok: bool = True) -> list[dict]:
@@ -77,3 +78,14 @@ def merge_rank_answers(out_dir: Path, world_size: int, item_order: list[str]) ->
 def write_answers(path: Path, rows: list[dict]) -> None:
     """Replace an answers file by ``rows`` atomically (e.g. put in benchmark order once complete)."""
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def speed_files(out_dir: Path) -> list[Path]:
+    """Every speed record in ``out_dir``: ``speed.json`` and the per-process ``speed.rank*.json``."""
+    out_dir = Path(out_dir)
+    return [p for p in [out_dir / SPEED, *sorted(out_dir.glob("speed.rank*.json"))] if p.is_file()]
+
+
+def rank_speed_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    """Where a run records how fast it answered, per process like its answers file."""
+    return Path(out_dir) / (SPEED if world_size == 1 else f"speed.rank{rank}.json")

@@ -36,12 +36,11 @@ from ..files import write_json_atomic
 from ..jobs import EvalConfig
 from ..model.checkpoint import resolve_checkpoint
 from ..runtime import data_root, resolve_device, resolve_dtype
-from .answers import answer_files, read_answers
+from .answers import answer_files, read_answers, speed_files
 
 PROVENANCE = "provenance.json"
 HASH_CHUNK = 256 << 20  # a file's digest is the SHA-256 of its 256 MB chunks' digests, hashed in parallel
-# deleted with the answers by overwrite_stale (and each run's speed.json, speed.rank*.json)
-STALE_RESULTS = ("results.json", "results.md", PROVENANCE)
+STALE_RESULTS = ("results.json", "results.md", PROVENANCE)  # deleted with the answers by overwrite_stale
 # the checkpoint files that decide the answers: config, weights, tokenizer (not README or generation_config.json)
 _MODEL_FILES = re.compile(r"config\.json|.*\.safetensors(\.index\.json)?|tokenizer.*\.json|vocab\.json|merges\.txt"
                           r"|special_tokens_map\.json|added_tokens\.json")
@@ -221,7 +220,7 @@ def check_resume(out_dir: Path, key: dict[str, Any], provenance: dict[str, Any] 
         problem = "holds answers of another evaluation (" + "; ".join(
             f"{k}: {_short(old.get(k))} -> {_short(key.get(k))}" for k in diff) + ")"
     if overwrite:
-        for path in [*files, *(Path(out_dir) / name for name in STALE_RESULTS), *Path(out_dir).glob("speed*.json")]:
+        for path in [*files, *speed_files(out_dir), *(Path(out_dir) / name for name in STALE_RESULTS)]:
             path.unlink(missing_ok=True)
         return
     raise TlvrError(f"{out_dir} {problem}: choose another --output-dir (or leave it unset for a directory per "

@@ -37,14 +37,12 @@ from ..progress import JobProgress
 from ..runtime import host_to_device, resolve_root
 from ..video.preprocess import normalize_frames
 from .answer import parse_option_answer, parse_reason_answer
-from .answers import rank_answers_path, read_answers, truncate_torn_tail, write_answers
+from .answers import rank_answers_path, rank_speed_path, read_answers, truncate_torn_tail, write_answers
 from .benchmarks import get_benchmark
 from .decode_ahead import Decoded, DecodePool, VideoJob, decode_video, usable_workers, video_jobs
 from .items import EvalItem
 from .report import Report, score_answers, write_report
 from .resume import check_resume, default_dir_name, read_provenance, run_settings, weights_fingerprint, write_provenance
-
-SPEED = "speed.json"  # this run's speed, beside the answers
 
 
 def output_dir(cfg: EvalConfig, model: torch.nn.Module | None = None) -> Path:
@@ -137,7 +135,7 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
                                           show_progress)
                 speed.update(wall_s=round(time.perf_counter() - started, 3), load_s=round(load_s, 3),
                              already_answered=len(mine) - len(todo))
-                write_json_atomic(speed_path(out_dir, rank, world_size), speed)
+                write_json_atomic(rank_speed_path(out_dir, rank, world_size), speed)
         finally:
             decoded.close()
     if world_size > 1:
@@ -162,11 +160,6 @@ def eval_engine(cfg: EvalConfig, model) -> Engine:
     the checkpoint takes and ``sampling.max_new_tokens``."""
     return Engine(model.language_model, max_seq_len=model.config.tokenizer_model_max_length
                   + cfg.sampling.max_new_tokens, **cfg.engine.engine_kwargs())
-
-
-def speed_path(out_dir: Path, rank: int, world_size: int) -> Path:
-    """Where a run records how fast it answered (``speed.json``; per process when sharded)."""
-    return Path(out_dir) / (SPEED if world_size == 1 else f"speed.rank{rank}.json")
 
 
 def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, Decoded]], answers_path: Path,
