@@ -13,7 +13,8 @@ Builds a random-init checkpoint in the released layout (bf16 for 3b), writes the
     fp32, estimated from ``--reference-items`` items timed at 1 and ``--reference-tokens`` new tokens
     and extrapolated linearly to the eval's mean answer length;
   * the engine's raw rollout throughput: ``Engine.generate`` on all the eval's prompts (precomputed)
-    at the eval's engine size, after a warm-up call.
+    at the eval's engine size, after a warm-up call; and the same requests with each video's shared
+    prompt part prefilled once, as the eval does (``share_prefix``), the rate the goal is judged by.
 A random-init model hardly ever emits eos, so every answer runs to max_new_tokens (1024 by default).
 Goals (H200): eval >= 10,000 generated tok/s and >= 80 % of the rollout throughput.
 """
@@ -114,18 +115,26 @@ def time_eval(args, ckpt: Path, data: Path, work: Path, device: torch.device) ->
             "speed": json.loads((work / "eval" / "speed.json").read_text())}
 
 
-def eval_prompts(model, cfg, items) -> list[torch.Tensor]:
-    """The prompt embeddings the eval feeds the engine for ``items`` (features shared per video)."""
+def eval_requests(model, cfg, items) -> list:
+    """The engine requests the eval builds for ``items`` (features shared per video, and with
+    ``share_prefix`` each video's common prompt part as one shared prefix)."""
     from tlvr_cli.eval import runner
     from tlvr_cli.eval.decode_ahead import DecodePool, decode_video, video_jobs
 
     size = model.config.vision_config.image_size
     decoded = DecodePool(0).decode(video_jobs(items, True), lambda v, s: decode_video(v, s, cfg.video, size))
-    return [r.prompt for r in runner._requests(model, decoded, lambda job, err: None)]
+    return list(runner._requests(model, decoded, lambda job, err: None, cfg.share_prefix))
 
 
-def time_rollout(model, cfg, prompts: list[torch.Tensor], device: torch.device) -> dict:
-    """``Engine.generate`` over all prompts at once, built as the eval builds its engine; the second call is timed."""
+def eval_prompts(model, cfg, items) -> list[torch.Tensor]:
+    """The prompt embeddings the eval feeds the engine for ``items``."""
+    return [r.prompt for r in eval_requests(model, cfg, items)]
+
+
+def time_rollout(model, cfg, requests: list, device: torch.device) -> dict:
+    """``Engine.generate`` over all the requests' prompts at once, each prefilled whole, built as the eval
+    builds its engine (the second call is timed), and the same rows with the requests' shared prefixes
+    prefilled once (``generate_stream``; rows finish in any order)."""
     from tlvr_cli.engine.sampling import SamplingParams
     from tlvr_cli.eval.runner import eval_engine
 
@@ -133,6 +142,7 @@ def time_rollout(model, cfg, prompts: list[torch.Tensor], device: torch.device) 
     engine = eval_engine(cfg, model)
     greedy = SamplingParams(temperature=0.0)
     eos = model.tokenizer.eos_token_id
+    prompts = [r.prompt for r in requests]
     with torch.no_grad():
         t = time.perf_counter()
         engine.generate(prompts, greedy, max_new, eos)  # captures the graphs (compiled code: from the warm cache)
@@ -141,8 +151,15 @@ def time_rollout(model, cfg, prompts: list[torch.Tensor], device: torch.device) 
         t = time.perf_counter()
         outs = engine.generate(prompts, greedy, max_new, eos)
         synchronize(device)
-    return {"wall": time.perf_counter() - t, "first_wall": first, "tokens": sum(len(o.tokens) for o in outs),
-            "items": len(prompts), "max_batch": engine.max_batch}
+        wall = time.perf_counter() - t
+        t = time.perf_counter()
+        shared = list(engine.generate_stream(requests, greedy, max_new, eos))
+        synchronize(device)
+        shared_wall = time.perf_counter() - t
+    return {"wall": wall, "first_wall": first, "tokens": sum(len(o.tokens) for o in outs), "items": len(prompts),
+            "max_batch": engine.max_batch, "shared_wall": shared_wall,
+            "shared_tokens": sum(len(f.completion.tokens) for f in shared),
+            "shared_prefixes": len({id(r.prefix) for r in requests if r.prefix is not None})}
 
 
 def time_reference(ckpt: Path, cfg, items, args, device: torch.device, mean_tokens: float) -> dict:
@@ -203,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, model = ev.pop("cfg"), ev.pop("model").eval()
     dtype = next(model.parameters()).dtype
     items = load_eval_items(cfg)
-    rollout = time_rollout(model, cfg, eval_prompts(model, cfg, items), device)
+    rollout = time_rollout(model, cfg, eval_requests(model, cfg, items), device)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -222,6 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("tlvr eval, default settings", n, tokens, ev["wall"]),
             ("engine rollout, first call (captures)", rollout["items"], rollout["tokens"], rollout["first_wall"]),
             ("engine rollout, same prompts", rollout["items"], rollout["tokens"], rollout["wall"])]
+    if rollout["shared_prefixes"]:
+        rows.append(("engine rollout, prefixes shared", rollout["items"], rollout["shared_tokens"],
+                     rollout["shared_wall"]))
     if ev["wall"] > ev["load"]:  # on a tiny model the load, timed apart, can outlast the eval it overlaps in
         rows.insert(2, ("tlvr eval, without model load", n, tokens, ev["wall"] - ev["load"]))
     print(f"{'method':<38}{'items':>7}{'gen tokens':>12}{'seconds':>10}{'items/s':>10}{'tok/s':>11}"
@@ -231,7 +251,12 @@ def main(argv: list[str] | None = None) -> dict:
         rates[label] = toks / secs
         print(f"{label:<38}{items:>7}{toks:>12.0f}{secs:>10.2f}{items / secs:>10.2f}{toks / secs:>11.1f}"
               f"{ref_s / secs * (toks / (mean_tokens * n)):>13.1f}x")
-    eval_rate, roll_rate = rates["tlvr eval, default settings"], rates["engine rollout, same prompts"]
+    # the goal is judged against the engine doing the eval's own work: with the prefixes it shares
+    eval_rate = rates["tlvr eval, default settings"]
+    roll_rate = rates.get("engine rollout, prefixes shared", rates["engine rollout, same prompts"])
+    if rollout["shared_prefixes"]:
+        print(f"eval / rollout with every prompt prefilled whole: "
+              f"{eval_rate / rates['engine rollout, same prompts']:.1%}; {rollout['shared_prefixes']} shared prefixes")
     print(f"eval / rollout throughput: {eval_rate / roll_rate:.1%} (goal >= {GOAL_OF_ROLLOUT:.0%}: "
           f"{'met' if eval_rate >= GOAL_OF_ROLLOUT * roll_rate else 'not met'}); eval {eval_rate:,.0f} generated tok/s "
           f"(goal >= {GOAL_TOKENS_PER_S:,}: {'met' if eval_rate >= GOAL_TOKENS_PER_S else 'not met'}); "
@@ -243,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     return {"tokens_per_s": rates, "items_per_s": {label: items / secs for label, items, _, secs in rows},
+            "shared_prefixes": rollout["shared_prefixes"],
             "eval_of_rollout": eval_rate / roll_rate, "skipped": ev["skipped"], "speed": ev["speed"]}
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tlvr_cli.engine import sizing
-from tlvr_cli.engine.generate import Engine, Request
+from tlvr_cli.engine.generate import Engine, Request, SharedPrefix
 from tlvr_cli.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -99,3 +100,66 @@ def test_auto_max_batch_from_free_memory(lm):
     assert Engine(lm, max_batch=0, max_seq_len=64).max_batch == sizing.AUTO_ROWS_CPU
     with pytest.raises(ValueError, match="max_batch >= 0"):
         Engine(lm, max_batch=-1)
+
+
+def _prefixed_prompts(lm, rests=(3, 5, 1, 4, 2), heads=(9, 4)):
+    """Prompts made of a shared head and a rest of their own: rests[0..2] after head 0, the others
+    after head 1; their ``SharedPrefix`` handles; and one prompt with no shared part."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        def embed(n):
+            return lm.get_input_embeddings()(torch.randint(0, 300, (n,), generator=gen))
+
+        shared = [embed(n) for n in heads]
+        handles = [SharedPrefix(n) for n in heads]
+        prompts, prefixes = [], []
+        for j, n in enumerate(rests):
+            g = 0 if j < 3 else 1
+            prompts.append(torch.cat([shared[g], embed(n)]))
+            prefixes.append(handles[g])
+        prompts.append(embed(7))
+        prefixes.append(None)
+    return prompts, prefixes
+
+
+def test_a_shared_prefix_is_prefilled_once_with_the_same_keys_and_logits(lm):
+    prompts, prefixes = _prefixed_prompts(lm)
+    engine = Engine(lm, max_batch=8, max_seq_len=64)
+    engine.prepare()
+    calls = []
+    forward = engine._prefill_forward
+    engine._prefill_forward = lambda x, lens, *a: calls.append(list(lens)) or forward(x, lens, *a)
+    with torch.no_grad():
+        whole = Engine._prefill(engine, prompts)
+        calls.clear()
+        shared = engine._prefill(prompts, prefixes)
+    # the heads once (both in one forward, with the unshared prompt), then only the rests
+    assert sorted(sorted(c) for c in calls) == [[1, 2, 3, 4, 5], [4, 7, 9]]
+    for a, b in zip(whole, shared):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("params,max_batch", [(GREEDY, 8), (SAMPLED, 8), (GREEDY, 2)])
+def test_requests_sharing_a_prefix_draw_what_they_draw_alone(lm, params, max_batch):
+    # max_batch 2: a prefix's requests are admitted in different windows, each prefilling it again
+    prompts, prefixes = _prefixed_prompts(lm)
+
+    def tokens(with_prefixes: bool) -> dict[int, list[int]]:
+        requests = [Request(p, [40 + i], tag=i, prefix=pre if with_prefixes else None)
+                    for i, (p, pre) in enumerate(zip(prompts, prefixes))]
+        return {fin.request.tag: fin.completion.tokens for fin in Engine(lm, max_batch=max_batch, max_seq_len=64)
+                .generate_stream(requests, params, 10, 299, seed=4)}
+
+    alone = tokens(False)
+    assert tokens(True) == alone and len({tuple(t) for t in alone.values()}) == len(alone)
+
+
+def test_a_shared_prefix_must_leave_the_prompt_a_position(lm, prompts):
+    engine = Engine(lm, max_batch=2, max_seq_len=64)
+    for bad in (0, prompts[0].shape[0]):
+        with pytest.raises(ValueError, match=rf"request 1: a shared prefix of {bad} positions in a prompt of 5 "):
+            list(engine.generate_stream([Request(prompts[1], [0]), Request(prompts[0], [1], prefix=SharedPrefix(bad))],
+                                        GREEDY, 4, 299))

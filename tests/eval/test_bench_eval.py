@@ -15,6 +15,7 @@ def test_bench_eval_smoke(tmp_path, one_thread):
                          "--reference-items", "1", "--reference-tokens", "3", "--workdir", str(tmp_path)])
     rates = result["tokens_per_s"]
     # every row but "without model load", which is left out where the load, timed apart, outlasts the eval
-    assert len(rates) in (4, 5) and "tlvr eval, default settings" in rates and all(r > 0 for r in rates.values())
+    assert len(rates) in (5, 6) and "tlvr eval, default settings" in rates and all(r > 0 for r in rates.values())
+    assert result["shared_prefixes"] == 2 and "engine rollout, prefixes shared" in rates  # 6 questions on 2 videos
     assert result["skipped"] == 0 and 0 < result["eval_of_rollout"]
     assert result["speed"]["questions"] == 6 and result["speed"]["generated_tokens"] == 24

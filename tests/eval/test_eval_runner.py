@@ -195,6 +195,42 @@ def test_feature_sharing_changes_nothing_but_the_work(data, tmp_path):
     assert all(torch.equal(prompts[0][k], prompts[1][k]) for k in prompts[0])
 
 
+def test_prefix_sharing_changes_nothing_but_the_work(data, tmp_path, monkeypatch):
+    from tlvr_cli.engine.generate import Engine
+
+    forward = Engine._prefill_forward
+    positions = []
+
+    def counted(self, x, lens, *rest):
+        positions.append(sum(lens))
+        return forward(self, x, lens, *rest)
+
+    monkeypatch.setattr(Engine, "_prefill_forward", counted)
+    model = build_tiny_model().eval()
+    results = []
+    for share in (True, False):
+        positions.clear()
+        out = tmp_path / f"prefix-{share}"
+        run_eval(config(data, out, share_prefix=share, **PAPER), model=model, show_progress=False)
+        results.append((sum(positions), answers(out), json.loads((out / "results.json").read_text())))
+    (shared, rows_shared, res_shared), (whole, rows_whole, res_whole) = results
+    assert rows_shared == rows_whole and res_shared == res_whole
+    assert len({r["output"] for r in rows_whole.values()}) > 6  # sampled answers differ by item: not vacuous
+    # 4 videos x 3 questions: each video's system prompt and visual tokens prefilled once, not 3 times
+    assert whole - shared > 4 * 2 * model.config.num_queries
+
+
+def test_shared_prefix_length_counts_an_image_token_as_its_visual_tokens():
+    from tlvr_cli.data.template import IMAGE_TOKEN_INDEX as IMG
+    from tlvr_cli.model.tinyllava import TinyLlava
+
+    common = TinyLlava.shared_prefix_length
+    assert common([[1, 2, IMG, 5, 6], [1, 2, IMG, 5, 7, 8]], 10, [14, 15]) == 2 + 10 + 1
+    assert common([[1, 2, IMG, 5], [1, 3, IMG, 5]], 10, [13, 13]) == 1
+    assert common([[1, 2, IMG], [1, 2, IMG]], 10, [12, 12]) == 11  # identical prompts keep one position each
+    assert common([[1, 2, IMG, 5]], 10, [13]) == 0  # one question: nothing shared
+
+
 def test_workers_hand_over_resized_uint8_frames_the_tower_sees_normalized(data, tmp_path):
     from tlvr_cli.video.decode import read_video
     from tlvr_cli.video.preprocess import preprocess_frames

@@ -57,14 +57,14 @@ import torch.nn.functional as F
 from .attention import aligned, fp32_products
 from .layers import attn_in, attn_out, cascade_layer, compiled_cascade, compiled_decode, decode_layer, rms_norm
 from .sampling import SamplingParams, sample_keyed
-from .schedule import Completion, Finished, HostLoop, Prefill, Request, check_prompt, row_seed
+from .schedule import Completion, Finished, HostLoop, Prefill, Request, SharedPrefix, check_prompt, row_seed
 from .sizing import auto_max_batch
 from .steps import FULL_CACHE_SHARE, KV_LEN_BUCKET, SYNC_EVERY, CascadeShape, DecodeSteps
 from .tensor_parallel import TensorParallel
 from .weights import ModelWeights, WeightCopy, WeightSource, fuse_layer
 
 __all__ = ["COMPILE_DEVICES", "KV_LEN_BUCKET", "PREFILL_TOKENS", "SYNC_EVERY", "CascadeShape", "Completion", "Engine",
-           "Finished", "Request", "row_seed"]
+           "Finished", "Request", "SharedPrefix", "row_seed"]
 
 COMPILE_DEVICES = ("cuda",)  # where ``compile=True`` takes effect (elsewhere the engine runs eager)
 PREFILL_TOKENS = 16384  # padded prompt tokens per batched prefill forward
@@ -279,42 +279,139 @@ class Engine(DecodeSteps):
 
     # ---------------------------------------------------------------- prefill
 
-    def _prefill(self, embs: list[torch.Tensor]) -> list[Prefill]:
+    def _prefill(self, embs: list[torch.Tensor], prefixes: Sequence[SharedPrefix | None] | None = None
+                 ) -> list[Prefill]:
         """Causal forward over prompts (L_i, D), batched (right-padded) up to ``PREFILL_TOKENS`` padded
         tokens at a time; keeps each prompt's keys/values and its last position's logits. Padding
-        sits after every real token, so under the causal mask it changes nothing the prompt sees."""
+        sits after every real token, so under the causal mask it changes nothing the prompt sees.
+
+        ``prefixes`` (one per prompt, or None): prompts here that carry the same ``SharedPrefix`` have
+        its positions prefilled once (taken from the first of them) and then only their own rests,
+        each attending to the prefix's keys/values and to its own causally."""
+        prefixes = prefixes or [None] * len(embs)
+        groups: dict[int, list[int]] = {}
+        for i, prefix in enumerate(prefixes):
+            if prefix is not None:
+                groups.setdefault(id(prefix), []).append(i)
+        shared = [members for members in groups.values() if len(members) > 1]
+        in_shared = {i for members in shared for i in members}
+        alone = [i for i in range(len(embs)) if i not in in_shared]
+        # the prompts prefilled whole and the shared prefixes in one pass, then the rests after them
+        whole = self._batched(self._prefill_batch, [embs[i] for i in alone]
+                              + [embs[m[0]][:prefixes[m[0]].length] for m in shared])
+        out: list[Prefill | None] = [None] * len(embs)
+        for i, pre in zip(alone, whole):
+            out[i] = pre
+        if shared:
+            heads = whole[len(alone):]
+            rows = [(i, g) for g, members in enumerate(shared) for i in members]
+            rests = [(embs[i][prefixes[i].length:], heads[g]) for i, g in rows]
+            for (i, _), pre in zip(rows, self._batched(self._prefill_rests, rests)):
+                out[i] = pre
+        return out
+
+    @staticmethod
+    def _batched(run: Callable[[list], list[Prefill]], items: list) -> list[Prefill]:
+        """``run`` over consecutive batches of ``items`` (embeddings, or (embeddings, head) pairs) of at
+        most ``PREFILL_TOKENS`` padded positions each (a single longer item runs alone)."""
+        def length(item) -> int:
+            return (item[0] if isinstance(item, tuple) else item).shape[0]
+
         out: list[Prefill] = []
         start = 0
-        while start < len(embs):
+        while start < len(items):
             stop = start + 1
-            while stop < len(embs) and (stop + 1 - start) * aligned(max(e.shape[0] for e in embs[start:stop + 1])) \
+            while stop < len(items) and (stop + 1 - start) * aligned(max(map(length, items[start:stop + 1]))) \
                     <= PREFILL_TOKENS:
                 stop += 1
-            out += self._prefill_batch(embs[start:stop])
+            out += run(items[start:stop])
             start = stop
         return out
 
     def _prefill_batch(self, embs: list[torch.Tensor]) -> list[Prefill]:
+        x, lens = _right_padded(embs)
+        positions = torch.arange(x.shape[1], device=x.device)[None]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return _gqa_attention(q, k, v, is_causal=True)
+
+        return self._prefill_forward(x, lens, positions, attend, [None] * len(embs))
+
+    def _prefill_rests(self, items: list[tuple[torch.Tensor, Prefill]]) -> list[Prefill]:
+        """The rests (L_i, D) of prompts whose prefixes are already prefilled (``items``: (rest, the
+        prefix's prefill)), right-padded into one forward: rest position j sits at position P_i + j and
+        attends the P_i prefix keys and its own rest's keys up to j."""
+        x, lens = _right_padded([e for e, _ in items])
+        b, n, device = x.shape[0], x.shape[1], x.device
+        # the distinct prefixes' keys/values, padded to the longest, and which one each row attends
+        heads = list({id(h): h for _, h in items}.values())
+        which = torch.tensor([[id(h) for h in heads].index(id(h)) for _, h in items], device=device)
+        starts = torch.tensor([h.keys.shape[2] for _, h in items], device=device)
+        p = max(h.keys.shape[2] for h in heads)
+        head_k = heads[0].keys.new_zeros(self.n_layers, len(heads), self.n_kv_heads, p, self.head_dim)
+        head_v = torch.zeros_like(head_k)
+        for g, h in enumerate(heads):
+            head_k[:, g, :, :h.keys.shape[2]] = h.keys
+            head_v[:, g, :, :h.values.shape[2]] = h.values
+        # (B, 1, n, p + n): a row's own prefix's keys, then its rest's keys causally (padded queries see
+        # the prefix, so no row of the mask is empty)
+        sees_prefix = (torch.arange(p, device=device)[None] < starts[:, None])[:, None, :].expand(-1, n, -1)
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, -1, -1)
+        mask = torch.cat([sees_prefix, causal], dim=-1)[:, None]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k = torch.cat([head_k[layer].index_select(0, which), k], dim=2)
+            v = torch.cat([head_v[layer].index_select(0, which), v], dim=2)
+            return _gqa_attention(q, k, v, attn_mask=mask)
+
+        return self._prefill_forward(x, lens, starts[:, None] + torch.arange(n, device=device)[None], attend,
+                                     [h for _, h in items])
+
+    def _prefill_forward(self, x: torch.Tensor, lens: list[int], positions: torch.Tensor,
+                         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                         heads: list[Prefill | None]) -> list[Prefill]:
+        """The layers over right-padded prompts ``x`` (B, n, D) at ``positions`` ((1 or B, n)), attention
+        by ``attend(layer, q, k, v)`` (queries (B, heads, n, head_dim), keys/values of the kv heads);
+        keeps each prompt's keys/values (after ``heads[i]``'s, when given) and its last position's
+        logits."""
         model = self._lm.model
-        lens = [e.shape[0] for e in embs]
-        n = aligned(max(lens))  # a few shapes for cuDNN's attention plans (SHAPE_ALIGN); padding sees nothing
-        x = embs[0].new_zeros(len(embs), n, embs[0].shape[1])
-        for i, e in enumerate(embs):
-            x[i, :lens[i]] = e
-        cos, sin = model.rotary_emb(x, torch.arange(n, device=x.device)[None])
-        rep = self.n_heads // self.n_kv_heads
+        cos, sin = model.rotary_emb(x, positions)
         keys, values = [], []
-        for layer in model.layers:
+        for i, layer in enumerate(model.layers):
             q, k, v = attn_in(layer, x, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
             keys.append(k)
             values.append(v)
-            o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                               is_causal=True)
-            x = attn_out(layer, x, o.transpose(1, 2).reshape(len(embs), n, -1), group=self._group)
-        last = x[torch.arange(len(embs), device=x.device), torch.tensor(lens, device=x.device) - 1]
+            o = attend(i, q, k, v)
+            x = attn_out(layer, x, o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1), group=self._group)
+        last = x[torch.arange(x.shape[0], device=x.device), torch.tensor(lens, device=x.device) - 1]
         logits = self._lm.lm_head(rms_norm(model.norm, last)).float()
         keys, values = torch.stack(keys), torch.stack(values)  # (layers, B, kv_heads, n, head_dim)
-        return [Prefill(keys[:, i, :, :m], values[:, i, :, :m], logits[i:i + 1], 0) for i, m in enumerate(lens)]
+        out = []
+        for i, (m, head) in enumerate(zip(lens, heads)):
+            k, v = keys[:, i, :, :m], values[:, i, :, :m]
+            if head is not None:
+                k, v = torch.cat([head.keys, k], dim=2), torch.cat([head.values, v], dim=2)
+            out.append(Prefill(k, v, logits[i:i + 1], 0))
+        return out
+
+
+def _right_padded(embs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Embeddings (L_i, D) in one zero-padded (B, n, D) batch, n the longest rounded up to ``aligned``
+    (a few shapes for cuDNN's attention plans, SHAPE_ALIGN; padding after every real position sees
+    nothing a real one attends); and the lengths."""
+    lens = [e.shape[0] for e in embs]
+    x = embs[0].new_zeros(len(embs), aligned(max(lens)), embs[0].shape[1])
+    for i, e in enumerate(embs):
+        x[i, :lens[i]] = e
+    return x, lens
+
+
+def _gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """SDPA of queries (B, heads, n, D) over keys/values (B, kv_heads, m, D), repeated to the query heads."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 def _check_sync_every(sync_every: int) -> None:

@@ -30,14 +30,27 @@ class Completion:
     finished: bool
 
 
+@dataclass(eq=False)
+class SharedPrefix:
+    """The first ``length`` positions of several requests' prompts, equal in all of them (e.g. the
+    system prompt and a video's visual tokens, for each question about the video). The requests that
+    carry the same ``SharedPrefix`` object and are admitted together have it prefilled once, then each
+    only its own rest, attending to the prefix's keys/values: the same maths as prefilling each whole.
+    The engine trusts that the positions are equal; it does not compare them."""
+
+    length: int
+
+
 @dataclass
 class Request:
     """One prompt for ``Engine.generate_stream``: its embeddings (L, D) and one sampling key per
-    output row (``len(keys)`` completions share one prefill)."""
+    output row (``len(keys)`` completions share one prefill); ``prefix``: a leading part of the prompt
+    that other requests share (``SharedPrefix``), shorter than the prompt."""
 
     prompt: torch.Tensor
     keys: Sequence[int]  # row j samples with row_seed(seed, keys[j]): e.g. a stable hash of the item
     tag: Any = None  # returned with the completions (e.g. the question it answers)
+    prefix: SharedPrefix | None = None
 
 
 @dataclass
@@ -88,10 +101,11 @@ def check_prompt(i: int, p: torch.Tensor, max_new_tokens: int, max_seq_len: int)
 
 class HostLoop:
     """One ``generate_stream`` call on ``engine`` in blocks of ``width`` slots (``prefill``: the engine's
-    batched prefill of prompt embeddings): ``run`` yields the rows as they finish, ``empty`` when there
-    is nothing to generate."""
+    batched prefill of prompt embeddings, given their shared prefixes): ``run`` yields the rows as they
+    finish, ``empty`` when there is nothing to generate."""
 
-    def __init__(self, engine: DecodeSteps, prefill: Callable[[list[torch.Tensor]], list[Prefill]],
+    def __init__(self, engine: DecodeSteps,
+                 prefill: Callable[[list[torch.Tensor], list[SharedPrefix | None]], list[Prefill]],
                  source: Iterator[Request], params: SamplingParams, max_new_tokens: int,
                  eos_token_id: int | list[int] | None, seed: int, on_token: Callable[[int, int], None] | None,
                  ignore_eos: bool, sync_every: int, width: int) -> None:
@@ -117,6 +131,9 @@ class HostLoop:
             check_prompt(self.pulled, req.prompt, self.max_new, self.engine.max_seq_len)
             if not req.keys:
                 raise ValueError(f"request {self.pulled}: no keys, so no output rows")
+            if req.prefix is not None and not 0 < req.prefix.length < req.prompt.shape[0]:
+                raise ValueError(f"request {self.pulled}: a shared prefix of {req.prefix.length} positions in a "
+                                 f"prompt of {req.prompt.shape[0]} (it must be 1 .. {req.prompt.shape[0] - 1})")
             for j, key in enumerate(req.keys):
                 self.waiting.append(_Row(self.next_row, self.pulled, req, j, row_seed(self.seed, key)))
                 self.next_row += 1
@@ -211,7 +228,7 @@ class HostLoop:
             todo = list(dict.fromkeys(r.request_no for r in window if r.request_no not in self.prefills))
             firsts = {r.request_no: r.request for r in window}
             embs = [firsts[n].prompt.to(device=device, dtype=engine._k[0].dtype) for n in todo]
-            for n, pre in zip(todo, self.prefill(embs)):
+            for n, pre in zip(todo, self.prefill(embs, [firsts[n].prefix for n in todo])):
                 pre.rows_left = len(firsts[n].keys)
                 self.prefills[n] = pre
             # first tokens of the whole window in one draw; each prompt's keys/values copied into all

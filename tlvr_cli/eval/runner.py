@@ -27,7 +27,7 @@ import torch
 
 from ..config import to_yaml
 from ..data.template import build_prompt, tokenize_with_image
-from ..engine.generate import Engine, Request
+from ..engine.generate import Engine, Request, SharedPrefix
 from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..files import write_json_atomic, write_text_atomic
@@ -198,7 +198,7 @@ def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, 
                     write({"item_id": it.item_id, "task": it.task, "video": str(it.video), "video_key": it.video_key,
                            "gold": it.gold, "skipped": True, "error": error})
 
-            requests = _requests(model, decoded, skip)
+            requests = _requests(model, decoded, skip, cfg.share_prefix)
             for fin in engine.generate_stream(requests, params, max_new, tok.eos_token_id, seed=cfg.seed):
                 it, indices, ready = fin.request.tag
                 text = tok.decode(fin.completion.tokens, skip_special_tokens=True).strip()
@@ -221,11 +221,13 @@ def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, 
     return speed
 
 
-def _requests(model, decoded: Iterator[tuple[VideoJob, Decoded]], skip: Callable[[VideoJob, str], None]
-              ) -> Iterator[Request]:
+def _requests(model, decoded: Iterator[tuple[VideoJob, Decoded]], skip: Callable[[VideoJob, str], None],
+              share_prefix: bool = True) -> Iterator[Request]:
     """The engine's requests, produced as it asks for them: per decoded video, the tower and
     connector once (one video's frames in one batch, so its features do not depend on its neighbours),
-    then each question's prompt embedding. ``seconds`` in a row counts from here to its last token."""
+    then each question's prompt embedding; with ``share_prefix`` its questions' common leading part
+    (system prompt and visual tokens) as one ``SharedPrefix``, prefilled once for those admitted
+    together. ``seconds`` in a row counts from here to its last token."""
     tok = model.tokenizer
     device = model.device
     dtype = next(model.vision_tower.parameters()).dtype
@@ -240,6 +242,8 @@ def _requests(model, decoded: Iterator[tuple[VideoJob, Decoded]], skip: Callable
             visual = model.encode_videos(pixels[None])
             ids = [tokenize_with_image(tok, build_prompt(it.prompt)) for it in job.items]
             prompts = model.prompt_embeddings(ids, visual.expand(len(ids), -1, -1))
+        shared = model.shared_prefix_length(ids, visual.shape[1], [p.shape[0] for p in prompts]) if share_prefix else 0
+        prefix = SharedPrefix(shared) if shared else None
         ready = time.perf_counter()
         for it, prompt in zip(job.items, prompts):
-            yield Request(prompt, [item_row_key(it.item_id)], tag=(it, indices, ready))
+            yield Request(prompt, [item_row_key(it.item_id)], tag=(it, indices, ready), prefix=prefix)

@@ -116,6 +116,21 @@ class TinyLlava(nn.Module):
         batch = self.embed_inputs(input_ids, visual)
         return [batch.inputs_embeds[i, :n] for i, n in enumerate(batch.lengths)]
 
+    @staticmethod
+    def shared_prefix_length(input_ids: list[list[int]], visual_tokens: int, lengths: list[int]) -> int:
+        """How many leading positions the spliced prompts of ``input_ids`` (of ``lengths`` positions, as
+        ``prompt_embeddings`` gives them for one video's questions: the same ``visual_tokens`` in each)
+        have in common: the common leading tokens, an image token counting as the visual tokens it
+        stands for; at most the shortest prompt less one position (0 for fewer than two prompts)."""
+        if len(input_ids) < 2:
+            return 0
+        common = 0
+        for column in zip(*input_ids):
+            if any(t != column[0] for t in column):
+                break
+            common += visual_tokens if column[0] == IMAGE_TOKEN_INDEX else 1
+        return max(0, min(common, min(lengths) - 1))
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids: list[list[int]], labels: list[list[int]] | None = None,
