@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import Qwen2ForCausalLM
 
 from tlvr_cli.engine import sizing
 from tlvr_cli.engine.generate import Engine, Request, SharedPrefix
 from tlvr_cli.engine.sampling import SamplingParams
+from tlvr_cli.engine.schedule import HostLoop
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=1.0, top_k=40)
@@ -135,6 +137,16 @@ def test_a_shared_prefix_is_prefilled_once_with_the_same_keys_and_logits(lm):
         shared = engine._prefill(prompts, prefixes)
     # the heads once (both in one forward, with the unshared prompt), then only the rests
     assert sorted(sorted(c) for c in calls) == [[1, 2, 3, 4, 5], [4, 7, 9]]
+    heads = {}
+    with torch.no_grad():
+        calls.clear()
+        again = engine._prefill(prompts[3:], prefixes[3:], heads)  # prefix 1's two prompts, then one unshared
+        assert list(heads) == [prefixes[3]] and sorted(sorted(c) for c in calls) == [[2, 4], [4, 7]]
+        calls.clear()
+        reused = engine._prefill(prompts[3:4], prefixes[3:4], heads)  # a later call: the rest alone
+        assert calls == [[4]]
+    torch.testing.assert_close(reused[0].keys, again[0].keys)
+    torch.testing.assert_close(reused[0].logits, again[0].logits)
     for a, b in zip(whole, shared):
         assert a.keys.shape == b.keys.shape
         torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
@@ -163,3 +175,46 @@ def test_a_shared_prefix_must_leave_the_prompt_a_position(lm, prompts):
         with pytest.raises(ValueError, match=rf"request 1: a shared prefix of {bad} positions in a prompt of 5 "):
             list(engine.generate_stream([Request(prompts[1], [0]), Request(prompts[0], [1], prefix=SharedPrefix(bad))],
                                         GREEDY, 4, 299))
+
+
+def test_a_shared_prefix_is_kept_for_its_requests_admitted_later(lm, monkeypatch):
+    # one slot: each request is admitted alone, yet each prefix is prefilled only once
+    prompts, prefixes = _prefixed_prompts(lm)
+    positions = []
+    forward = Engine._prefill_forward
+    monkeypatch.setattr(Engine, "_prefill_forward",
+                        lambda self, x, lens, *a: positions.append(sum(lens)) or forward(self, x, lens, *a))
+    kept = []
+    admit = HostLoop.admit
+
+    def admit_and_look(self, device):
+        yield from admit(self, device)
+        kept.append([prefixes.index(p) for p in self.heads])
+
+    monkeypatch.setattr(HostLoop, "admit", admit_and_look)
+    requests = [Request(p, [i], tag=i, prefix=pre) for i, (p, pre) in enumerate(zip(prompts, prefixes))]
+    got = {f.request.tag: f.completion.tokens
+           for f in Engine(lm, max_batch=1, max_seq_len=64).generate_stream(requests, GREEDY, 6, 299)}
+    assert sum(positions) == 9 + 4 + sum(p.shape[0] for p in prompts) - 3 * 9 - 2 * 4
+    # a prefix is let go once the stream has moved past its requests
+    assert [k for i, k in enumerate(kept) if i == 0 or k != kept[i - 1]] == [[0], [3], []]
+    plain = Engine(lm, max_batch=1, max_seq_len=64).generate(prompts, GREEDY, 6, 299)
+    assert [got[i] for i in range(len(prompts))] == [o.tokens for o in plain]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_prefix_prefill_on_cuda(lm):
+    # the rests' masked attention in the memory-efficient kernel, the whole prompts' in flash (bf16)
+    prompts, prefixes = _prefixed_prompts(lm)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        gpu = Qwen2ForCausalLM(lm.config).to("cuda", dtype).eval()
+        gpu.load_state_dict(lm.state_dict())
+        engine = Engine(gpu, max_batch=8, max_seq_len=64)
+        engine.prepare()
+        embeds = [p.to("cuda", dtype) for p in prompts]
+        with torch.no_grad():
+            whole, shared = engine._prefill(embeds), engine._prefill(embeds, prefixes)
+        for a, b in zip(whole, shared):
+            torch.testing.assert_close(b.keys.float(), a.keys.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(b.logits, a.logits, rtol=tol, atol=tol * 10)

@@ -288,35 +288,37 @@ class Engine(DecodeSteps):
 
     # ---------------------------------------------------------------- prefill
 
-    def _prefill(self, embs: list[torch.Tensor], prefixes: Sequence[SharedPrefix | None] | None = None
-                 ) -> list[Prefill]:
+    def _prefill(self, embs: list[torch.Tensor], prefixes: Sequence[SharedPrefix | None] | None = None,
+                 heads: dict[SharedPrefix, Prefill] | None = None) -> list[Prefill]:
         """Causal forward over prompts (L_i, D), batched (right-padded) up to ``PREFILL_TOKENS`` padded
         tokens at a time; keeps each prompt's keys/values and its last position's logits. Padding
         sits after every real token, so under the causal mask it changes nothing the prompt sees.
 
-        ``prefixes`` (one per prompt, or None): prompts here that carry the same ``SharedPrefix`` have
-        its positions prefilled once (taken from the first of them) and then only their own rests,
-        each attending to the prefix's keys/values and to its own causally."""
+        ``prefixes`` (one per prompt, or None): each ``SharedPrefix`` is prefilled once, from the first
+        prompt that carries it, unless ``heads`` already holds its prefill (new ones are added there,
+        so later calls reuse them); its prompts then prefill only their own rests, each attending to
+        the prefix's keys/values and to itself causally."""
         prefixes = prefixes or [None] * len(embs)
-        groups: dict[int, list[int]] = {}
+        heads = {} if heads is None else heads
+        shared: dict[SharedPrefix, list[int]] = {}
         for i, prefix in enumerate(prefixes):
             if prefix is not None:
-                groups.setdefault(id(prefix), []).append(i)
-        shared = [members for members in groups.values() if len(members) > 1]
-        in_shared = {i for members in shared for i in members}
-        alone = [i for i in range(len(embs)) if i not in in_shared]
-        # the prompts prefilled whole and the shared prefixes in one pass, then the rests after them
+                shared.setdefault(prefix, []).append(i)
+        alone = [i for i in range(len(embs)) if prefixes[i] is None]
+        new = [prefix for prefix in shared if prefix not in heads]
+        # the prompts prefilled whole and the new prefixes in one pass, then the rests after them
         whole = self._batched(self._prefill_batch, [embs[i] for i in alone]
-                              + [embs[m[0]][:prefixes[m[0]].length] for m in shared])
+                              + [embs[shared[prefix][0]][:prefix.length] for prefix in new])
+        # a prefix's keys/values copied out of its batch's: a kept prefix holds only its own memory
+        heads.update((prefix, Prefill(pre.keys.clone(), pre.values.clone(), pre.logits, 0))
+                     for prefix, pre in zip(new, whole[len(alone):]))
         out: list[Prefill | None] = [None] * len(embs)
         for i, pre in zip(alone, whole):
             out[i] = pre
-        if shared:
-            heads = whole[len(alone):]
-            rows = [(i, g) for g, members in enumerate(shared) for i in members]
-            rests = [(embs[i][prefixes[i].length:], heads[g]) for i, g in rows]
-            for (i, _), pre in zip(rows, self._batched(self._prefill_rests, rests)):
-                out[i] = pre
+        rows = [i for members in shared.values() for i in members]
+        rests = [(embs[i][prefixes[i].length:], heads[prefixes[i]]) for i in rows]
+        for i, pre in zip(rows, self._batched(self._prefill_rests, rests)):
+            out[i] = pre
         return out
 
     @staticmethod

@@ -34,9 +34,10 @@ class Completion:
 class SharedPrefix:
     """The first ``length`` positions of several requests' prompts, equal in all of them (e.g. the
     system prompt and a video's visual tokens, for each question about the video). The requests that
-    carry the same ``SharedPrefix`` object and are admitted together have it prefilled once, then each
-    only its own rest, attending to the prefix's keys/values: the same maths as prefilling each whole.
-    The engine trusts that the positions are equal; it does not compare them."""
+    carry the same ``SharedPrefix`` object have it prefilled once, then each only its own rest,
+    attending to the prefix's keys/values: the same maths as prefilling each whole. The prefix's
+    prefill is kept while its requests may still come (they should follow one another in the stream);
+    the engine trusts that the positions are equal, it does not compare them."""
 
     length: int
 
@@ -105,7 +106,8 @@ class HostLoop:
     finish, ``empty`` when there is nothing to generate."""
 
     def __init__(self, engine: DecodeSteps,
-                 prefill: Callable[[list[torch.Tensor], list[SharedPrefix | None]], list[Prefill]],
+                 prefill: Callable[[list[torch.Tensor], list[SharedPrefix | None], dict[SharedPrefix, Prefill]],
+                                   list[Prefill]],
                  source: Iterator[Request], params: SamplingParams, max_new_tokens: int,
                  eos_token_id: int | list[int] | None, seed: int, on_token: Callable[[int, int], None] | None,
                  ignore_eos: bool, sync_every: int, width: int) -> None:
@@ -121,6 +123,10 @@ class HostLoop:
         self.slot_pos = [0] * len(self.slot_row)  # position of the slot's next input token
         self.block_len = [0] * self.blocks  # prompt length of the rows in each block
         self.prefills: dict[int, Prefill] = {}  # by request number, until all the request's rows are placed
+        # shared prefixes' prefills, kept while a request that may still come can use them: the last
+        # pulled request's prefix (its video's next question may follow) and those of waiting rows
+        self.heads: dict[SharedPrefix, Prefill] = {}
+        self.last_prefix: SharedPrefix | None = None
 
     def pull(self, want: int) -> None:
         """Take requests from the source until ``want`` rows wait for a slot or the source ends."""
@@ -138,6 +144,7 @@ class HostLoop:
                 self.waiting.append(_Row(self.next_row, self.pulled, req, j, row_seed(self.seed, key)))
                 self.next_row += 1
             self.pulled += 1
+            self.last_prefix = req.prefix
 
     def emit(self, row: _Row, token: int) -> bool:
         """Record one token; True when the row is done."""
@@ -228,7 +235,7 @@ class HostLoop:
             todo = list(dict.fromkeys(r.request_no for r in window if r.request_no not in self.prefills))
             firsts = {r.request_no: r.request for r in window}
             embs = [firsts[n].prompt.to(device=device, dtype=engine._k[0].dtype) for n in todo]
-            for n, pre in zip(todo, self.prefill(embs, [firsts[n].prefix for n in todo])):
+            for n, pre in zip(todo, self.prefill(embs, [firsts[n].prefix for n in todo], self.heads)):
                 pre.rows_left = len(firsts[n].keys)
                 self.prefills[n] = pre
             # first tokens of the whole window in one draw; each prompt's keys/values copied into all
@@ -280,4 +287,6 @@ class HostLoop:
                 pre.rows_left -= 1
                 if pre.rows_left == 0:
                     del self.prefills[row.request_no]
+            keep = {self.last_prefix, *(r.request.prefix for r in self.waiting)}
+            self.heads = {prefix: pre for prefix, pre in self.heads.items() if prefix in keep}
             yield from (Finished(r.request, r.sample, r.row, r.completion) for r in finished)
