@@ -450,8 +450,8 @@ class EvalConfig:
     share_features: bool = option(True, "Decode each (video, frame spec) and run the tower once for all its questions "
                                   "(Video-MME asks 3 per video); false: once per question, as the reference.")
     share_prefix: bool = option(True, "Prefill the prompt part a video's questions share (system prompt and visual "
-                                "tokens) once for those decoded together, then each question's own rest; false: "
-                                "each prompt whole. Same maths, bf16 rounding aside.")
+                                "tokens) once, then each question's own rest; false: each prompt whole. Same "
+                                "maths, bf16 rounding aside.")
     limit: int = option(0, "Evaluate only the first N items (0: all).", ge=0)
     seed: int = option(0, "Seed for sampling and the random fallback.", ge=0)
     bootstrap: int = option(1000, "Bootstrap resamples for the 95% confidence intervals.", ge=0)

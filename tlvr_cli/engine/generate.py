@@ -10,6 +10,11 @@ split across processes. ``generate_stream`` pulls requests lazily, only when a s
 each row as it finishes, so a caller can keep the engine full over a whole benchmark while producing
 prompts on the way; ``generate`` is that stream over a list.
 
+Shared prefixes: requests that carry one ``SharedPrefix`` (their first positions equal, e.g. a video's
+questions after its visual tokens) have those positions prefilled once and then only their own rests,
+which attend to the prefix's keys/values; the prefix's prefill is kept while more of its requests may
+follow in the stream. Each row's slot still receives its whole prompt's keys/values.
+
 Shared prompts (cascade attention): with ``num_samples`` G > 1 (GRPO's completions per prompt) and
 ``cascade=True``, a prompt's G rows decode in a block of G consecutive slots (``max_batch // G`` blocks;
 with ``max_batch < G`` one block of all slots that the prompt's rows fill in turns) that holds its
@@ -410,8 +415,8 @@ class Engine(DecodeSteps):
 
 def _right_padded(embs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     """Embeddings (L_i, D) in one zero-padded (B, n, D) batch, n the longest rounded up to ``aligned``
-    (a few shapes for cuDNN's attention plans, SHAPE_ALIGN; padding after every real position sees
-    nothing a real one attends); and the lengths."""
+    (few distinct shapes, SHAPE_ALIGN; padding after every real position sees nothing a real one
+    attends); and the lengths."""
     lens = [e.shape[0] for e in embs]
     x = embs[0].new_zeros(len(embs), aligned(max(lens)), embs[0].shape[1])
     for i, e in enumerate(embs):

@@ -5,8 +5,9 @@ engine (kept full over the whole benchmark), append each answer to ``answers.jso
 Resume reuses only rows written under the same resume key (``resume.py``: model and weights,
 benchmark, split, protocol, mode, frames, dtype, max tokens, and the seed when sampling); a torn
 last line is cut before appending. Questions about the same video share its frames and tower
-features (``share_features``); each question's tokens are sampled with a key hashed from its id, so
-its answer does not depend on the batch size, the resume point or the number of processes.
+features (``share_features``) and the prefill of their common prompt part (``share_prefix``); each
+question's tokens are sampled with a key hashed from its id, so its answer does not depend on the
+batch size, the resume point or the number of processes.
 
 Protocols (spec §6): ``greedy`` decodes greedily and counts unparseable answers as wrong; ``paper``
 samples at T 1.0 / top-k 50 as the authors did and picks a random option when parsing fails, with a
@@ -226,8 +227,8 @@ def _requests(model, decoded: Iterator[tuple[VideoJob, Decoded]], skip: Callable
     """The engine's requests, produced as it asks for them: per decoded video, the tower and
     connector once (one video's frames in one batch, so its features do not depend on its neighbours),
     then each question's prompt embedding; with ``share_prefix`` its questions' common leading part
-    (system prompt and visual tokens) as one ``SharedPrefix``, prefilled once for those admitted
-    together. ``seconds`` in a row counts from here to its last token."""
+    (system prompt and visual tokens) as one ``SharedPrefix``, which the engine prefills once.
+    ``seconds`` in a row counts from here to its last token."""
     tok = model.tokenizer
     device = model.device
     dtype = next(model.vision_tower.parameters()).dtype
