@@ -130,33 +130,34 @@ def test_a_shared_prefix_is_prefilled_once_with_the_same_keys_and_logits(lm):
     engine.prepare()
     calls = []
     forward = engine._prefill_forward
-    engine._prefill_forward = lambda x, lens, *a: calls.append(list(lens)) or forward(x, lens, *a)
+    engine._prefill_forward = lambda x, lens, *a: calls.append(sorted(lens)) or forward(x, lens, *a)
     with torch.no_grad():
-        whole = Engine._prefill(engine, prompts)
+        whole = engine._prefill(prompts)
         calls.clear()
         shared = engine._prefill(prompts, prefixes)
     # the heads once (both in one forward, with the unshared prompt), then only the rests
-    assert sorted(sorted(c) for c in calls) == [[1, 2, 3, 4, 5], [4, 7, 9]]
-    heads = {}
-    with torch.no_grad():
-        calls.clear()
-        again = engine._prefill(prompts[3:], prefixes[3:], heads)  # prefix 1's two prompts, then one unshared
-        assert list(heads) == [prefixes[3]] and sorted(sorted(c) for c in calls) == [[2, 4], [4, 7]]
-        calls.clear()
-        reused = engine._prefill(prompts[3:4], prefixes[3:4], heads)  # a later call: the rest alone
-        assert calls == [[4]]
-    torch.testing.assert_close(reused[0].keys, again[0].keys)
-    torch.testing.assert_close(reused[0].logits, again[0].logits)
+    assert sorted(calls) == [[1, 2, 3, 4, 5], [4, 7, 9]]
     for a, b in zip(whole, shared):
         assert a.keys.shape == b.keys.shape
         torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    # a prefix's prefill handed back in ``heads`` serves a later call: only the rest is prefilled
+    heads = {}
+    with torch.no_grad():
+        calls.clear()
+        engine._prefill(prompts[3:], prefixes[3:], heads)  # prefix 1's two prompts, then the unshared one
+        assert list(heads) == [prefixes[3]] and sorted(calls) == [[2, 4], [4, 7]]
+        calls.clear()
+        (later,) = engine._prefill(prompts[3:4], prefixes[3:4], heads)
+    assert calls == [[4]]
+    torch.testing.assert_close(later.keys, whole[3].keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(later.logits, whole[3].logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("params,max_batch", [(GREEDY, 8), (SAMPLED, 8), (GREEDY, 2)])
 def test_requests_sharing_a_prefix_draw_what_they_draw_alone(lm, params, max_batch):
-    # max_batch 2: a prefix's requests are admitted in different windows, each prefilling it again
+    # max_batch 2: a prefix's requests are admitted in different windows (its kept prefill reused)
     prompts, prefixes = _prefixed_prompts(lm)
 
     def tokens(with_prefixes: bool) -> dict[int, list[int]]:
