@@ -64,6 +64,13 @@ def test_another_model_into_the_same_dir_is_refused(data, tmp_path, capsys):
            "weights: " in err
     assert len(err.strip().splitlines()) == 1
     assert {name: (out / name).read_bytes() for name in kept} == kept  # nothing rewritten, config.yaml included
+    # the other way round: the checkpoint's weights are being read ahead when its run is refused
+    argv = [str(tmp_path / "eval-tiny") if a == str(out) else a for a in argv]
+    main([*argv, "--model", "tiny"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--model", str(data / "coldstart" / "final")])
+    assert exit_.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_default_dirs_are_per_model_and_settings(data, tmp_path, monkeypatch):
@@ -284,6 +291,21 @@ def test_videos_decode_while_the_model_loads_and_is_fingerprinted(data, tmp_path
     report = run_eval(config(data, tmp_path / "out", data / "coldstart" / "final", decode_workers=2),
                       show_progress=False)
     assert report.n == 12 and len(list(marks.iterdir())) == 4  # once per video
+
+
+def test_the_weights_are_read_while_the_checkpoint_is_fingerprinted(data, tmp_path, monkeypatch):
+    calls = []
+    read, prepare, load = runner.read_weights_ahead, runner.prepare_output, runner.load_model
+    monkeypatch.setattr(runner, "read_weights_ahead", lambda spec: calls.append("read") or read(spec))
+    monkeypatch.setattr(runner, "prepare_output", lambda *a: calls.append("fingerprint") or prepare(*a))
+    monkeypatch.setattr(runner, "load_model", lambda spec, weights: calls.append(type(weights).__name__)
+                        or load(spec, weights=weights))
+    cfg = config(data, tmp_path / "out", data / "coldstart" / "final")
+    assert run_eval(cfg, show_progress=False).n == 12
+    assert calls == ["read", "fingerprint", "PendingWeights"]
+    calls.clear()
+    run_eval(cfg, show_progress=False)  # nothing left to answer: nothing read, nothing loaded
+    assert calls == ["fingerprint"]
 
 
 class _marking_decode:

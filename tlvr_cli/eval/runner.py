@@ -33,7 +33,7 @@ from ..engine.sampling import SamplingParams
 from ..errors import TlvrError
 from ..files import write_json_atomic, write_text_atomic
 from ..jobs import EvalConfig
-from ..model.checkpoint import frame_size, load_model
+from ..model.checkpoint import frame_size, load_model, read_weights_ahead
 from ..progress import JobProgress
 from ..runtime import host_to_device, resolve_root
 from ..video.preprocess import normalize_frames
@@ -116,10 +116,12 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
 
     # the workers start, and decode the first videos, while the checkpoint is fingerprinted (a new
     # checkpoint is read whole: seconds) and while the model loads; none for a finished run (rescoring),
-    # whose videos then decode in this process should overwrite_stale clear its answers
+    # whose videos then decode in this process should overwrite_stale clear its answers. The weights
+    # are read onto the device meanwhile too (a thread; dropped should the resume check refuse)
     with DecodePool(usable_workers(cfg.decode_workers) if todo else 0) as pool:
         decoded = decode_ahead(pool, todo)
         try:
+            weights = read_weights_ahead(cfg.model) if todo and model is None else None
             if not prepared:
                 prepare_output(cfg, model)  # may clear answers of another model (overwrite_stale)
             truncate_torn_tail(answers_path)  # a run killed mid-write: the next row must start on its own line
@@ -129,7 +131,7 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
             if todo:
                 t = time.perf_counter()
                 if model is None:
-                    model = load_model(cfg.model)
+                    model = load_model(cfg.model, weights=weights)
                 model.eval()
                 load_s = time.perf_counter() - t
                 speed = _generate_answers(cfg, model, decoded, answers_path, len(mine) - len(todo), len(mine),
