@@ -149,7 +149,11 @@ def test_each_run_records_its_speed_beside_the_answers(data, tmp_path, capsys):
     assert speed["engine_max_batch"] == 3 and speed["device"] == "cpu"
     assert 0 < speed["first_answer_s"] <= speed["generate_s"] < speed["wall_s"] and speed["load_s"] >= 0
     assert speed["tokens_per_s"] == pytest.approx(speed["generated_tokens"] / speed["generate_s"], rel=0.01)
-    assert "5 questions in" in capsys.readouterr().err
+    # 5 questions on 2 videos: each video's shared prompt part prefilled once, as the line says
+    assert 0 < speed["prefilled_positions"] < speed["prompt_positions"]
+    err = capsys.readouterr().err
+    assert "5 questions in" in err
+    assert f"prefilled {speed['prefilled_positions']:,} of {speed['prompt_positions']:,} prompt positions" in err
     # a resumed run records its own part; a run with nothing left to answer leaves the record as it was
     run_eval(config(data, out), show_progress=False)
     speed = json.loads((out / "speed.json").read_text())
@@ -222,6 +226,9 @@ def test_prefix_sharing_changes_nothing_but_the_work(data, tmp_path, monkeypatch
         results.append((sum(positions), answers(out), json.loads((out / "results.json").read_text())))
     (shared, rows_shared, res_shared), (whole, rows_whole, res_whole) = results
     assert rows_shared == rows_whole and res_shared == res_whole
+    speeds = [json.loads((tmp_path / f"prefix-{share}" / "speed.json").read_text()) for share in (True, False)]
+    assert [s["prefilled_positions"] for s in speeds] == [shared, whole]  # the record says what was computed
+    assert speeds[0]["prompt_positions"] == speeds[1]["prompt_positions"] == whole
     assert len({r["output"] for r in rows_whole.values()}) > 6  # sampled answers differ by item: not vacuous
     # 4 videos x 3 questions: each video's system prompt and visual tokens prefilled once, not 3 times
     assert whole - shared > 4 * 2 * model.config.num_queries

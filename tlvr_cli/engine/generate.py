@@ -159,6 +159,9 @@ class Engine(DecodeSteps):
         self._new_max: torch.Tensor | None = None
         self._hist: torch.Tensor | None = None
         self._col: torch.Tensor | None = None
+        # prompt positions admitted, and those the prefill computed (fewer where prefixes are shared),
+        # over the engine's life
+        self.prompt_positions = self.prefilled_positions = 0
 
     # ---------------------------------------------------------------- public API
 
@@ -303,6 +306,7 @@ class Engine(DecodeSteps):
         prompt that carries it, unless ``heads`` already holds its prefill (new ones are added there,
         so later calls reuse them); its prompts then prefill only their own rests, each attending to
         the prefix's keys/values and to itself causally."""
+        self.prompt_positions += sum(e.shape[0] for e in embs)
         prefixes = prefixes or [None] * len(embs)
         heads = {} if heads is None else heads
         shared: dict[SharedPrefix, list[int]] = {}
@@ -392,6 +396,7 @@ class Engine(DecodeSteps):
         by ``attend(layer, q, k, v)`` (queries (B, heads, n, head_dim), keys/values of the kv heads);
         keeps each prompt's keys/values (after ``heads[i]``'s, when given) and its last position's
         logits."""
+        self.prefilled_positions += sum(lens)
         model = self._lm.model
         cos, sin = model.rotary_emb(x, positions)
         keys, values = [], []

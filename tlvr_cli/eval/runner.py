@@ -217,10 +217,13 @@ def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, 
     speed = {"questions": done, "skipped": counts["skipped"], "generated_tokens": counts["tokens"],
              "generate_s": round(seconds, 3), "first_answer_s": round(first or seconds, 3),
              "tokens_per_s": round(counts["tokens"] / seconds, 1), "questions_per_s": round(done / seconds, 2),
+             "prompt_positions": engine.prompt_positions, "prefilled_positions": engine.prefilled_positions,
              "engine_max_batch": engine.max_batch, "device": str(model.device)}
     if show_progress:
+        shared = (f"; prefilled {engine.prefilled_positions:,} of {engine.prompt_positions:,} prompt positions"
+                  if engine.prefilled_positions < engine.prompt_positions else "")
         progress.note(f"{done} questions in {seconds:.1f} s: {speed['tokens_per_s']:,.0f} generated tok/s, "
-                      f"{speed['questions_per_s']:.2f} questions/s (engine of {engine.max_batch} rows)")
+                      f"{speed['questions_per_s']:.2f} questions/s (engine of {engine.max_batch} rows{shared})")
     return speed
 
 
