@@ -159,7 +159,7 @@ def time_rollout(model, cfg, requests: list, device: torch.device) -> dict:
     return {"wall": wall, "first_wall": first, "tokens": sum(len(o.tokens) for o in outs), "items": len(prompts),
             "max_batch": engine.max_batch, "shared_wall": shared_wall,
             "shared_tokens": sum(len(f.completion.tokens) for f in shared),
-            "shared_prefixes": len({id(r.prefix) for r in requests if r.prefix is not None})}
+            "shared_prefixes": len({r.prefix for r in requests if r.prefix is not None})}
 
 
 def time_reference(ckpt: Path, cfg, items, args, device: torch.device, mean_tokens: float) -> dict:
