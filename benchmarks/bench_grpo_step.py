@@ -21,9 +21,11 @@ it); running out of memory under the cap is caught and reported. The last line i
 ``RESULT {json}`` with ``completed``, s/step, the parts and the peaks; the exit status is 3 after an OOM.
 
 ``--lengths uniform:A-B`` ends each completion on eos at a length drawn (seeded, per row) from A..B,
-R1's answers being 100-400 tokens rather than 512: the rollouts are still decoded for
-``max_new_tokens`` steps (about what the longest of 64 drawn rows costs) and cut there, so the
-training step sees exactly the drawn lengths. ``--compare-training`` then times, on the last step's
+R1's answers being 100-400 tokens rather than 512: each row stops at its length as on a real eos (the
+rollout lasts as long as its longest row, and the rows that finished early cost the steps after it
+less), so the training step sees exactly the drawn lengths; after the timed steps the last rollout is
+timed again beside the same rows decoded for ``max_new_tokens`` steps and cut afterwards (what this
+benchmark timed before the engine took per-row budgets). ``--compare-training`` then times, on the last step's
 rollouts, the reference log-probs and the policy log-probs + backward under each layout (padded
 rows, shared prompt, shared prompt + packing) and prints their times, ratios and peak memory.
 """
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tlvr_cli.config import load_config
 from tlvr_cli.data.records import GRPORow
-from tlvr_cli.engine.generate import Engine
+from tlvr_cli.engine.generate import Completion, Engine, Request
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.jobs import GRPOConfig
 from tlvr_cli.model.config import TinyLlavaConfig
@@ -142,23 +144,58 @@ def parse_lengths(spec: str, new_tokens: int) -> tuple[int, int] | None:
 
 
 class DrawnLengths:
-    """The rollout engine with eos forced at drawn lengths: row ``key`` keeps the first L - 1 of its sampled
-    tokens and then eos, L drawn from ``span`` by a generator seeded with (rollout seed, key), so every
-    layout and rerun sees the same lengths. Keeps the last rollout for ``compare_training``."""
+    """The rollout engine with eos forced at drawn lengths: row ``key`` ends on eos at length L, L drawn from
+    ``span`` by a generator seeded with (rollout seed, key), so every layout and rerun sees the same lengths.
+    Each row stops at its L as it would on a real eos (a budget per row, ``Request.max_new_tokens``; each
+    prompt prefilled once for its G rows, as ``Engine.generate`` does), and its last token becomes eos.
+    ``stop=False``: every row decodes ``max_new_tokens`` and is cut afterwards (what this benchmark did
+    before; ``compare_stops`` times the two). Keeps the last rollout for ``compare_training``."""
 
     def __init__(self, engine: Engine, span: tuple[int, int] | None) -> None:
-        self.engine, self.span, self.last = engine, span, []
+        self.engine, self.span, self.last, self.last_call = engine, span, [], None
 
-    def generate(self, prompts, params, max_new_tokens, eos_token_id, *, seed: int = 0, row_keys=None, **kwargs):
-        outs = self.engine.generate(prompts, params, max_new_tokens, eos_token_id, seed=seed, row_keys=row_keys,
-                                    **kwargs)
-        if self.span is not None:
-            eos = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
-            for o, key in zip(outs, row_keys if row_keys is not None else range(len(outs))):
-                n = random.Random(f"{seed}:{key}").randint(*self.span)
-                o.tokens, o.finished = o.tokens[:n - 1] + [eos], True
+    def generate(self, prompts, params, max_new_tokens, eos_token_id, *, seed: int = 0, row_keys=None,
+                 num_samples: int = 1, stop: bool = True, **kwargs):
+        self.last_call = (prompts, params, max_new_tokens, eos_token_id, seed, row_keys, num_samples, kwargs)
+        if self.span is None:
+            outs = self.engine.generate(prompts, params, max_new_tokens, eos_token_id, seed=seed, row_keys=row_keys,
+                                        num_samples=num_samples, **kwargs)
+            self.last = outs
+            return outs
+        keys = list(row_keys) if row_keys is not None else list(range(len(prompts) * num_samples))
+        lengths = [random.Random(f"{seed}:{key}").randint(*self.span) for key in keys]
+        if stop:
+            rows = [range(i * num_samples, (i + 1) * num_samples) for i in range(len(prompts))]
+            requests = [Request(p, [keys[r] for r in rs], max_new_tokens=[lengths[r] for r in rs])
+                        for p, rs in zip(prompts, rows)]
+            outs = [Completion([], False) for _ in keys]
+            for done in self.engine.generate_stream(requests, params, max_new_tokens, eos_token_id, seed=seed,
+                                                    **kwargs):
+                outs[done.row] = done.completion
+        else:
+            outs = self.engine.generate(prompts, params, max_new_tokens, eos_token_id, seed=seed, row_keys=keys,
+                                        num_samples=num_samples, **kwargs)
+        eos = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
+        for o, n in zip(outs, lengths):
+            o.tokens, o.finished = o.tokens[:n - 1] + [eos], True
         self.last = outs
         return outs
+
+    def compare_stops(self, sync, repeats: int = 2) -> dict[str, float]:
+        """The last rollout again, rows stopped at their drawn lengths and decoded to the end and cut, in
+        turns: the fastest seconds of each."""
+        prompts, params, max_new, eos, seed, keys, samples, kwargs = self.last_call
+        best = {True: float("inf"), False: float("inf")}
+        with torch.no_grad():
+            for _ in range(repeats):
+                for stop in best:
+                    sync()
+                    t = time.perf_counter()
+                    self.generate(prompts, params, max_new, eos, seed=seed, row_keys=keys, num_samples=samples,
+                                  stop=stop, **kwargs)
+                    sync()
+                    best[stop] = min(best[stop], time.perf_counter() - t)
+        return {"stopped_s": best[True], "cut_s": best[False]}
 
 
 def compare_training(cfg: GRPOConfig, model, ref, par: Parallel, batch: PromptBatch, rollouts: list, repeats: int,
@@ -336,6 +373,13 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
     if ctx.is_main:  # the steps' numbers first, whatever the comparison below does
         print(f"timed steps: {step_s:.2f} s/step " + ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in parts.items()),
               flush=True)
+    if rollouts.span is not None:
+        phase.name = "rollout stops"
+        out["rollout_stops"] = stops = rollouts.compare_stops(sync)
+        if ctx.is_main:
+            print(f"the last rollout again, rows stopped at their drawn lengths {stops['stopped_s']:.2f} s; decoded "
+                  f"to {new_tokens} and cut {stops['cut_s']:.2f} s ({stops['cut_s'] / stops['stopped_s']:.2f}x)",
+                  flush=True)
     if args.profile:
         phase.name = "profiled step"
         out["profile"] = profile_step(lambda: grpo_step(batch, args.steps + 1), args.profile, sync, ctx.is_main)

@@ -86,6 +86,56 @@ def test_stream_errors_and_empty_budget(lm, prompts):
     assert fresh._k == []  # nothing to generate: no cache allocated
 
 
+@pytest.mark.parametrize("params,max_batch", [(GREEDY, 8), (SAMPLED, 3)])
+def test_a_request_budget_stops_its_rows_early(lm, prompts, params, max_batch, monkeypatch):
+    # each row's tokens are the first of what it draws under the call's budget, cut at its own (max_batch 3:
+    # slots freed early are refilled, so a reset slot's next row must start clean)
+    budgets = [None, 3, 1, 12, 7, 5, 2]  # None: the call's 9; 12 is capped at it
+    full = {f.request.tag: f.completion.tokens for f in Engine(lm, max_batch=8, max_seq_len=64).generate_stream(
+        [Request(p, [60 + i], tag=i) for i, p in enumerate(prompts)], params, 9, None, seed=2)}
+    engine = Engine(lm, max_batch=max_batch, max_seq_len=64)
+    idle_slots = []
+    idle = HostLoop.idle
+
+    def idle_and_look(self, slots):
+        idle(self, slots)
+        idle_slots.append((slots, self.engine._state[1, slots].tolist(), self.engine._state[3, slots].tolist()))
+
+    monkeypatch.setattr(HostLoop, "idle", idle_and_look)
+    got = {f.request.tag: f.completion for f in engine.generate_stream(
+        [Request(p, [60 + i], tag=i, max_new_tokens=b) for i, (p, b) in enumerate(zip(prompts, budgets))],
+        params, 9, None, seed=2)}
+    for i, b in enumerate(budgets):
+        n = min(b or 9, 9)
+        assert got[i].tokens == full[i][:n] and not got[i].finished
+    # slots left free by a finished row decode on from position 0 (one key read) until refilled
+    assert any(slots for slots, _, _ in idle_slots)
+    assert all(set(pos) <= {0} and set(new) <= {0} for _, pos, new in idle_slots)
+
+
+def test_budgets_per_key_match_budgets_per_request(lm, prompts):
+    budgets = [[4, 1, 6], [2, 9, 3]]
+    engine = Engine(lm, max_batch=4, max_seq_len=64)
+
+    def tokens(requests) -> dict[int, list[int]]:
+        return {f.request.keys[f.sample]: f.completion.tokens
+                for f in engine.generate_stream(requests, SAMPLED, 8, None, seed=1)}
+
+    per_key = tokens(Request(prompts[i], [10 * i + j for j in range(3)], max_new_tokens=b)
+                     for i, b in enumerate(budgets))
+    per_row = tokens(Request(prompts[i], [10 * i + j], max_new_tokens=n)
+                     for i, b in enumerate(budgets) for j, n in enumerate(b))
+    assert per_key == per_row and [len(per_key[10 * i + j]) for i in range(2) for j in range(3)] == [4, 1, 6, 2, 8, 3]
+
+
+@pytest.mark.parametrize("bad", [0, [3, 0], [3]])
+def test_a_request_budget_must_be_positive_and_one_per_key(lm, prompts, bad):
+    engine = Engine(lm, max_batch=2, max_seq_len=64)
+    with pytest.raises(ValueError, match=r"request 1: max_new_tokens=.* for 2 key\(s\) \(one budget >= 1"):
+        list(engine.generate_stream([Request(prompts[0], [0]), Request(prompts[1], [1, 2], max_new_tokens=bad)],
+                                    GREEDY, 4, 299))
+
+
 def test_auto_max_batch_from_free_memory(lm):
     per_row = sizing.kv_cache_bytes_per_row(lm, 100)
     # 2 layers x 2 kv heads x 16 head dims x 100 positions, keys and values, fp32; plus the logits row

@@ -61,3 +61,31 @@ def test_profile_lists_the_step_s_most_expensive_operations(bench, capsys):
     assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
     assert sum(t["share"] for t in top) <= 1 + 1e-9
     assert "profiled step:" in capsys.readouterr().out
+
+
+def test_drawn_lengths_stop_each_row_where_its_cut_would_leave_it(bench):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tlvr_cli.engine.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
+    prompts = [torch.randn(n, 64) for n in (9, 6, 12)]
+    rollouts = bench.DrawnLengths(bench.Engine(lm, max_batch=4, max_seq_len=64), (1, 10))
+    params = SamplingParams(temperature=1.0, top_k=50)
+    args = (prompts, params, 10, 7)
+    kw = dict(seed=5, row_keys=[100 + r for r in range(6)], num_samples=2, ignore_eos=True)
+    with torch.no_grad():
+        stopped, cut = (rollouts.generate(*args, stop=stop, **kw) for stop in (True, False))
+    assert [(o.tokens, o.finished) for o in stopped] == [(o.tokens, o.finished) for o in cut]
+    lengths = [len(o.tokens) for o in stopped]
+    assert len(set(lengths)) > 1 and all(1 <= n <= 10 and o.tokens[-1] == 7 for n, o in zip(lengths, stopped))
+    stops = rollouts.compare_stops(lambda: None, repeats=1)
+    assert stops["stopped_s"] > 0 and stops["cut_s"] > 0
+
+
+def test_uniform_lengths_run_the_real_step(bench, capsys):
+    r = bench.main(["--preset", "nextqa-48gb", "--set", "engine.max_batch=2", "--lengths", "uniform:2-3", *SMOKE])
+    assert r["completed"] and 2 * 2 * 2 <= r["tokens_per_step"] <= 2 * 2 * 3
+    assert r["rollout_stops"]["stopped_s"] > 0 and "rows stopped at their drawn lengths" in capsys.readouterr().out

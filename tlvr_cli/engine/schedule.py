@@ -52,6 +52,10 @@ class Request:
     keys: Sequence[int]  # row j samples with row_seed(seed, keys[j]): e.g. a stable hash of the item
     tag: Any = None  # returned with the completions (e.g. the question it answers)
     prefix: SharedPrefix | None = None
+    # at most this many new tokens for each of the request's rows, or one budget per key (None: the call's
+    # max_new_tokens, which also caps them, and with which the prompt must fit the cache); a row that
+    # reaches its budget stops as at the call's (``Completion.finished`` False)
+    max_new_tokens: int | Sequence[int] | None = None
 
 
 @dataclass
@@ -81,6 +85,7 @@ class _Row:
     request: Request
     sample: int
     seed: int
+    budget: int  # new tokens it may take
     completion: Completion = field(default_factory=lambda: Completion([], False))
 
 
@@ -140,11 +145,22 @@ class HostLoop:
             if req.prefix is not None and not 0 < req.prefix.length < req.prompt.shape[0]:
                 raise ValueError(f"request {self.pulled}: a shared prefix of {req.prefix.length} positions in a "
                                  f"prompt of {req.prompt.shape[0]} (it must be 1 .. {req.prompt.shape[0] - 1})")
-            for j, key in enumerate(req.keys):
-                self.waiting.append(_Row(self.next_row, self.pulled, req, j, row_seed(self.seed, key)))
+            for j, (key, budget) in enumerate(zip(req.keys, self.budgets(req))):
+                self.waiting.append(_Row(self.next_row, self.pulled, req, j, row_seed(self.seed, key), budget))
                 self.next_row += 1
             self.pulled += 1
             self.last_prefix = req.prefix
+
+    def budgets(self, req: Request) -> list[int]:
+        """New tokens each of ``req``'s rows may take (its ``max_new_tokens``, capped by the call's)."""
+        given = req.max_new_tokens
+        if given is None:
+            return [self.max_new] * len(req.keys)
+        given = [given] * len(req.keys) if isinstance(given, int) else list(given)
+        if len(given) != len(req.keys) or min(given) < 1:
+            raise ValueError(f"request {self.pulled}: max_new_tokens={req.max_new_tokens} for {len(req.keys)} "
+                             "key(s) (one budget >= 1, or one per key, or None for the call's)")
+        return [min(b, self.max_new) for b in given]
 
     def emit(self, row: _Row, token: int) -> bool:
         """Record one token; True when the row is done."""
@@ -154,7 +170,7 @@ class HostLoop:
             row.completion.finished = True
             return True
         row.completion.tokens.append(token)
-        return len(row.completion.tokens) >= self.max_new
+        return len(row.completion.tokens) >= row.budget
 
     def empty(self) -> Iterator[Finished]:
         """Every row with no tokens (``max_new_tokens <= 0``): the model is not touched."""
@@ -185,7 +201,7 @@ class HostLoop:
                 # several steps per host read (the device writes each step's tokens into the history);
                 # attention reads only the keys any row can reach in them, rounded up to a bucket so
                 # few distinct shapes (CUDA graphs) exist
-                left = max(self.max_new - len(self.slot_row[s].completion.tokens) for s in live)
+                left = max(self.slot_row[s].budget - len(self.slot_row[s].completion.tokens) for s in live)
                 steps = max(1, min(self.sync_every, left))
                 if cascade:
                     new = max(self.slot_pos[s] - self.block_len[s // self.width] for s in live)
@@ -205,8 +221,20 @@ class HostLoop:
                             self.slot_row[s] = None
                             break
                     self.slot_pos[s] += steps
+                self.idle([s for s in live if self.slot_row[s] is None])
                 for row in finished:
                     yield Finished(row.request, row.sample, row.row, row.completion)
+
+    def idle(self, slots: list[int]) -> None:
+        """Slots whose rows just finished decode on from position 0 (and, cascade, their first own key)
+        until they are refilled: steps whose attention reads each row's own keys only (the split-KV
+        kernels) then read one key for each of them instead of their finished row's whole cache. Their
+        writes land in their own slot (plain: index 0; cascade: its own tokens' last index), where no
+        live row reads."""
+        if slots:
+            idx = torch.tensor(slots, device=self.engine._state.device)
+            self.engine._state[1, idx] = 0
+            self.engine._state[3, idx] = 0
 
     def live(self, block: int) -> bool:
         return any(r is not None for r in self.slot_row[block * self.width:(block + 1) * self.width])
@@ -244,7 +272,8 @@ class HostLoop:
             seeds = torch.tensor([r.seed for r in window], dtype=torch.long, device=device)
             if engine.tp is not None and engine.check_agreement:  # what the host loop's decisions depend on
                 settings = (self.max_new, self.params.temperature, self.params.top_k, self.params.top_p,
-                            self.ignore_eos, self.sync_every, engine.max_batch, len(self.eos), sum(self.eos))
+                            self.ignore_eos, self.sync_every, engine.max_batch, len(self.eos), sum(self.eos),
+                            *(r.budget for r in window))
                 assert_same(engine.tp, fingerprint([r.request.prompt for r in window], seeds, settings),
                             "the prompts, seeds or settings")
             logits = torch.cat([self.prefills[r.request_no].logits for r in window])
