@@ -8,7 +8,10 @@ free (continuous batching, ``schedule.py``): the prompts of the admitted rows ar
 do not depend on ``max_batch``, on which rows share a step, on the cache layout, or on how a batch is
 split across processes. ``generate_stream`` pulls requests lazily, only when a slot frees, and yields
 each row as it finishes, so a caller can keep the engine full over a whole benchmark while producing
-prompts on the way; ``generate`` is that stream over a list.
+prompts on the way; ``generate`` is that stream over a list. A request may cap its rows' new tokens
+below the call's (``Request.max_new_tokens``, per request or per key). A slot whose row finished decodes
+on from position 0 until it is refilled (``HostLoop.idle``): where attention reads each row's own keys
+(the split-KV kernels) it reads one key for it, not the finished row's whole cache.
 
 Shared prefixes: requests that carry one ``SharedPrefix`` (their first positions equal, e.g. a video's
 questions after its visual tokens) have those positions prefilled once and then only their own rests,
