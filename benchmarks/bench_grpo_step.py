@@ -24,8 +24,8 @@ it); running out of memory under the cap is caught and reported. The last line i
 R1's answers being 100-400 tokens rather than 512: each row stops at its length as on a real eos (the
 rollout lasts as long as its longest row, and the rows that finished early cost the steps after it
 less), so the training step sees exactly the drawn lengths; after the timed steps the last rollout is
-timed again beside the same rows decoded for ``max_new_tokens`` steps and cut afterwards (what this
-benchmark timed before the engine took per-row budgets). ``--compare-training`` then times, on the last step's
+timed again beside the same rows decoded for ``max_new_tokens`` steps and cut afterwards, which costs
+the rollout of forced lengths. ``--compare-training`` then times, on the last step's
 rollouts, the reference log-probs and the policy log-probs + backward under each layout (padded
 rows, shared prompt, shared prompt + packing) and prints their times, ratios and peak memory.
 """
@@ -148,8 +148,8 @@ class DrawnLengths:
     ``span`` by a generator seeded with (rollout seed, key), so every layout and rerun sees the same lengths.
     Each row stops at its L as it would on a real eos (a budget per row, ``Request.max_new_tokens``; each
     prompt prefilled once for its G rows, as ``Engine.generate`` does), and its last token becomes eos.
-    ``stop=False``: every row decodes ``max_new_tokens`` and is cut afterwards (what this benchmark did
-    before; ``compare_stops`` times the two). Keeps the last rollout for ``compare_training``."""
+    ``stop=False``: every row decodes ``max_new_tokens`` and is cut afterwards, to the same tokens
+    (``compare_stops`` times the two). Keeps the last rollout for ``compare_training``."""
 
     def __init__(self, engine: Engine, span: tuple[int, int] | None) -> None:
         self.engine, self.span, self.last, self.last_call = engine, span, [], None
@@ -182,8 +182,8 @@ class DrawnLengths:
         return outs
 
     def compare_stops(self, sync, repeats: int = 2) -> dict[str, float]:
-        """The last rollout again, rows stopped at their drawn lengths and decoded to the end and cut, in
-        turns: the fastest seconds of each."""
+        """The last rollout again both ways, in turns: rows stopped at their drawn lengths, and every row
+        decoded to ``max_new_tokens`` and cut; the fastest seconds of each."""
         prompts, params, max_new, eos, seed, keys, samples, kwargs = self.last_call
         best = {True: float("inf"), False: float("inf")}
         with torch.no_grad():
