@@ -20,7 +20,7 @@ Builds a random-init checkpoint in the released layout (bf16 for 3b), writes the
     engine settings).
 A random-init model hardly ever emits eos, so every answer runs to max_new_tokens (1024 by default).
 Goals (H200): eval >= 10,000 generated tok/s and >= 80 % of the rollout throughput. Both ratios are
-printed: against the GRPO rollout (the issue's yardstick: what the engine does in rollouts) and against
+printed: against the GRPO rollout (the goal's yardstick: what the engine does in rollouts) and against
 the engine on the eval's own requests (the stricter one: what the eval's own overheads cost).
 """
 
