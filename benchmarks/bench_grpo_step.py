@@ -158,10 +158,9 @@ class DrawnLengths:
                  num_samples: int = 1, stop: bool = True, **kwargs):
         self.last_call = (prompts, params, max_new_tokens, eos_token_id, seed, row_keys, num_samples, kwargs)
         if self.span is None:
-            outs = self.engine.generate(prompts, params, max_new_tokens, eos_token_id, seed=seed, row_keys=row_keys,
-                                        num_samples=num_samples, **kwargs)
-            self.last = outs
-            return outs
+            self.last = self.engine.generate(prompts, params, max_new_tokens, eos_token_id, seed=seed,
+                                             row_keys=row_keys, num_samples=num_samples, **kwargs)
+            return self.last
         keys = list(row_keys) if row_keys is not None else list(range(len(prompts) * num_samples))
         lengths = [random.Random(f"{seed}:{key}").randint(*self.span) for key in keys]
         if stop:

@@ -64,14 +64,12 @@ def test_profile_lists_the_step_s_most_expensive_operations(bench, capsys):
 
 
 def test_drawn_lengths_stop_each_row_where_its_cut_would_leave_it(bench):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from tlvr_cli.engine.sampling import SamplingParams
+    from tlvr_cli.model.tiny import build_tiny_model
 
-    torch.manual_seed(0)
-    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
-    prompts = [torch.randn(n, 64) for n in (9, 6, 12)]
+    lm = build_tiny_model().language_model.eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(n, lm.config.hidden_size, generator=gen) for n in (9, 6, 12)]
     rollouts = bench.DrawnLengths(bench.Engine(lm, max_batch=4, max_seq_len=64), (1, 10))
     params = SamplingParams(temperature=1.0, top_k=50)
     args = (prompts, params, 10, 7)

@@ -368,9 +368,10 @@ class Engine(DecodeSteps):
         x, lens = _right_padded([e for e, _ in items])
         b, n, device = x.shape[0], x.shape[1], x.device
         # the distinct prefixes' keys/values, padded to the longest, and which one each row attends
-        slot: dict[int, int] = {}  # a prefix's prefill -> its place among the distinct ones
-        which = torch.tensor([slot.setdefault(id(h), len(slot)) for _, h in items], device=device)
-        heads = list({id(h): h for _, h in items}.values())
+        distinct = {id(h): h for _, h in items}  # a prefix's prefill by identity, in first-seen order
+        place = {key: g for g, key in enumerate(distinct)}
+        which = torch.tensor([place[id(h)] for _, h in items], device=device)
+        heads = list(distinct.values())
         starts = torch.tensor([h.keys.shape[2] for _, h in items], device=device)
         p = max(h.keys.shape[2] for h in heads)
         head_k = heads[0].keys.new_zeros(self.n_layers, len(heads), self.n_kv_heads, p, self.head_dim)
