@@ -136,7 +136,7 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
                 load_s = time.perf_counter() - t
                 speed = _generate_answers(cfg, model, decoded, answers_path, len(mine) - len(todo), len(mine),
                                           show_progress)
-                speed.update(wall_s=round(time.perf_counter() - started, 3), load_s=round(load_s, 3),
+                speed.update(wall_s=round(time.perf_counter() - started, 4), load_s=round(load_s, 4),
                              already_answered=len(mine) - len(todo))
                 write_json_atomic(rank_speed_path(out_dir, rank, world_size), speed)
         finally:
@@ -215,7 +215,7 @@ def _generate_answers(cfg: EvalConfig, model, decoded: Iterator[tuple[VideoJob, 
     seconds = time.perf_counter() - start
     done = counts["done"] - already
     speed = {"questions": done, "skipped": counts["skipped"], "generated_tokens": counts["tokens"],
-             "generate_s": round(seconds, 3), "first_answer_s": round(first or seconds, 3),
+             "generate_s": round(seconds, 4), "first_answer_s": round(first or seconds, 4),
              "tokens_per_s": round(counts["tokens"] / seconds, 1), "questions_per_s": round(done / seconds, 2),
              "prompt_positions": engine.prompt_positions, "prefilled_positions": engine.prefilled_positions,
              "engine_max_batch": engine.max_batch, "device": str(model.device)}
