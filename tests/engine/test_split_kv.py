@@ -99,7 +99,8 @@ def check_kernels(device: str, group: int) -> None:
         assert (got.float().cpu() - want).abs().max() < tol, (bound, (got.float().cpu() - want).abs().max())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on CPU)")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="needs Triton (pip install 'tlvr[triton]'; its interpreter runs on CPU)")
 def test_kernels_match_masked_attention_in_the_interpreter():
     # the interpreter is chosen when Triton is imported, so in a process of its own (8 SMs pretended)
     code = ("import test_split_kv as t; from tlvr_cli.engine import split_kv; "
