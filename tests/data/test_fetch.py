@@ -1,5 +1,5 @@
 """`tlvr data fetch`: layout, extraction markers, idempotence, dry run and hub errors, against a hub laid out on
-disk."""
+disk, read directly or served over HTTP to the real client (``fake_hub_server``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from fake_hub_server import COMMIT, hub_server
 
 from tlvr_cli.data.archive import extract_archive, extraction_marker
 from tlvr_cli.data.fetch import MANIFEST, TARGETS, fetch_targets
@@ -210,6 +211,59 @@ def test_real_client_unreachable_endpoint(refused_endpoint, tmp_path):
     client = HfHubClient(timeout=2.0, endpoint=refused_endpoint)
     with pytest.raises(TlvrError, match=r"cannot reach the Hugging Face hub for lmms-lab/Video-MME \(offline\?\)"):
         fetch_targets(["videomme"], tmp_path, client=client, dry_run=True, progress=False)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """The files under ``root`` and their bytes, without the manifests and extraction markers (they hold
+    times) and the hub library's own metadata."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".extracted-")
+            and ".cache" not in p.relative_to(root).parts}
+
+
+def test_real_client_fetches_from_a_hub_server_as_from_a_hub_on_disk(hub, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    targets = ["r1", "nextqa", "mmvu", "mlvu"]
+    fetch_targets(targets, tmp_path / "on-disk", client=LocalHubClient(hub), progress=False)
+    with hub_server(hub) as server:
+        client = HfHubClient(token="hf_test", timeout=5.0, endpoint=server.url)
+        results = fetch_targets(targets, tmp_path / "served", client=client, progress=False)
+        assert [r.problems for r in results] == [[], [], [], []]
+        # every file is read at the commit the listing pinned, never at a branch name
+        assert server.downloads() and all(f"/resolve/{COMMIT}/" in path for path in server.downloads())
+        assert any(path.endswith("/resolve/" + COMMIT + "/NextQA.tar.gz") for path in server.downloads())
+        sent = len(server.downloads())
+        again = fetch_targets(targets, tmp_path / "served", client=client, progress=False)
+        assert len(server.downloads()) == sent and all(r.up_to_date for r in again)  # nothing sent twice
+    assert _tree(tmp_path / "served") == _tree(tmp_path / "on-disk")
+    assert (tmp_path / "served" / "train" / "NextQA" / "NExTVideo" / "0001" / "1.mp4").read_bytes() == VIDEO
+    assert extraction_marker(tmp_path / "served" / "train" / "NextQA.tar.gz").is_file()
+    manifest = json.loads((tmp_path / "served" / "models" / "TinyLLaVA-Video-R1" / MANIFEST).read_text())
+    assert manifest["revision"] == COMMIT
+
+
+def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    model = tmp_path / "data" / "models" / "TinyLLaVA-Video-R1"
+    with hub_server(hub, short={"model.safetensors"}) as server:
+        with pytest.raises(TlvrError) as err:
+            fetch_targets(["r1"], tmp_path / "data", client=HfHubClient(token="hf_test", endpoint=server.url),
+                          progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("r1: model.safetensors from Zhang199/TinyLLaVA-Video-R1 "
+                                                       "did not arrive whole (")
+    assert "run `tlvr data fetch r1` again" in message
+    assert not (model / "model.safetensors").exists() and not (model / MANIFEST).exists()  # nothing half-written
+    with hub_server(hub) as server:
+        [result] = fetch_targets(["r1"], tmp_path / "data", client=HfHubClient(token="hf_test", endpoint=server.url),
+                                 progress=False)
+        assert not result.problems and (model / "model.safetensors").read_bytes() == (
+            hub / "models" / "Zhang199" / "TinyLLaVA-Video-R1" / "model.safetensors").read_bytes()
+        # the files that came whole the first time are not sent again
+        assert [p.rsplit("/", 1)[-1] for p in server.downloads()] == ["model.safetensors", "special_tokens_map.json",
+                                                                      "tokenizer_config.json", "vocab.json"]
 
 
 @pytest.mark.parametrize("status", [401, 403])

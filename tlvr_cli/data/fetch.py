@@ -281,8 +281,13 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
         done = 0
         for rf in result.to_download:
             bar.update(task, description=rf.path)
-            _hub_call(lambda: client.download(target.repo_id, target.repo_type, rf.path, result.dest,
-                                              on_bytes=lambda n: bar.advance(task, n)), target, result.dest)
+            try:
+                _hub_call(lambda: client.download(target.repo_id, target.repo_type, rf.path, result.dest,
+                                                  on_bytes=lambda n: bar.advance(task, n)), target, result.dest)
+            except OSError as exc:  # e.g. a file that arrived short of its size (the library keeps no part of it)
+                raise TlvrError(f"{target.name}: {rf.path} from {target.repo_id} did not arrive whole "
+                                f"({str(exc).splitlines()[0]}): run `tlvr data fetch {target.name}` again; "
+                                f"the files already in {result.dest} are kept") from exc
             done += rf.size or 0
             bar.update(task, completed=done)  # resumed downloads report fewer bytes than the file holds
             result.downloaded.append(rf.path)

@@ -63,7 +63,7 @@ def resolve_checkpoint(path: str) -> Path:
             from ..data.sources import fetch_target_of_repo
 
             target = fetch_target_of_repo(path)
-            fix = f"`tlvr data fetch {target}`" if target else f"`huggingface-cli download {path}`"
+            fix = f"`tlvr data fetch {target}`" if target else f"`hf download {path}`"
             raise TlvrError(f"checkpoint {path!r} is neither a directory nor downloaded: run {fix} "
                             f"(or pass the path of a local copy)") from None
     hint = f" (it appears when the run in {p.parent} finishes)" if p.name == "final" else ""
