@@ -1,5 +1,5 @@
 """`tlvr push`: a checkpoint and its model card to a hub laid out on disk (the client interface the
-fetch tests use), the card's header, recipe, eval table and curves, the dry run, and one-line errors
+fetch tests use) and, through the real client, to a hub served over HTTP, the card's header, recipe, eval table and curves, the dry run, and one-line errors
 for an offline, unreachable or unauthorized hub."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import re
 import fixtures_runs as fr
 import pytest
 import yaml
+from fake_hub_server import COMMIT, hub_server
 
 from tlvr_cli.data.hub import HfHubClient, LocalHubClient
 from tlvr_cli.errors import TlvrError
@@ -53,6 +54,28 @@ def test_push_uploads_the_released_layout_with_card_config_and_curves(run, tmp_p
     # nothing was written into the run directory, and what the hub holds loads as a model
     assert sorted(p.name for p in run.iterdir()) == before and not (run / "final" / "README.md").exists()
     load_model(str(repo), device="cpu")
+
+
+def test_the_real_client_pushes_to_a_hub_server_what_lands_on_disk(run, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    on_disk = push_checkpoint(run / "final", "me/tiny-r1", private=True, client=LocalHubClient(tmp_path / "disk"))
+    with hub_server(tmp_path / "served") as server:
+        client = HfHubClient(token="hf_test", timeout=5.0, endpoint=server.url)
+        result = push_checkpoint(run / "final", "me/tiny-r1", private=True, client=client)
+        assert server.private == {"me/tiny-r1": True}
+        assert result.url == f"{server.url}/me/tiny-r1" and result.commit_url.endswith(f"/commit/{COMMIT}")
+        # one commit for the whole folder
+        assert [path for method, path in server.requests if method == "POST" and "/commit/" in path] == [
+            "/api/models/me/tiny-r1/commit/main"]
+
+    def files(repo):
+        return {p.relative_to(repo).as_posix(): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+
+    served = tmp_path / "served" / "models" / "me" / "tiny-r1"
+    assert files(served) == files(tmp_path / "disk" / "models" / "me" / "tiny-r1")
+    assert result.plan.card == on_disk.plan.card
+    load_model(str(served), device="cpu")
 
 
 def test_card_header_recipe_evals_and_curves(run):

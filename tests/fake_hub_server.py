@@ -1,10 +1,13 @@
 """A Hugging Face hub over HTTP on localhost, serving a directory laid out as ``LocalHubClient`` reads it
 (``<root>/<models|datasets>/<owner>/<name>/...``) through the routes ``huggingface_hub`` calls to list and
 download: repo info (the pinned commit), the recursive tree (sizes, LFS sha256), and ``resolve`` (HEAD
-for the metadata, GET with byte ranges for the file). It records every request it answers."""
+for the metadata, GET with byte ranges for the file); and to push: create a repo, the card's metadata
+check, the pre-upload check (every file sent inline) and the commit (its files written into the repo).
+It records every request it answers, and which visibility each created repo was asked for."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -23,6 +26,7 @@ LFS_SUFFIXES = (".safetensors", ".gz", ".zip", ".mp4", ".parquet", ".bin")
 class HubServer:
     url: str
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    private: dict[str, bool] = field(default_factory=dict)  # repo id -> the visibility it was created with
 
     def downloads(self) -> list[str]:
         """The paths of the files sent whole or in part (GET on ``resolve``)."""
@@ -44,7 +48,7 @@ def _entry(repo: Path, p: Path) -> dict:
     return entry
 
 
-def _handler(root: Path, log: list[tuple[str, str]], short: set[str]):
+def _handler(root: Path, log: list[tuple[str, str]], short: set[str], private: dict[str, bool]):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -56,6 +60,45 @@ def _handler(root: Path, log: list[tuple[str, str]], short: set[str]):
 
         def do_HEAD(self) -> None:
             self._route()
+
+        def do_POST(self) -> None:
+            url = urlsplit(self.path)
+            log.append((self.command, url.path))
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            parts = unquote(url.path).strip("/").split("/")
+            if parts[:3] == ["api", "repos", "create"]:  # {"name", "organization", "visibility" or "private", "type"?}
+                spec = json.loads(body)
+                repo_id = f"{spec['organization']}/{spec['name']}" if spec.get("organization") else spec["name"]
+                kind = f"{spec.get('type') or 'model'}s"
+                (root / kind / repo_id).mkdir(parents=True, exist_ok=True)
+                private.setdefault(repo_id, spec.get("visibility") == "private" or bool(spec.get("private")))
+                prefix = "" if kind == "models" else f"{kind}/"
+                return self._json(200, {"url": f"http://{self.headers['Host']}/{prefix}{repo_id}"})
+            if parts == ["api", "validate-yaml"]:  # a model card's metadata, checked before the commit
+                return self._json(200, {"errors": [], "warnings": []})
+            if len(parts) < 5:
+                return self._missing("EntryNotFound", f"no route {url.path}")
+            kind, repo_id, verb = parts[1], "/".join(parts[2:4]), parts[4]
+            repo = root / kind / repo_id
+            if not repo.is_dir():
+                return self._missing("RepoNotFound", "Repository not found")
+            if verb == "preupload":  # every file goes inline in the commit
+                files = json.loads(body)["files"]
+                return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                  for f in files]})
+            if verb == "commit":  # NDJSON: a header line, then one line per file
+                for line in body.decode().splitlines():
+                    op = json.loads(line)
+                    if op["key"] == "file":
+                        target = repo / op["value"]["path"]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(base64.b64decode(op["value"]["content"]))
+                    elif op["key"] != "header":
+                        return self._send(400, f"unsupported commit operation {op['key']}".encode())
+                prefix = "" if kind == "models" else f"{kind}/"
+                return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{prefix}{repo_id}/commit/{COMMIT}",
+                                        "commitOid": COMMIT, "pullRequestUrl": None})
+            return self._missing("EntryNotFound", f"no route {url.path}")
 
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
                   length: int | None = None) -> None:
@@ -118,11 +161,12 @@ def hub_server(root: Path, short: set[str] = frozenset()) -> Iterator[HubServer]
     """Serve ``root`` on a free localhost port while the block runs; the files named in ``short`` (paths
     in their repo) arrive with only their first half of bytes."""
     log: list[tuple[str, str]] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), log, set(short)))
+    private: dict[str, bool] = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), log, set(short), private))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield HubServer(f"http://127.0.0.1:{server.server_address[1]}", log)
+        yield HubServer(f"http://127.0.0.1:{server.server_address[1]}", log, private)
     finally:
         server.shutdown()
         server.server_close()
