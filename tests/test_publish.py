@@ -1,6 +1,6 @@
 """`tlvr push`: a checkpoint and its model card to a hub laid out on disk (the client interface the
-fetch tests use) and, through the real client, to a hub served over HTTP, the card's header, recipe, eval table and curves, the dry run, and one-line errors
-for an offline, unreachable or unauthorized hub."""
+fetch tests use) and, through the real client, to a hub served over HTTP; the card's header, recipe,
+eval table and curves, the dry run, and one-line errors for an offline, unreachable or unauthorized hub."""
 
 from __future__ import annotations
 
