@@ -1,14 +1,16 @@
-"""The pieces of the resume key: the checkpoint fingerprint and the torn-tail repair."""
+"""The pieces of the resume key: the checkpoint fingerprint, the torn-tail repair, and the answers files of
+runs with different process counts merged."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import pytest
 
 from tlvr_cli.eval import resume
-from tlvr_cli.eval.answers import read_answers, truncate_torn_tail
+from tlvr_cli.eval.answers import merge_answers, read_answers, truncate_torn_tail
 
 
 def test_fingerprint_covers_every_byte_and_reuses_recorded_digests(tmp_path, monkeypatch):
@@ -80,3 +82,18 @@ def test_fingerprints_are_remembered_across_output_directories(tmp_path, monkeyp
     # an unreadable cache is only a cache
     (tmp_path / "cache" / resume.DIGEST_CACHE).write_text("{not json")
     assert resume.weights_fingerprint(str(ckpt))[0] == resume.weights_fingerprint(str(ckpt))[0]
+
+
+def test_answers_of_one_and_of_several_processes_merge_in_benchmark_order(tmp_path):
+    def write(name, ids, torn=False):
+        text = "".join(json.dumps({"item_id": i, "output": f"{name}:{i}"}) + "\n" for i in ids)
+        (tmp_path / name).write_text(text + ('{"item_id": "z", "outp' if torn else ""))
+
+    write("answers.jsonl", ["a", "d"])  # a one-process run, stopped
+    write("answers.rank0.jsonl", ["b", "d"])  # then two processes of another run (d answered twice: one row)
+    write("answers.rank1.jsonl", ["c"], torn=True)  # one of them killed mid-write
+    merged = merge_answers(tmp_path, ["a", "b", "c", "d", "e"])
+    assert [(r["item_id"], r["output"]) for r in merged] == [
+        ("a", "answers.jsonl:a"), ("b", "answers.rank0.jsonl:b"), ("c", "answers.rank1.jsonl:c"),
+        ("d", "answers.jsonl:d")]
+    assert read_answers(tmp_path / "answers.jsonl") == merged

@@ -179,6 +179,21 @@ def test_paper_answers_do_not_depend_on_batch_or_resume(data, tmp_path):
     assert len({r["output"] for r in runs["one"].values()}) > 6  # sampled answers differ by item: not vacuous
 
 
+def test_a_run_resumes_what_a_run_of_another_process_count_answered(data, tmp_path):
+    whole = run_eval(config(data, tmp_path / "whole", **PAPER), show_progress=False)
+    out = tmp_path / "resumed"
+    cfg = config(data, out, **PAPER)
+    runner.prepare_output(cfg)  # as the sharded run does: once, then each process its share
+    run_eval(cfg, show_progress=False, rank=1, world_size=3, prepared=True)  # one process of three finished
+    shard = json.loads((out / "speed.rank1.json").read_text())["questions"]
+    assert (out / "answers.rank1.jsonl").is_file() and not (out / "answers.jsonl").exists() and 0 < shard < 12
+    resumed = run_eval(config(data, out, **PAPER), show_progress=False)  # then one process for the rest
+    assert json.loads((out / "speed.json").read_text())["already_answered"] == shard
+    assert answers(out) == answers(tmp_path / "whole")  # all 12, in benchmark order, as answered in one run
+    assert list(answers(out)) == list(answers(tmp_path / "whole"))
+    assert resumed.to_json() == whole.to_json()
+
+
 def test_feature_sharing_changes_nothing_but_the_work(data, tmp_path):
     model = build_tiny_model().eval()
     encode = model.encode_videos

@@ -63,14 +63,21 @@ def rank_answers_path(out_dir: Path, rank: int, world_size: int) -> Path:
     return Path(out_dir) / (ANSWERS if world_size == 1 else f"answers.rank{rank}.jsonl")
 
 
-def merge_rank_answers(out_dir: Path, world_size: int, item_order: list[str]) -> list[dict]:
-    """Merge ``answers.rank*.jsonl`` into one ``answers.jsonl`` in benchmark order (written atomically)."""
+def read_all_answers(out_dir: Path) -> list[dict]:
+    """The rows of every answers file in ``out_dir``, one per item (``answers.jsonl``'s first): what runs
+    with any number of processes answered, so a run resumes another's whatever their process counts."""
+    rows: dict[str, dict] = {}
+    for path in answer_files(out_dir):
+        for row in read_answers(path):
+            rows.setdefault(row["item_id"], row)
+    return list(rows.values())
+
+
+def merge_answers(out_dir: Path, item_order: list[str]) -> list[dict]:
+    """Every answers file's rows in ``out_dir`` (``read_all_answers``) into one ``answers.jsonl`` in
+    benchmark order (written atomically); returns them."""
     order = {k: i for i, k in enumerate(item_order)}
-    rows = {}
-    for r in range(world_size):
-        for row in read_answers(rank_answers_path(out_dir, r, world_size)):
-            rows[row["item_id"]] = row
-    merged = sorted(rows.values(), key=lambda row: order.get(row["item_id"], len(order)))
+    merged = sorted(read_all_answers(out_dir), key=lambda row: order.get(row["item_id"], len(order)))
     write_answers(Path(out_dir) / ANSWERS, merged)
     return merged
 

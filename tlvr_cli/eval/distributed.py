@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import TlvrError
 from ..jobs import EvalConfig
 from ..runtime import init_distributed, launch_world_size, shutdown_distributed
-from .answers import merge_rank_answers
+from .answers import merge_answers
 from .report import Report, score_answers, write_report
 from .runner import load_eval_items, prepare_output, run_eval
 
@@ -35,7 +35,7 @@ def run_eval_sharded(cfg: EvalConfig, *, model=None, show_progress: bool = True)
     ctx.barrier()
     report = None
     if ctx.is_main:
-        rows = merge_rank_answers(out_dir, ctx.world_size, [it.item_id for it in load_eval_items(cfg)])
+        rows = merge_answers(out_dir, [it.item_id for it in load_eval_items(cfg)])
         report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed, phrases=cfg.reflection.phrases)
         write_report(report, out_dir)
     ctx.barrier()

@@ -38,7 +38,14 @@ from ..progress import JobProgress
 from ..runtime import host_to_device, resolve_root
 from ..video.preprocess import normalize_frames
 from .answer import parse_option_answer, parse_reason_answer
-from .answers import rank_answers_path, rank_speed_path, read_answers, truncate_torn_tail, write_answers
+from .answers import (
+    rank_answers_path,
+    rank_speed_path,
+    read_all_answers,
+    read_answers,
+    truncate_torn_tail,
+    write_answers,
+)
 from .benchmarks import get_benchmark
 from .decode_ahead import Decoded, DecodePool, VideoJob, decode_video, usable_workers, video_jobs
 from .items import EvalItem
@@ -105,7 +112,7 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
     out_dir = output_dir(cfg, model)
     answers_path = rank_answers_path(out_dir, rank, world_size)
     mine = items[rank::world_size]
-    todo = _unanswered(mine, answers_path)
+    todo = _unanswered(mine, out_dir)
 
     def decode_ahead(pool: DecodePool, todo: list[EvalItem]) -> Iterator[tuple[VideoJob, Decoded]]:
         if not todo:
@@ -125,7 +132,7 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
             if not prepared:
                 prepare_output(cfg, model)  # may clear answers of another model (overwrite_stale)
             truncate_torn_tail(answers_path)  # a run killed mid-write: the next row must start on its own line
-            if (now := _unanswered(mine, answers_path)) != todo:
+            if (now := _unanswered(mine, out_dir)) != todo:
                 decoded.close()
                 todo, decoded = now, decode_ahead(pool, now)
             if todo:
@@ -144,17 +151,17 @@ def run_eval(cfg: EvalConfig, *, model=None, show_progress: bool = True, rank: i
     if world_size > 1:
         return None
     order = {it.item_id: i for i, it in enumerate(items)}
-    written = read_answers(answers_path)
+    written = read_all_answers(out_dir)  # with the rows of an earlier run of several processes
     rows = sorted((r for r in written if r["item_id"] in order), key=lambda r: order[r["item_id"]])
-    if todo and len(rows) == len(written):  # answered in the order they finished: stored in benchmark order
-        write_answers(answers_path, rows)
+    if len(rows) == len(written) and rows != read_answers(answers_path):
+        write_answers(answers_path, rows)  # answered in the order they finished, or in several files: one, in order
     report = score_answers(rows, cfg.benchmark, n_boot=cfg.bootstrap, seed=cfg.seed, phrases=cfg.reflection.phrases)
     write_report(report, out_dir)
     return report
 
 
-def _unanswered(items: list[EvalItem], answers_path: Path) -> list[EvalItem]:
-    done = {r["item_id"] for r in read_answers(answers_path)}
+def _unanswered(items: list[EvalItem], out_dir: Path) -> list[EvalItem]:
+    done = {r["item_id"] for r in read_all_answers(out_dir)}
     return [it for it in items if it.item_id not in done]
 
 
