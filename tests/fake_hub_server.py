@@ -72,8 +72,7 @@ def _handler(root: Path, log: list[tuple[str, str]], short: set[str], private: d
                 kind = f"{spec.get('type') or 'model'}s"
                 (root / kind / repo_id).mkdir(parents=True, exist_ok=True)
                 private.setdefault(repo_id, spec.get("visibility") == "private" or bool(spec.get("private")))
-                prefix = "" if kind == "models" else f"{kind}/"
-                return self._json(200, {"url": f"http://{self.headers['Host']}/{prefix}{repo_id}"})
+                return self._json(200, {"url": self._page(kind, repo_id)})
             if parts == ["api", "validate-yaml"]:  # a model card's metadata, checked before the commit
                 return self._json(200, {"errors": [], "warnings": []})
             if len(parts) < 5:
@@ -95,10 +94,13 @@ def _handler(root: Path, log: list[tuple[str, str]], short: set[str], private: d
                         target.write_bytes(base64.b64decode(op["value"]["content"]))
                     elif op["key"] != "header":
                         return self._send(400, f"unsupported commit operation {op['key']}".encode())
-                prefix = "" if kind == "models" else f"{kind}/"
-                return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{prefix}{repo_id}/commit/{COMMIT}",
+                return self._json(200, {"commitUrl": f"{self._page(kind, repo_id)}/commit/{COMMIT}",
                                         "commitOid": COMMIT, "pullRequestUrl": None})
             return self._missing("EntryNotFound", f"no route {url.path}")
+
+        def _page(self, kind: str, repo_id: str) -> str:
+            """A repo's web address, as the hub gives it: models at the root, datasets under /datasets."""
+            return f"http://{self.headers['Host']}/{'' if kind == 'models' else kind + '/'}{repo_id}"
 
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
                   length: int | None = None) -> None:
