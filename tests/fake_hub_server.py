@@ -48,7 +48,7 @@ def _entry(repo: Path, p: Path) -> dict:
     return entry
 
 
-def _handler(root: Path, log: list[tuple[str, str]], short: set[str], private: dict[str, bool]):
+def _handler(root: Path, log: list[tuple[str, str]], short: set[str], corrupt: set[str], private: dict[str, bool]):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -152,6 +152,8 @@ def _handler(root: Path, log: list[tuple[str, str]], short: set[str], private: d
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             if self.command == "HEAD":
                 return self._send(200, b"", headers, length=len(data))
+            if path in corrupt:  # one byte flipped on the way: the size holds, the SHA-256 does not
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
             body = data[start:len(data) // 2] if path in short else data[start:]  # a connection cut short
             self._send(206 if start else 200, body, headers)
 
@@ -159,12 +161,13 @@ def _handler(root: Path, log: list[tuple[str, str]], short: set[str], private: d
 
 
 @contextmanager
-def hub_server(root: Path, short: set[str] = frozenset()) -> Iterator[HubServer]:
+def hub_server(root: Path, short: set[str] = frozenset(), corrupt: set[str] = frozenset()) -> Iterator[HubServer]:
     """Serve ``root`` on a free localhost port while the block runs; the files named in ``short`` (paths
-    in their repo) arrive with only their first half of bytes."""
+    in their repo) arrive with only their first half of bytes, those in ``corrupt`` with their first byte
+    flipped."""
     log: list[tuple[str, str]] = []
     private: dict[str, bool] = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), log, set(short), private))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), log, set(short), set(corrupt), private))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -266,6 +266,28 @@ def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub,
                                                                       "tokenizer_config.json", "vocab.json"]
 
 
+def test_a_file_that_arrives_corrupted_is_deleted_before_extraction(hub, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    train = tmp_path / "data" / "train"
+    with hub_server(hub, corrupt={"NextQA.tar.gz"}) as server:
+        with pytest.raises(TlvrError) as err:
+            fetch_targets(["nextqa"], tmp_path / "data", client=HfHubClient(token="hf_test", endpoint=server.url),
+                          progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        "nextqa: 1 file(s) from Zhang199/TinyLLaVA-Video-R1-training-data arrived corrupted and were deleted: "
+        "NextQA.tar.gz (SHA-256 ")
+    assert message.endswith("run `tlvr data fetch nextqa` again")
+    assert not (train / "NextQA.tar.gz").exists() and not (train / "NextQA").exists()  # never extracted
+    assert (train / "nextqa_0-30s.jsonl").is_file() and not (train / MANIFEST).exists()
+    with hub_server(hub) as server:
+        [result] = fetch_targets(["nextqa"], tmp_path / "data",
+                                 client=HfHubClient(token="hf_test", endpoint=server.url), progress=False)
+        assert [p.rsplit("/", 1)[-1] for p in server.downloads()] == ["NextQA.tar.gz"]
+    assert not result.problems and (train / "NextQA" / "NExTVideo" / "0001" / "1.mp4").read_bytes() == VIDEO
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_unauthorized_and_gated(status, tmp_path):
     import httpx2
@@ -306,6 +328,25 @@ def test_path_traversal_is_rejected(tmp_path):
         tf.addfile(info)
     with pytest.raises(TlvrError, match="unsafe member"):
         extract_archive(link)
+
+
+@pytest.mark.parametrize("name", ["NextQA.tar.gz", "video.zip", "clips.tar"])
+def test_a_damaged_archive_is_one_line_and_extracts_nothing(tmp_path, name):
+    good = tmp_path / "good" / name
+    if name.endswith(".zip"):
+        good.parent.mkdir()
+        with zipfile.ZipFile(good, "w") as zf:
+            zf.writestr("video/1.mp4", VIDEO * 50)
+    else:
+        _tar_gz(good, {"NextQA/1.mp4": VIDEO * 50})  # gzip-compressed whatever the name: read as tar too
+    data = good.read_bytes()
+    for damaged in (data[: len(data) // 2], data[:40] + bytes(len(data) - 40)):  # cut short; zeros after 40 bytes
+        archive = _write(tmp_path / "data" / name, damaged)
+        with pytest.raises(TlvrError) as err:
+            extract_archive(archive)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{archive}: damaged archive, nothing extracted (")
+        assert sorted(p.name for p in archive.parent.iterdir()) == [name]  # no marker, no staging dir, no member
 
 
 def test_zip_members_merge_into_existing_tree(tmp_path):

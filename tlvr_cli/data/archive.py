@@ -9,6 +9,7 @@ import shutil
 import tarfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..errors import TlvrError
@@ -78,7 +79,12 @@ def extract_archive(archive: Path, size: int | None = None) -> bool:
         shutil.rmtree(stage)
     stage.mkdir()
     try:
-        _extract_into(archive, stage)
+        try:
+            _extract_into(archive, stage)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as exc:  # cut short or damaged
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TlvrError(f"{archive}: damaged archive, nothing extracted ({reason}): delete it and run "
+                            f"`tlvr data fetch` for it again") from exc
         for entry in sorted(stage.iterdir()):
             _merge_move(entry, into / entry.name)
     finally:

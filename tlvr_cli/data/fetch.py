@@ -1,8 +1,10 @@
 """Download the released checkpoints, the NextQA training set and the four benchmarks from the Hugging Face hub.
 
 Every target is one hub repo; we list its files, download the ones matching the target's patterns into its
-destination (skipping files already present with the hub's size), extract archives next to where they lie, and
-write ``<dest>/tlvr-manifest.json``. Layout under the data root (``--root`` / ``$TLVR_DATA`` / ``~/.cache/tlvr``):
+destination (skipping files already present with the hub's size; each downloaded file the hub lists a SHA-256 for
+is hashed on a thread while the next downloads, and a mismatch deletes it before extraction), extract archives
+next to where they lie, and write ``<dest>/tlvr-manifest.json``. Layout under the data root (``--root`` /
+``$TLVR_DATA`` / ``~/.cache/tlvr``):
 
     models/TinyLLaVA-Video-R1/                        r1         config.json, *.safetensors, tokenizer files
     models/TinyLLaVA-Video-Coldstart_NextQA_16/       coldstart  (same; the dir name is the repo name, so
@@ -30,6 +32,7 @@ import difflib
 import fnmatch
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,7 +44,7 @@ from rich.table import Table
 from ..errors import TlvrError
 from ..files import write_json_atomic
 from .archive import extract_archive, extraction_marker, is_archive, now_utc
-from .hub import HfHubClient, HubClient, RemoteFile
+from .hub import HfHubClient, HubClient, RemoteFile, file_sha256
 
 MANIFEST = "tlvr-manifest.json"
 # spec §2: skips TensorBoard logs and training_args.bin
@@ -276,9 +279,11 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
     result.dest.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("[bold]{task.fields[name]}[/] {task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    # each file the hub lists a SHA-256 for (its LFS files) is hashed on a thread while the next downloads
+    with Progress(*columns, console=console, transient=False) as bar, ThreadPoolExecutor(1) as hasher:
         task = bar.add_task("", total=result.bytes_to_download or None, name=target.name)
         done = 0
+        hashes = []
         for rf in result.to_download:
             bar.update(task, description=rf.path)
             try:
@@ -288,10 +293,20 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
                 raise TlvrError(f"{target.name}: {rf.path} from {target.repo_id} did not arrive whole "
                                 f"({str(exc).splitlines()[0]}): run `tlvr data fetch {target.name}` again; "
                                 f"the files already in {result.dest} are kept") from exc
+            if rf.sha256:
+                hashes.append((rf, hasher.submit(file_sha256, result.dest / rf.path)))
             done += rf.size or 0
             bar.update(task, completed=done)  # resumed downloads report fewer bytes than the file holds
             result.downloaded.append(rf.path)
+        bar.update(task, description="checking SHA-256")
+        corrupt = [(rf, got) for rf, future in hashes if (got := future.result()) != rf.sha256]
         bar.update(task, description="done")
+    if corrupt:  # deleted before anything is extracted from them: the next fetch downloads them again
+        for rf, _ in corrupt:
+            (result.dest / rf.path).unlink(missing_ok=True)
+        what = ", ".join(f"{rf.path} (SHA-256 {got[:12]}, listed {rf.sha256[:12]})" for rf, got in corrupt)
+        raise TlvrError(f"{target.name}: {len(corrupt)} file(s) from {target.repo_id} arrived corrupted and were "
+                        f"deleted: {what}; run `tlvr data fetch {target.name}` again")
 
 
 def _extract_all(target: Target, result: FetchResult, console: Console, keep_archives: bool) -> None:

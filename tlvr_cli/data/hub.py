@@ -104,7 +104,7 @@ class LocalHubClient:
 
     def list_files(self, repo_id: str, repo_type: str) -> list[RemoteFile]:
         repo = self._repo(repo_id, repo_type)
-        return [RemoteFile(p.relative_to(repo).as_posix(), p.stat().st_size, _sha256(p))
+        return [RemoteFile(p.relative_to(repo).as_posix(), p.stat().st_size, file_sha256(p))
                 for p in sorted(repo.rglob("*")) if p.is_file()]
 
     def download(self, repo_id: str, repo_type: str, filename: str, local_dir: Path,
@@ -157,7 +157,8 @@ def _forwarding_tqdm(on_bytes: Callable[[int], None]):
     return ForwardingTqdm
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (the hub lists it for LFS files), read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
