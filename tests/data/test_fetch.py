@@ -288,6 +288,30 @@ def test_a_file_that_arrives_corrupted_is_deleted_before_extraction(hub, tmp_pat
     assert not result.problems and (train / "NextQA" / "NExTVideo" / "0001" / "1.mp4").read_bytes() == VIDEO
 
 
+def test_a_local_copy_that_changed_is_downloaded_again(hub, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    model = tmp_path / "data" / "models" / "TinyLLaVA-Video-R1"
+    repo = hub / "models" / "Zhang199" / "TinyLLaVA-Video-R1"
+    with hub_server(hub) as server:
+        client = HfHubClient(token="hf_test", endpoint=server.url)
+        fetch_targets(["r1"], tmp_path / "data", client=client, progress=False)
+        (model / "config.json").write_text("{}")  # another size: found by the plain fetch
+        weights = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(bytes([weights[0] ^ 1]) + weights[1:])  # same size: --verify
+        sent = len(server.downloads())
+        [plain] = fetch_targets(["r1"], tmp_path / "data", client=client, progress=False)
+        # the hub library keeps a local file its own metadata says is current: the stale copy must go first
+        assert plain.downloaded == ["config.json"] and len(server.downloads()) == sent + 1
+        assert (model / "config.json").read_bytes() == (repo / "config.json").read_bytes()
+        assert (model / "model.safetensors").read_bytes() != weights  # a plain fetch checks sizes only
+        [verified] = fetch_targets(["r1"], tmp_path / "data", client=client, progress=False, verify=True)
+        assert verified.downloaded == ["model.safetensors"]
+        assert (model / "model.safetensors").read_bytes() == weights
+        [again] = fetch_targets(["r1"], tmp_path / "data", client=client, progress=False, verify=True)
+        assert again.up_to_date and not again.downloaded
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_unauthorized_and_gated(status, tmp_path):
     import httpx2
@@ -395,6 +419,12 @@ def test_cli_dry_run_and_list(hub, tmp_path, monkeypatch):
     assert "would download" in dry.output and "total" in dry.output and not (tmp_path / "data").exists()
     bad = runner.invoke(app, ["data", "fetch", "r2", "--root", str(tmp_path)])
     assert isinstance(bad.exception, TlvrError) and "did you mean 'r1'" in str(bad.exception)
+    fetched = runner.invoke(app, ["data", "fetch", "r1", "--root", str(tmp_path / "data"), "-q"])
+    merges = tmp_path / "data" / "models" / "TinyLLaVA-Video-R1" / "merges.txt"
+    merges.write_text("#version: 0.3\n")  # the same size, other bytes: only --verify sees it
+    verified = runner.invoke(app, ["data", "fetch", "r1", "--verify", "--root", str(tmp_path / "data"), "-q"])
+    assert fetched.exit_code == verified.exit_code == 0, verified.output
+    assert merges.read_text() == "#version: 0.2\n"
 
 
 def test_cli_fetch_problems_exit_1(hub, tmp_path, monkeypatch, capsys):

@@ -26,6 +26,8 @@ def fetch(
     list_targets: bool = typer.Option(False, "--list", help="Show the targets and where each one goes."),
     delete_archives: bool = typer.Option(False, "--delete-archives", help="Remove each archive once extracted."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    verify: bool = typer.Option(False, "--verify",
+                                help="Also hash the files already present and download those that changed."),
 ) -> None:
     """Download weights and datasets from the Hugging Face hub into the data root (resumable, idempotent)."""
     from ..data.fetch import fetch_targets, plan_table, targets_table
@@ -39,7 +41,7 @@ def fetch(
     if not targets:
         raise TlvrError("name at least one target (see `tlvr data fetch --list`)")
     results = fetch_targets(list(targets), data_root, dry_run=dry_run, progress=not quiet,
-                            keep_archives=not delete_archives)
+                            keep_archives=not delete_archives, verify=verify)
     console.print(plan_table(results))
     if any(r.problems for r in results):
         raise typer.Exit(1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -206,12 +207,22 @@ def _is_present(dest: Path, rf: RemoteFile) -> bool:
     return False
 
 
+def _changed(dest: Path, present: list[RemoteFile]) -> list[RemoteFile]:
+    """The files among ``present`` whose bytes no longer hash to the SHA-256 the hub lists (files without
+    one, and archives extracted and deleted, cannot be checked)."""
+    checkable = [f for f in present if f.sha256 and (dest / f.path).is_file()]
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(lambda f: file_sha256(dest / f.path), checkable))
+    return [f for f, digest in zip(checkable, digests) if digest != f.sha256]
+
+
 def _select(target: Target, listing: list[RemoteFile]) -> list[RemoteFile]:
     return [f for f in listing if any(fnmatch.fnmatch(f.path, p) for p in target.allow_patterns)]
 
 
-def plan_target(target: Target, root: Path, client: HubClient) -> FetchResult:
-    """List the repo and decide which files are missing locally; downloads nothing."""
+def plan_target(target: Target, root: Path, client: HubClient, *, verify: bool = False) -> FetchResult:
+    """List the repo and decide which files are missing locally (with ``verify``, also those present whose
+    SHA-256 differs from the listing's); downloads nothing."""
     dest = root / target.dest
     try:
         listing = client.list_files(target.repo_id, target.repo_type)
@@ -225,8 +236,10 @@ def plan_target(target: Target, root: Path, client: HubClient) -> FetchResult:
         return offline
     revision = getattr(client, "resolved_revision", lambda _r: None)(target.repo_id)
     files = _select(target, listing)
-    result = FetchResult(target.name, target.repo_id, dest, revision, files,
-                         [f for f in files if not _is_present(dest, f)])
+    missing = {f.path for f in files if not _is_present(dest, f)}
+    if verify:
+        missing |= {f.path for f in _changed(dest, [f for f in files if f.path not in missing])}
+    result = FetchResult(target.name, target.repo_id, dest, revision, files, [f for f in files if f.path in missing])
     names = {f.path for f in listing}
     for expected in target.expect:  # names from the spec, some UNVERIFIED: tell the user, don't fail
         if expected not in names and not any(n.endswith("/" + expected) for n in names):
@@ -250,15 +263,16 @@ def _from_manifest(target: Target, dest: Path) -> FetchResult | None:
 
 
 def fetch_targets(targets: list[str], root: Path, *, client: HubClient | None = None, dry_run: bool = False,
-                  progress: bool = True, keep_archives: bool = True) -> list[FetchResult]:
-    """Fetch each named target under ``root``; with ``dry_run`` only list what would be downloaded."""
+                  progress: bool = True, keep_archives: bool = True, verify: bool = False) -> list[FetchResult]:
+    """Fetch each named target under ``root``; with ``dry_run`` only list what would be downloaded; with
+    ``verify`` the files already present are hashed too, and those that changed are downloaded again."""
     resolved = resolve_targets(targets)
     client = client or HfHubClient()
     root = Path(root).expanduser()
     console = Console(stderr=True, highlight=False, quiet=not progress)
     results = []
     for target in resolved:
-        result = plan_target(target, root, client)
+        result = plan_target(target, root, client, verify=verify)
         result.dry_run = dry_run
         if not dry_run:
             _download(target, result, client, console)
@@ -286,6 +300,8 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
         hashes = []
         for rf in result.to_download:
             bar.update(task, description=rf.path)
+            # a copy of another size or hash goes first: the hub library would keep a file its metadata matches
+            (result.dest / rf.path).unlink(missing_ok=True)
             try:
                 _hub_call(lambda: client.download(target.repo_id, target.repo_type, rf.path, result.dest,
                                                   on_bytes=lambda n: bar.advance(task, n)), target, result.dest)
