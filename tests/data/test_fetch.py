@@ -197,6 +197,15 @@ def test_offline_after_complete_fetch_is_up_to_date(hub, tmp_path):
     fetch_targets(["mmvu"], tmp_path, client=LocalHubClient(hub), progress=False)
     [result] = fetch_targets(["mmvu"], tmp_path, client=OfflineClient(ConnectionError()), progress=False)
     assert result.up_to_date and "unreachable" in result.warnings[0]
+    # offline, --verify checks the files against the hashes the manifest recorded
+    [verified] = fetch_targets(["mmvu"], tmp_path, client=OfflineClient(ConnectionError()), progress=False,
+                               verify=True)
+    assert not verified.problems
+    (tmp_path / "mmvu" / "videos" / "Biology" / "1.mp4").write_bytes(VIDEO[::-1])
+    [changed] = fetch_targets(["mmvu"], tmp_path, client=OfflineClient(ConnectionError()), progress=False,
+                              verify=True)
+    assert changed.problems == ["mmvu: 1 file(s) changed since the fetch and the hub is unreachable to download "
+                                "them again: videos/Biology/1.mp4"]
 
 
 def test_real_client_with_hub_offline(monkeypatch, tmp_path):

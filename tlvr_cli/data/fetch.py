@@ -233,6 +233,9 @@ def plan_target(target: Target, root: Path, client: HubClient, *, verify: bool =
         offline = _from_manifest(target, dest)
         if offline is None:
             raise TlvrError(message) from exc
+        if verify and (changed := _changed(dest, offline.files)):  # checked against the manifest's hashes
+            offline.problems.append(f"{target.name}: {len(changed)} file(s) changed since the fetch and the hub is "
+                                    f"unreachable to download them again: {', '.join(f.path for f in changed)}")
         return offline
     revision = getattr(client, "resolved_revision", lambda _r: None)(target.repo_id)
     files = _select(target, listing)
