@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tlvr_cli.eval import resume
-from tlvr_cli.eval.answers import merge_answers, read_answers, truncate_torn_tail
+from tlvr_cli.eval.answers import merge_answers, merge_speeds, read_answers, truncate_torn_tail
 
 
 def test_fingerprint_covers_every_byte_and_reuses_recorded_digests(tmp_path, monkeypatch):
@@ -97,3 +97,17 @@ def test_answers_of_one_and_of_several_processes_merge_in_benchmark_order(tmp_pa
         ("a", "answers.jsonl:a"), ("b", "answers.rank0.jsonl:b"), ("c", "answers.rank1.jsonl:c"),
         ("d", "answers.jsonl:d")]
     assert read_answers(tmp_path / "answers.jsonl") == merged
+
+
+def test_speeds_of_the_processes_merge_into_one_record():
+    def speed(questions, tokens, seconds, device):
+        return {"questions": questions, "skipped": 1, "generated_tokens": tokens, "prompt_positions": 100,
+                "prefilled_positions": 60, "already_answered": 2, "generate_s": seconds, "first_answer_s": seconds / 4,
+                "tokens_per_s": tokens / seconds, "questions_per_s": questions / seconds, "wall_s": seconds + 3,
+                "load_s": 1.5, "engine_max_batch": 64, "device": device}
+
+    merged = merge_speeds([speed(10, 3000, 2.0, "cuda:0"), speed(6, 1000, 4.0, "cuda:1")])
+    assert merged == {"questions": 16, "skipped": 2, "generated_tokens": 4000, "prompt_positions": 200,
+                      "prefilled_positions": 120, "already_answered": 4, "generate_s": 4.0, "first_answer_s": 0.5,
+                      "tokens_per_s": 1000.0, "questions_per_s": 4.0, "wall_s": 7.0, "load_s": 1.5,
+                      "engine_max_batch": 64, "processes": 2, "devices": ["cuda:0", "cuda:1"]}

@@ -109,6 +109,11 @@ def test_two_processes_match_one(single):
     ra = json.loads((tmp / "eval-one" / "results.json").read_text())
     rb = json.loads((tmp / "eval-two" / "results.json").read_text())
     assert ra["headline"] == rb["headline"]
+    # the two processes' speed records of the run, merged
+    ranks = [json.loads((tmp / "eval-two" / f"speed.rank{r}.json").read_text()) for r in (0, 1)]
+    speed = json.loads((tmp / "eval-two" / "speed.json").read_text())
+    assert speed["processes"] == 2 and speed["questions"] == len(two) == sum(r["questions"] for r in ranks)
+    assert speed["generated_tokens"] == sum(r["generated_tokens"] for r in ranks) > 0
 
 
 FSDP_JOB = """

@@ -96,3 +96,17 @@ def speed_files(out_dir: Path) -> list[Path]:
 def rank_speed_path(out_dir: Path, rank: int, world_size: int) -> Path:
     """Where a run records how fast it answered, per process like its answers file."""
     return Path(out_dir) / (SPEED if world_size == 1 else f"speed.rank{rank}.json")
+
+
+def merge_speeds(speeds: list[dict]) -> dict:
+    """One speed record for the processes of a sharded run (``speeds``: the records of those that answered
+    something): counts summed, times of the slowest process, rates over those times."""
+    total = {key: sum(s[key] for s in speeds) for key in (
+        "questions", "skipped", "generated_tokens", "prompt_positions", "prefilled_positions", "already_answered")}
+    seconds = max(s["generate_s"] for s in speeds)
+    return {**total, "generate_s": seconds, "first_answer_s": min(s["first_answer_s"] for s in speeds),
+            "tokens_per_s": round(total["generated_tokens"] / seconds, 1),
+            "questions_per_s": round(total["questions"] / seconds, 2),
+            "wall_s": max(s["wall_s"] for s in speeds), "load_s": max(s["load_s"] for s in speeds),
+            "engine_max_batch": speeds[0]["engine_max_batch"], "processes": len(speeds),
+            "devices": [s["device"] for s in speeds]}
