@@ -20,12 +20,17 @@ def one_thread():
 
 
 @pytest.fixture()
-def refused_endpoint(monkeypatch) -> str:
+def hub_online(monkeypatch) -> None:
+    """The hub's offline switch off (the environment variable and the value huggingface_hub read at import)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture()
+def refused_endpoint(hub_online) -> str:
     """A local URL nobody listens on (the connection is refused at once), with the hub's offline switch off."""
     import socket
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

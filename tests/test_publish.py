@@ -56,9 +56,7 @@ def test_push_uploads_the_released_layout_with_card_config_and_curves(run, tmp_p
     load_model(str(repo), device="cpu")
 
 
-def test_the_real_client_pushes_to_a_hub_server_what_lands_on_disk(run, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+def test_the_real_client_pushes_to_a_hub_server_what_lands_on_disk(run, tmp_path, hub_online):
     on_disk = push_checkpoint(run / "final", "me/tiny-r1", private=True, client=LocalHubClient(tmp_path / "disk"))
     with hub_server(tmp_path / "served") as server:
         client = HfHubClient(token="hf_test", timeout=5.0, endpoint=server.url)

@@ -230,9 +230,7 @@ def _tree(root: Path) -> dict[str, bytes]:
             and ".cache" not in p.relative_to(root).parts}
 
 
-def test_real_client_fetches_from_a_hub_server_as_from_a_hub_on_disk(hub, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+def test_real_client_fetches_from_a_hub_server_as_from_a_hub_on_disk(hub, tmp_path, hub_online):
     targets = ["r1", "nextqa", "mmvu", "mlvu"]
     fetch_targets(targets, tmp_path / "on-disk", client=LocalHubClient(hub), progress=False)
     with hub_server(hub) as server:
@@ -252,9 +250,7 @@ def test_real_client_fetches_from_a_hub_server_as_from_a_hub_on_disk(hub, tmp_pa
     assert manifest["revision"] == COMMIT
 
 
-def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub, tmp_path, hub_online):
     model = tmp_path / "data" / "models" / "TinyLLaVA-Video-R1"
     with hub_server(hub, short={"model.safetensors"}) as server:
         with pytest.raises(TlvrError) as err:
@@ -275,9 +271,7 @@ def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub,
                                                                       "tokenizer_config.json", "vocab.json"]
 
 
-def test_a_file_that_arrives_corrupted_is_deleted_before_extraction(hub, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+def test_a_file_that_arrives_corrupted_is_deleted_before_extraction(hub, tmp_path, hub_online):
     train = tmp_path / "data" / "train"
     with hub_server(hub, corrupt={"NextQA.tar.gz"}) as server:
         with pytest.raises(TlvrError) as err:
@@ -297,9 +291,7 @@ def test_a_file_that_arrives_corrupted_is_deleted_before_extraction(hub, tmp_pat
     assert not result.problems and (train / "NextQA" / "NExTVideo" / "0001" / "1.mp4").read_bytes() == VIDEO
 
 
-def test_a_local_copy_that_changed_is_downloaded_again(hub, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+def test_a_local_copy_that_changed_is_downloaded_again(hub, tmp_path, hub_online):
     model = tmp_path / "data" / "models" / "TinyLLaVA-Video-R1"
     repo = hub / "models" / "Zhang199" / "TinyLLaVA-Video-R1"
     with hub_server(hub) as server:
