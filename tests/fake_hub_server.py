@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class HubServer:
     url: str
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     private: dict[str, bool] = field(default_factory=dict)  # repo id -> the visibility it was created with
+    load: dict[str, int] = field(default_factory=lambda: {"now": 0, "most": 0})  # requests in flight at once
 
     def downloads(self) -> list[str]:
         """The paths of the files sent whole or in part (GET on ``resolve``)."""
@@ -48,20 +50,37 @@ def _entry(repo: Path, p: Path) -> dict:
     return entry
 
 
-def _handler(root: Path, log: list[tuple[str, str]], short: set[str], corrupt: set[str], private: dict[str, bool]):
+def _handler(root: Path, server: HubServer, short: set[str], corrupt: set[str], latency: float):
+    log, private, load = server.requests, server.private, server.load
+    lock = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def _answer(self, route) -> None:  # each request waits ``latency`` first: a round trip to the hub
+            with lock:
+                load["now"] += 1
+                load["most"] = max(load["most"], load["now"])
+            try:
+                time.sleep(latency)
+                route()
+            finally:
+                with lock:
+                    load["now"] -= 1
 
         def log_message(self, *args) -> None:  # quiet
             pass
 
         def do_GET(self) -> None:
-            self._route()
+            self._answer(self._route)
 
         def do_HEAD(self) -> None:
-            self._route()
+            self._answer(self._route)
 
         def do_POST(self) -> None:
+            self._answer(self._post)
+
+        def _post(self) -> None:
             url = urlsplit(self.path)
             log.append((self.command, url.path))
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -161,17 +180,18 @@ def _handler(root: Path, log: list[tuple[str, str]], short: set[str], corrupt: s
 
 
 @contextmanager
-def hub_server(root: Path, short: set[str] = frozenset(), corrupt: set[str] = frozenset()) -> Iterator[HubServer]:
+def hub_server(root: Path, short: set[str] = frozenset(), corrupt: set[str] = frozenset(),
+               latency: float = 0.0) -> Iterator[HubServer]:
     """Serve ``root`` on a free localhost port while the block runs; the files named in ``short`` (paths
     in their repo) arrive with only their first half of bytes, those in ``corrupt`` with their first byte
-    flipped."""
-    log: list[tuple[str, str]] = []
-    private: dict[str, bool] = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), log, set(short), set(corrupt), private))
+    flipped; every request is answered ``latency`` seconds late."""
+    hub = HubServer("")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), hub, set(short), set(corrupt), latency))
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield HubServer(f"http://127.0.0.1:{server.server_address[1]}", log, private)
+        yield hub
     finally:
         server.shutdown()
         server.server_close()

@@ -250,6 +250,22 @@ def test_real_client_fetches_from_a_hub_server_as_from_a_hub_on_disk(hub, tmp_pa
     assert manifest["revision"] == COMMIT
 
 
+@pytest.mark.parametrize("workers", [1, 4])
+def test_files_download_workers_at_a_time(hub, tmp_path, hub_online, workers):
+    with hub_server(hub, latency=0.02) as server:
+        [result] = fetch_targets(["r1"], tmp_path / "data", client=HfHubClient(token="hf_test", endpoint=server.url),
+                                 progress=False, workers=workers)
+    assert result.downloaded == ["config.json", "merges.txt", "model.safetensors", "special_tokens_map.json",
+                                 "tokenizer_config.json", "vocab.json"]  # the listing's order, whatever finished first
+    # one HEAD then one GET per file: more than one file's requests overlap only with several workers
+    assert server.load["most"] == 1 if workers == 1 else 2 <= server.load["most"] <= workers
+
+
+def test_download_workers_must_be_positive(hub, tmp_path):
+    with pytest.raises(TlvrError, match="download workers must be >= 1, got 0"):
+        fetch_targets(["r1"], tmp_path, client=LocalHubClient(hub), progress=False, workers=0)
+
+
 def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub, tmp_path, hub_online):
     model = tmp_path / "data" / "models" / "TinyLLaVA-Video-R1"
     with hub_server(hub, short={"model.safetensors"}) as server:
@@ -261,14 +277,17 @@ def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub,
                                                        "did not arrive whole (")
     assert "run `tlvr data fetch r1` again" in message
     assert not (model / "model.safetensors").exists() and not (model / MANIFEST).exists()  # nothing half-written
+    kept = {p.name for p in model.iterdir() if p.is_file()}  # those in flight beside it finished
     with hub_server(hub) as server:
         [result] = fetch_targets(["r1"], tmp_path / "data", client=HfHubClient(token="hf_test", endpoint=server.url),
                                  progress=False)
         assert not result.problems and (model / "model.safetensors").read_bytes() == (
             hub / "models" / "Zhang199" / "TinyLLaVA-Video-R1" / "model.safetensors").read_bytes()
         # the files that came whole the first time are not sent again
-        assert [p.rsplit("/", 1)[-1] for p in server.downloads()] == ["model.safetensors", "special_tokens_map.json",
-                                                                      "tokenizer_config.json", "vocab.json"]
+        wanted = {"config.json", "merges.txt", "model.safetensors", "special_tokens_map.json", "tokenizer_config.json",
+                  "vocab.json"}
+        assert sorted(p.rsplit("/", 1)[-1] for p in server.downloads()) == sorted(wanted - kept)
+        assert result.downloaded == sorted(wanted - kept)  # in the listing's order
 
 
 def test_a_file_that_arrives_corrupted_is_deleted_before_extraction(hub, tmp_path, hub_online):
@@ -423,7 +442,8 @@ def test_cli_dry_run_and_list(hub, tmp_path, monkeypatch):
     fetched = runner.invoke(app, ["data", "fetch", "r1", "--root", str(tmp_path / "data"), "-q"])
     merges = tmp_path / "data" / "models" / "TinyLLaVA-Video-R1" / "merges.txt"
     merges.write_text("#version: 0.3\n")  # the same size, other bytes: only --verify sees it
-    verified = runner.invoke(app, ["data", "fetch", "r1", "--verify", "--root", str(tmp_path / "data"), "-q"])
+    verified = runner.invoke(app, ["data", "fetch", "r1", "--verify", "--workers", "2",
+                                   "--root", str(tmp_path / "data"), "-q"])
     assert fetched.exit_code == verified.exit_code == 0, verified.output
     assert merges.read_text() == "#version: 0.2\n"
 

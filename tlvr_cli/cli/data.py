@@ -28,9 +28,10 @@ def fetch(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     verify: bool = typer.Option(False, "--verify",
                                 help="Also hash the files already present and download those that changed."),
+    workers: int | None = typer.Option(None, "--workers", metavar="N", help="Files downloaded at once (default 8)."),
 ) -> None:
     """Download weights and datasets from the Hugging Face hub into the data root (resumable, idempotent)."""
-    from ..data.fetch import fetch_targets, plan_table, targets_table
+    from ..data.fetch import DOWNLOAD_WORKERS, fetch_targets, plan_table, targets_table
     from ..errors import TlvrError
     from ..runtime import resolve_root
 
@@ -41,7 +42,8 @@ def fetch(
     if not targets:
         raise TlvrError("name at least one target (see `tlvr data fetch --list`)")
     results = fetch_targets(list(targets), data_root, dry_run=dry_run, progress=not quiet,
-                            keep_archives=not delete_archives, verify=verify)
+                            keep_archives=not delete_archives, verify=verify,
+                            workers=DOWNLOAD_WORKERS if workers is None else workers)
     console.print(plan_table(results))
     if any(r.problems for r in results):
         raise typer.Exit(1)

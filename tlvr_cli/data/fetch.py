@@ -1,8 +1,8 @@
 """Download the released checkpoints, the NextQA training set and the four benchmarks from the Hugging Face hub.
 
 Every target is one hub repo; we list its files, download the ones matching the target's patterns into its
-destination (skipping files already present with the hub's size; each downloaded file the hub lists a SHA-256 for
-is hashed on a thread while the next downloads, and a mismatch deletes it before extraction), extract archives
+destination, 8 files at a time (skipping files already present with the hub's size; each downloaded file the hub
+lists a SHA-256 for is hashed as it arrives, and a mismatch deletes it before extraction), extract archives
 next to where they lie, and write ``<dest>/tlvr-manifest.json``. Layout under the data root (``--root`` /
 ``$TLVR_DATA`` / ``~/.cache/tlvr``):
 
@@ -33,7 +33,7 @@ import fnmatch
 import json
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -48,6 +48,7 @@ from .archive import extract_archive, extraction_marker, is_archive, now_utc
 from .hub import HfHubClient, HubClient, RemoteFile, file_sha256
 
 MANIFEST = "tlvr-manifest.json"
+DOWNLOAD_WORKERS = 8  # files in flight at once: a repo of a thousand videos is a thousand round trips
 # spec §2: skips TensorBoard logs and training_args.bin
 _MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
 
@@ -266,9 +267,13 @@ def _from_manifest(target: Target, dest: Path) -> FetchResult | None:
 
 
 def fetch_targets(targets: list[str], root: Path, *, client: HubClient | None = None, dry_run: bool = False,
-                  progress: bool = True, keep_archives: bool = True, verify: bool = False) -> list[FetchResult]:
-    """Fetch each named target under ``root``; with ``dry_run`` only list what would be downloaded; with
-    ``verify`` the files already present are hashed too, and those that changed are downloaded again."""
+                  progress: bool = True, keep_archives: bool = True, verify: bool = False,
+                  workers: int = DOWNLOAD_WORKERS) -> list[FetchResult]:
+    """Fetch each named target under ``root``, ``workers`` files at a time; with ``dry_run`` only list what
+    would be downloaded; with ``verify`` the files already present are hashed too, and those that changed
+    are downloaded again."""
+    if workers < 1:
+        raise TlvrError(f"download workers must be >= 1, got {workers}")
     resolved = resolve_targets(targets)
     client = client or HfHubClient()
     root = Path(root).expanduser()
@@ -278,7 +283,7 @@ def fetch_targets(targets: list[str], root: Path, *, client: HubClient | None = 
         result = plan_target(target, root, client, verify=verify)
         result.dry_run = dry_run
         if not dry_run:
-            _download(target, result, client, console)
+            _download(target, result, client, console, workers)
             _extract_all(target, result, console, keep_archives)
             _fix_layout(target, result)
             _check(target, result)
@@ -289,38 +294,57 @@ def fetch_targets(targets: list[str], root: Path, *, client: HubClient | None = 
     return results
 
 
-def _download(target: Target, result: FetchResult, client: HubClient, console: Console) -> None:
+def _download(target: Target, result: FetchResult, client: HubClient, console: Console, workers: int) -> None:
+    """Download ``result.to_download``, ``workers`` files at a time, each file the hub lists a SHA-256 for (its
+    LFS files) hashed as soon as it is in; the first failure stops the rest (the files in by then are kept)."""
     if result.up_to_date:
         console.print(f"{target.name}: up to date ({len(result.files)} files in {result.dest})")
         return
     result.dest.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("[bold]{task.fields[name]}[/] {task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    # each file the hub lists a SHA-256 for (its LFS files) is hashed on a thread while the next downloads
-    with Progress(*columns, console=console, transient=False) as bar, ThreadPoolExecutor(1) as hasher:
-        task = bar.add_task("", total=result.bytes_to_download or None, name=target.name)
-        done = 0
-        hashes = []
-        for rf in result.to_download:
-            bar.update(task, description=rf.path)
+    todo = result.to_download
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"0 of {len(todo)} files", total=result.bytes_to_download or None, name=target.name)
+
+        def fetch(rf: RemoteFile) -> str | None:
+            """Download one file; returns its SHA-256 where the hub lists one to check it against."""
             # a copy of another size or hash goes first: the hub library would keep a file its metadata matches
             (result.dest / rf.path).unlink(missing_ok=True)
+            sent = 0
+
+            def on_bytes(n: int) -> None:
+                nonlocal sent
+                sent += n
+                bar.advance(task, n)
+
             try:
                 _hub_call(lambda: client.download(target.repo_id, target.repo_type, rf.path, result.dest,
-                                                  on_bytes=lambda n: bar.advance(task, n)), target, result.dest)
+                                                  on_bytes=on_bytes), target, result.dest)
             except OSError as exc:  # e.g. a file that arrived short of its size (the library keeps no part of it)
                 raise TlvrError(f"{target.name}: {rf.path} from {target.repo_id} did not arrive whole "
                                 f"({str(exc).splitlines()[0]}): run `tlvr data fetch {target.name}` again; "
                                 f"the files already in {result.dest} are kept") from exc
-            if rf.sha256:
-                hashes.append((rf, hasher.submit(file_sha256, result.dest / rf.path)))
-            done += rf.size or 0
-            bar.update(task, completed=done)  # resumed downloads report fewer bytes than the file holds
-            result.downloaded.append(rf.path)
-        bar.update(task, description="checking SHA-256")
-        corrupt = [(rf, got) for rf, future in hashes if (got := future.result()) != rf.sha256]
+            bar.advance(task, max(0, (rf.size or 0) - sent))  # a resumed download reports only what it sent
+            return file_sha256(result.dest / rf.path) if rf.sha256 else None
+
+        corrupt, done = [], set()
+        with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:  # hashlib and sockets release the GIL
+            futures = {pool.submit(fetch, rf): rf for rf in todo}
+            try:
+                for future in as_completed(futures):
+                    rf, digest = futures[future], future.result()
+                    done.add(rf.path)
+                    if digest is not None and digest != rf.sha256:
+                        corrupt.append((rf, digest))
+                    bar.update(task, description=f"{len(done)} of {len(todo)} files")
+            finally:  # on a failure the queued files are dropped, those in flight finish
+                for future in futures:
+                    future.cancel()
+        result.downloaded += [rf.path for rf in todo if rf.path in done]
         bar.update(task, description="done")
     if corrupt:  # deleted before anything is extracted from them: the next fetch downloads them again
+        corrupt.sort(key=lambda pair: pair[0].path)
         for rf, _ in corrupt:
             (result.dest / rf.path).unlink(missing_ok=True)
         what = ", ".join(f"{rf.path} (SHA-256 {got[:12]}, listed {rf.sha256[:12]})" for rf, got in corrupt)
