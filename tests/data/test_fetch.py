@@ -13,7 +13,7 @@ import pytest
 from fake_hub_server import COMMIT, hub_server
 
 from tlvr_cli.data.archive import extract_archive, extraction_marker
-from tlvr_cli.data.fetch import MANIFEST, TARGETS, fetch_targets
+from tlvr_cli.data.fetch import MANIFEST, TARGETS, fetch_targets, in_parallel
 from tlvr_cli.data.hub import HfHubClient, LocalHubClient
 from tlvr_cli.errors import TlvrError
 
@@ -259,6 +259,39 @@ def test_files_download_workers_at_a_time(hub, tmp_path, hub_online, workers):
                                  "tokenizer_config.json", "vocab.json"]  # the listing's order, whatever finished first
     # one HEAD then one GET per file: more than one file's requests overlap only with several workers
     assert server.load["most"] == 1 if workers == 1 else 2 <= server.load["most"] <= workers
+
+
+def test_in_parallel_yields_each_result_and_raises_the_first_failure_after_those_in_flight():
+    import threading
+    import time
+
+    assert sorted(in_parallel(lambda n: n * n, list(range(20)), 4)) == [(n, n * n) for n in range(20)]
+    started, finished = [], []
+
+    def job(n):
+        started.append(n)
+        if n == 0:
+            raise ValueError("broken")
+        time.sleep(0.05)
+        finished.append(n)
+        return n
+
+    with pytest.raises(ValueError, match="broken"):
+        list(in_parallel(job, list(range(50)), 3))
+    assert sorted(finished) == sorted(set(started) - {0}) and len(started) < 50  # in flight done, the rest dropped
+    # Ctrl-C does not wait for the work in flight (a download of gigabytes): it is raised at once
+    release = threading.Event()
+
+    def blocked(n):
+        if n == 0:
+            raise KeyboardInterrupt
+        release.wait(10)
+
+    t = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        list(in_parallel(blocked, [1, 0], 2))
+    assert time.perf_counter() - t < 5
+    release.set()
 
 
 def test_download_workers_must_be_positive(hub, tmp_path):

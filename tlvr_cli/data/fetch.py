@@ -32,11 +32,12 @@ import difflib
 import fnmatch
 import json
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -212,9 +213,8 @@ def _changed(dest: Path, present: list[RemoteFile]) -> list[RemoteFile]:
     """The files among ``present`` whose bytes no longer hash to the SHA-256 the hub lists (files without
     one, and archives extracted and deleted, cannot be checked)."""
     checkable = [f for f in present if f.sha256 and (dest / f.path).is_file()]
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-        digests = list(pool.map(lambda f: file_sha256(dest / f.path), checkable))
-    return [f for f, digest in zip(checkable, digests) if digest != f.sha256]
+    digests = dict(in_parallel(lambda f: file_sha256(dest / f.path), checkable, min(4, os.cpu_count() or 1)))
+    return [f for f in checkable if digests[f] != f.sha256]
 
 
 def _select(target: Target, listing: list[RemoteFile]) -> list[RemoteFile]:
@@ -294,6 +294,56 @@ def fetch_targets(targets: list[str], root: Path, *, client: HubClient | None = 
     return results
 
 
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def in_parallel(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` for each item, in the order they finish, ``fn`` running on up to ``workers``
+    threads (downloads and hashing release the GIL). The first exception is raised here once the items in
+    flight have finished, the queued ones dropped; Ctrl-C is raised at once: the threads are daemons, so
+    the process exits without waiting for a download in flight (which the next fetch resumes)."""
+    queued: queue.SimpleQueue = queue.SimpleQueue()
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        queued.put(item)
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                item = queued.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put((item, fn(item), None))
+            except BaseException as exc:  # handed to the caller's thread, KeyboardInterrupt included
+                finished.put((item, None, exc))
+
+    threads = [threading.Thread(target=work, daemon=True, name=f"tlvr-fetch-{i}")
+               for i in range(max(1, min(workers, len(items))))]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in items:
+            while True:
+                try:  # a timeout, so that Ctrl-C reaches this thread while it waits
+                    item, value, exc = finished.get(timeout=0.2)
+                    break
+                except queue.Empty:
+                    continue
+            if exc is not None:
+                raise exc
+            yield item, value
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    except BaseException:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        raise
+
+
 def _download(target: Target, result: FetchResult, client: HubClient, console: Console, workers: int) -> None:
     """Download ``result.to_download``, ``workers`` files at a time, each file the hub lists a SHA-256 for (its
     LFS files) hashed as soon as it is in; the first failure stops the rest (the files in by then are kept)."""
@@ -329,18 +379,11 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
             return file_sha256(result.dest / rf.path) if rf.sha256 else None
 
         corrupt, done = [], set()
-        with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:  # hashlib and sockets release the GIL
-            futures = {pool.submit(fetch, rf): rf for rf in todo}
-            try:
-                for future in as_completed(futures):
-                    rf, digest = futures[future], future.result()
-                    done.add(rf.path)
-                    if digest is not None and digest != rf.sha256:
-                        corrupt.append((rf, digest))
-                    bar.update(task, description=f"{len(done)} of {len(todo)} files")
-            finally:  # on a failure the queued files are dropped, those in flight finish
-                for future in futures:
-                    future.cancel()
+        for rf, digest in in_parallel(fetch, todo, workers):
+            done.add(rf.path)
+            if digest is not None and digest != rf.sha256:
+                corrupt.append((rf, digest))
+            bar.update(task, description=f"{len(done)} of {len(todo)} files")
         result.downloaded += [rf.path for rf in todo if rf.path in done]
         bar.update(task, description="done")
     if corrupt:  # deleted before anything is extracted from them: the next fetch downloads them again
