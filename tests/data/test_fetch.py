@@ -323,6 +323,15 @@ def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub,
         assert result.downloaded == sorted(wanted - kept)  # in the listing's order
 
 
+def test_a_file_kept_in_git_that_arrives_corrupted_is_caught_by_its_blob_id(hub, tmp_path, hub_online):
+    expected = (r"^r1: 1 file\(s\) from Zhang199/TinyLLaVA-Video-R1 arrived corrupted and were deleted: "
+                r"config.json \(git SHA-1 [0-9a-f]{12}, listed [0-9a-f]{12}\)")
+    with hub_server(hub, corrupt={"config.json"}) as server:
+        with pytest.raises(TlvrError, match=expected):
+            fetch_targets(["r1"], tmp_path, client=HfHubClient(token="hf_test", endpoint=server.url), progress=False)
+    assert not (tmp_path / "models" / "TinyLLaVA-Video-R1" / "config.json").exists()
+
+
 def test_a_file_that_arrives_corrupted_is_deleted_before_extraction(hub, tmp_path, hub_online):
     train = tmp_path / "data" / "train"
     with hub_server(hub, corrupt={"NextQA.tar.gz"}) as server:
@@ -352,6 +361,7 @@ def test_a_local_copy_that_changed_is_downloaded_again(hub, tmp_path, hub_online
         (model / "config.json").write_text("{}")  # another size: found by the plain fetch
         weights = (model / "model.safetensors").read_bytes()
         (model / "model.safetensors").write_bytes(bytes([weights[0] ^ 1]) + weights[1:])  # same size: --verify
+        (model / "merges.txt").write_text("#version: 0.3\n")  # kept in git, not LFS: its blob id is listed
         sent = len(server.downloads())
         [plain] = fetch_targets(["r1"], tmp_path / "data", client=client, progress=False)
         # the hub library keeps a local file its own metadata says is current: the stale copy must go first
@@ -359,8 +369,9 @@ def test_a_local_copy_that_changed_is_downloaded_again(hub, tmp_path, hub_online
         assert (model / "config.json").read_bytes() == (repo / "config.json").read_bytes()
         assert (model / "model.safetensors").read_bytes() != weights  # a plain fetch checks sizes only
         [verified] = fetch_targets(["r1"], tmp_path / "data", client=client, progress=False, verify=True)
-        assert verified.downloaded == ["model.safetensors"]
+        assert verified.downloaded == ["merges.txt", "model.safetensors"]
         assert (model / "model.safetensors").read_bytes() == weights
+        assert (model / "merges.txt").read_bytes() == (repo / "merges.txt").read_bytes()
         [again] = fetch_targets(["r1"], tmp_path / "data", client=client, progress=False, verify=True)
         assert again.up_to_date and not again.downloaded
 

@@ -1,8 +1,9 @@
 """Download the released checkpoints, the NextQA training set and the four benchmarks from the Hugging Face hub.
 
 Every target is one hub repo; we list its files, download the ones matching the target's patterns into its
-destination, 8 files at a time (skipping files already present with the hub's size; each downloaded file the hub
-lists a SHA-256 for is hashed as it arrives, and a mismatch deletes it before extraction), extract archives
+destination, 8 files at a time (skipping files already present with the hub's size; each downloaded file is
+checked as it arrives against the hash the hub lists, SHA-256 for LFS files and the git blob SHA-1 for the
+rest, and a mismatch deletes it before extraction), extract archives
 next to where they lie, and write ``<dest>/tlvr-manifest.json``. Layout under the data root (``--root`` /
 ``$TLVR_DATA`` / ``~/.cache/tlvr``):
 
@@ -46,7 +47,7 @@ from rich.table import Table
 from ..errors import TlvrError
 from ..files import write_json_atomic
 from .archive import extract_archive, extraction_marker, is_archive, now_utc
-from .hub import HfHubClient, HubClient, RemoteFile, file_sha256
+from .hub import HfHubClient, HubClient, RemoteFile, local_digest
 
 MANIFEST = "tlvr-manifest.json"
 DOWNLOAD_WORKERS = 8  # files in flight at once: a repo of a thousand videos is a thousand round trips
@@ -210,11 +211,11 @@ def _is_present(dest: Path, rf: RemoteFile) -> bool:
 
 
 def _changed(dest: Path, present: list[RemoteFile]) -> list[RemoteFile]:
-    """The files among ``present`` whose bytes no longer hash to the SHA-256 the hub lists (files without
-    one, and archives extracted and deleted, cannot be checked)."""
-    checkable = [f for f in present if f.sha256 and (dest / f.path).is_file()]
-    digests = dict(in_parallel(lambda f: file_sha256(dest / f.path), checkable, min(4, os.cpu_count() or 1)))
-    return [f for f in checkable if digests[f] != f.sha256]
+    """The files among ``present`` whose bytes no longer hash to what the hub lists (SHA-256 for LFS files,
+    the git blob SHA-1 for the rest; archives extracted and deleted cannot be checked)."""
+    checkable = [f for f in present if f.listed_digest and (dest / f.path).is_file()]
+    digests = dict(in_parallel(lambda f: local_digest(dest / f.path, f), checkable, min(4, os.cpu_count() or 1)))
+    return [f for f in checkable if digests[f] != f.listed_digest]
 
 
 def _select(target: Target, listing: list[RemoteFile]) -> list[RemoteFile]:
@@ -223,7 +224,7 @@ def _select(target: Target, listing: list[RemoteFile]) -> list[RemoteFile]:
 
 def plan_target(target: Target, root: Path, client: HubClient, *, verify: bool = False) -> FetchResult:
     """List the repo and decide which files are missing locally (with ``verify``, also those present whose
-    SHA-256 differs from the listing's); downloads nothing."""
+    hash differs from the listing's); downloads nothing."""
     dest = root / target.dest
     try:
         listing = client.list_files(target.repo_id, target.repo_type)
@@ -257,7 +258,7 @@ def _from_manifest(target: Target, dest: Path) -> FetchResult | None:
     """Offline: a complete earlier fetch (manifest present, every file still there) counts as up to date."""
     try:
         manifest = json.loads((dest / MANIFEST).read_text())
-        files = [RemoteFile(f["path"], f.get("size"), f.get("sha256")) for f in manifest["files"]]
+        files = [RemoteFile(f["path"], f.get("size"), f.get("sha256"), f.get("git_sha1")) for f in manifest["files"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if manifest.get("repo") != target.repo_id or not all(_is_present(dest, f) for f in files):
@@ -345,8 +346,8 @@ def in_parallel(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[
 
 
 def _download(target: Target, result: FetchResult, client: HubClient, console: Console, workers: int) -> None:
-    """Download ``result.to_download``, ``workers`` files at a time, each file the hub lists a SHA-256 for (its
-    LFS files) hashed as soon as it is in; the first failure stops the rest (the files in by then are kept)."""
+    """Download ``result.to_download``, ``workers`` files at a time, each checked against the hub's hash as soon
+    as it is in; the first failure stops the rest (the files in by then are kept)."""
     if result.up_to_date:
         console.print(f"{target.name}: up to date ({len(result.files)} files in {result.dest})")
         return
@@ -358,7 +359,7 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
         task = bar.add_task(f"0 of {len(todo)} files", total=result.bytes_to_download or None, name=target.name)
 
         def fetch(rf: RemoteFile) -> str | None:
-            """Download one file; returns its SHA-256 where the hub lists one to check it against."""
+            """Download one file; returns its hash of the kind the hub lists to check it against, if any."""
             # a copy of another size or hash goes first: the hub library would keep a file its metadata matches
             (result.dest / rf.path).unlink(missing_ok=True)
             sent = 0
@@ -376,12 +377,12 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
                                 f"({str(exc).splitlines()[0]}): run `tlvr data fetch {target.name}` again; "
                                 f"the files already in {result.dest} are kept") from exc
             bar.advance(task, max(0, (rf.size or 0) - sent))  # a resumed download reports only what it sent
-            return file_sha256(result.dest / rf.path) if rf.sha256 else None
+            return local_digest(result.dest / rf.path, rf)
 
         corrupt, done = [], set()
         for rf, digest in in_parallel(fetch, todo, workers):
             done.add(rf.path)
-            if digest is not None and digest != rf.sha256:
+            if digest is not None and digest != rf.listed_digest:
                 corrupt.append((rf, digest))
             bar.update(task, description=f"{len(done)} of {len(todo)} files")
         result.downloaded += [rf.path for rf in todo if rf.path in done]
@@ -390,7 +391,8 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
         corrupt.sort(key=lambda pair: pair[0].path)
         for rf, _ in corrupt:
             (result.dest / rf.path).unlink(missing_ok=True)
-        what = ", ".join(f"{rf.path} (SHA-256 {got[:12]}, listed {rf.sha256[:12]})" for rf, got in corrupt)
+        what = ", ".join(f"{rf.path} ({rf.digest_name} {got[:12]}, listed {rf.listed_digest[:12]})"
+                         for rf, got in corrupt)
         raise TlvrError(f"{target.name}: {len(corrupt)} file(s) from {target.repo_id} arrived corrupted and were "
                         f"deleted: {what}; run `tlvr data fetch {target.name}` again")
 
@@ -464,7 +466,7 @@ def _write_manifest(target: Target, result: FetchResult) -> None:
                        if is_archive(f.path) and extraction_marker(result.dest / f.path).is_file())
     write_json_atomic(result.dest / MANIFEST, {
         "target": target.name, "repo": target.repo_id, "repo_type": target.repo_type, "revision": result.revision,
-        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in result.files],
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "git_sha1": f.git_sha1} for f in result.files],
         "extracted": extracted, "time": now_utc()})
 
 

@@ -17,7 +17,17 @@ from typing import Protocol
 class RemoteFile:
     path: str
     size: int | None
-    sha256: str | None = None
+    sha256: str | None = None  # listed for LFS files
+    git_sha1: str | None = None  # the git blob id, listed for the files kept in git itself
+
+    @property
+    def listed_digest(self) -> str | None:
+        """The hash the hub lists to check a download against (``local_digest`` computes it)."""
+        return self.sha256 or self.git_sha1
+
+    @property
+    def digest_name(self) -> str:
+        return "SHA-256" if self.sha256 else "git SHA-1"
 
 
 class HubClient(Protocol):
@@ -52,7 +62,7 @@ class HfHubClient:
         sha = api.repo_info(repo_id, repo_type=repo_type, timeout=self.timeout).sha
         if sha:
             self.revisions[repo_id] = sha
-        return [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else None)
+        return [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else None, None if e.lfs else e.blob_id)
                 for e in api.list_repo_tree(repo_id, recursive=True, repo_type=repo_type, revision=sha)
                 if isinstance(e, RepoFile)]
 
@@ -155,6 +165,22 @@ def _forwarding_tqdm(on_bytes: Callable[[int], None]):
             return super().update(n)
 
     return ForwardingTqdm
+
+
+def local_digest(path: Path, rf: RemoteFile) -> str | None:
+    """``path``'s hash of the kind the hub lists for ``rf`` (None where it lists none)."""
+    if rf.sha256:
+        return file_sha256(path)
+    return git_blob_sha1(path) if rf.git_sha1 else None
+
+
+def git_blob_sha1(path: Path) -> str:
+    """A file's git blob id: the SHA-1 of ``blob <size>\\0`` and its bytes."""
+    h = hashlib.sha1(b"blob %d\0" % Path(path).stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
