@@ -3,7 +3,8 @@
 download: repo info (the pinned commit), the recursive tree (sizes, LFS sha256), and ``resolve`` (HEAD
 for the metadata, GET with byte ranges for the file); and to push: create a repo, the card's metadata
 check, the pre-upload check (every file sent inline) and the commit (its files written into the repo).
-It records every request it answers, and which visibility each created repo was asked for."""
+It records every request it answers, the most it answered at once, and which visibility each created
+repo was asked for; it can answer late (a round trip) and send chosen files cut short or corrupted."""
 
 from __future__ import annotations
 
