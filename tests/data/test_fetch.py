@@ -139,6 +139,17 @@ def test_deleted_archive_is_not_downloaded_again(hub, tmp_path):
     assert len(client.downloads) == n
 
 
+def test_an_archive_changed_on_the_hub_is_downloaded_and_extracted_again(hub, tmp_path):
+    train = tmp_path / "data" / "train"
+    fetch_targets(["nextqa"], tmp_path / "data", client=LocalHubClient(hub), progress=False)
+    newer = VIDEO + b"re-encoded"
+    _tar_gz(hub / "datasets" / "Zhang199" / "TinyLLaVA-Video-R1-training-data" / "NextQA.tar.gz",
+            {"NextQA/NExTVideo/0001/1.mp4": newer})  # another size: a new revision of the archive
+    [result] = fetch_targets(["nextqa"], tmp_path / "data", client=LocalHubClient(hub), progress=False)
+    assert result.downloaded == ["NextQA.tar.gz"] and result.extracted == ["NextQA.tar.gz"]
+    assert (train / "NextQA" / "NExTVideo" / "0001" / "1.mp4").read_bytes() == newer
+
+
 def test_interrupted_extraction_is_redone(hub, tmp_path):
     client = CountingClient(hub)
     fetch_targets(["nextqa"], tmp_path / "data", client=client, progress=False)

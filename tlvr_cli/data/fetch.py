@@ -362,6 +362,8 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
             """Download one file; returns its hash of the kind the hub lists to check it against, if any."""
             # a copy of another size or hash goes first: the hub library would keep a file its metadata matches
             (result.dest / rf.path).unlink(missing_ok=True)
+            if is_archive(rf.path):  # a new archive is extracted again, over what the old one left
+                extraction_marker(result.dest / rf.path).unlink(missing_ok=True)
             sent = 0
 
             def on_bytes(n: int) -> None:
