@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .data.fetch import human_size, is_network_error
 from .data.hub import HfHubClient, HubUploader
-from .errors import TlvrError
+from .errors import TlvrError, first_line
 from .model.checkpoint import HUB_ID, INDEX, WEIGHTS
 from .model_card import model_card
 from .runs import RunSummary, find_eval_results, is_run_dir, read_run
@@ -156,7 +156,7 @@ def push_error_message(exc: BaseException, repo_id: str) -> str | None:
         return (f"cannot reach the Hugging Face hub to push {repo_id} (offline?); `--dry-run` lists what would be "
                 f"uploaded")
     if isinstance(exc, HfHubHTTPError):
-        return f"hub error pushing {repo_id} ({str(exc).splitlines()[0]})"
+        return f"hub error pushing {repo_id} ({first_line(exc)})"
     if isinstance(exc, FileNotFoundError):
         return f"cannot push {repo_id} ({exc})"
     return None

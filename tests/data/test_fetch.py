@@ -334,6 +334,16 @@ def test_a_file_that_arrives_short_is_one_line_and_the_next_fetch_completes(hub,
         assert result.downloaded == sorted(wanted - kept)  # in the listing's order
 
 
+def test_a_download_error_without_a_message_is_named_by_its_type(hub, tmp_path):
+    class Failing(LocalHubClient):
+        def download(self, *args, **kwargs):
+            raise OSError()
+
+    with pytest.raises(TlvrError, match=r"^r1: config.json from Zhang199/TinyLLaVA-Video-R1 did not arrive whole "
+                                        r"\(OSError\): run `tlvr data fetch r1` again"):
+        fetch_targets(["r1"], tmp_path, client=Failing(hub), progress=False, workers=1)
+
+
 def test_a_file_kept_in_git_that_arrives_corrupted_is_caught_by_its_blob_id(hub, tmp_path, hub_online):
     expected = (r"^r1: 1 file\(s\) from Zhang199/TinyLLaVA-Video-R1 arrived corrupted and were deleted: "
                 r"config.json \(git SHA-1 [0-9a-f]{12}, listed [0-9a-f]{12}\)")

@@ -12,7 +12,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from ..errors import TlvrError
+from ..errors import TlvrError, first_line
 from ..files import write_json_atomic
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -82,8 +82,7 @@ def extract_archive(archive: Path, size: int | None = None) -> bool:
         try:
             _extract_into(archive, stage)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as exc:  # cut short or damaged
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise TlvrError(f"{archive}: damaged archive, nothing extracted ({reason}): delete it and run "
+            raise TlvrError(f"{archive}: damaged archive, nothing extracted ({first_line(exc)}): delete it and run "
                             f"`tlvr data fetch` for it again") from exc
         for entry in sorted(stage.iterdir()):
             _merge_move(entry, into / entry.name)

@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..errors import TlvrError
+from ..errors import TlvrError, first_line
 from ..files import write_json_atomic
 from .archive import extract_archive, extraction_marker, is_archive, now_utc
 from .hub import HfHubClient, HubClient, RemoteFile, local_digest
@@ -153,7 +153,7 @@ def hub_error_message(exc: BaseException, target: Target, dest: Path) -> str | N
     if isinstance(exc, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or is_network_error(exc):
         return f"cannot reach the Hugging Face hub for {target.repo_id} (offline?): {terms}{by_hand}"
     if isinstance(exc, HfHubHTTPError):
-        return f"hub error for {target.repo_id} ({str(exc).splitlines()[0]}): {terms}{by_hand}"
+        return f"hub error for {target.repo_id} ({first_line(exc)}): {terms}{by_hand}"
     if isinstance(exc, FileNotFoundError):
         return f"{target.repo_id} was not found ({exc}): {by_hand}"
     return None
@@ -376,7 +376,7 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
                                                   on_bytes=on_bytes), target, result.dest)
             except OSError as exc:  # e.g. a file that arrived short of its size (the library keeps no part of it)
                 raise TlvrError(f"{target.name}: {rf.path} from {target.repo_id} did not arrive whole "
-                                f"({str(exc).splitlines()[0]}): run `tlvr data fetch {target.name}` again; "
+                                f"({first_line(exc)}): run `tlvr data fetch {target.name}` again; "
                                 f"the files already in {result.dest} are kept") from exc
             bar.advance(task, max(0, (rf.size or 0) - sent))  # a resumed download reports only what it sent
             return local_digest(result.dest / rf.path, rf)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..engine.weights import Slice
-from ..errors import TlvrError
+from ..errors import TlvrError, first_line
 from ..jobs import LoraTuneConfig
 
 ADAPTER = "default"  # peft's adapter name; peft drops it from the keys it saves
@@ -57,7 +57,7 @@ def add_adapters(model: nn.Module, lora: LoraTuneConfig) -> None:
     try:
         peft.inject_adapter_in_model(config, model.language_model, adapter_name=ADAPTER)
     except ValueError as e:  # e.g. no module matches target_modules
-        raise TlvrError(f"tune.lora.target_modules={list(lora.target_modules)}: {str(e).splitlines()[0]}") from None
+        raise TlvrError(f"tune.lora.target_modules={list(lora.target_modules)}: {first_line(e)}") from None
 
 
 def has_adapters(model: nn.Module) -> bool:
