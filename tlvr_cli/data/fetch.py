@@ -381,13 +381,12 @@ def _download(target: Target, result: FetchResult, client: HubClient, console: C
             bar.advance(task, max(0, (rf.size or 0) - sent))  # a resumed download reports only what it sent
             return local_digest(result.dest / rf.path, rf)
 
-        corrupt, done = [], set()
-        for rf, digest in in_parallel(fetch, todo, workers):
-            done.add(rf.path)
+        corrupt = []
+        for done, (rf, digest) in enumerate(in_parallel(fetch, todo, workers), 1):
             if digest is not None and digest != rf.listed_digest:
                 corrupt.append((rf, digest))
-            bar.update(task, description=f"{len(done)} of {len(todo)} files")
-        result.downloaded += [rf.path for rf in todo if rf.path in done]
+            bar.update(task, description=f"{done} of {len(todo)} files")
+        result.downloaded += [rf.path for rf in todo]  # all of them: a failure has raised above
         bar.update(task, description="done")
     if corrupt:  # deleted before anything is extracted from them: the next fetch downloads them again
         corrupt.sort(key=lambda pair: pair[0].path)

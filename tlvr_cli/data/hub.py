@@ -176,16 +176,16 @@ def local_digest(path: Path, rf: RemoteFile) -> str | None:
 
 def git_blob_sha1(path: Path) -> str:
     """A file's git blob id: the SHA-1 of ``blob <size>\\0`` and its bytes."""
-    h = hashlib.sha1(b"blob %d\0" % Path(path).stat().st_size)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return _hash_file(hashlib.sha1(b"blob %d\0" % Path(path).stat().st_size), path)
 
 
 def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes (the hub lists it for LFS files), read in 1 MiB chunks."""
-    h = hashlib.sha256()
+    """The SHA-256 of a file's bytes (the hub lists it for LFS files)."""
+    return _hash_file(hashlib.sha256(), path)
+
+
+def _hash_file(h, path: Path) -> str:
+    """``h`` updated with the file's bytes, read in 1 MiB chunks; its hex digest."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
