@@ -13,8 +13,9 @@ import pytest
 from fake_hub_server import COMMIT, hub_server
 
 from tlvr_cli.data.archive import extract_archive, extraction_marker
-from tlvr_cli.data.fetch import MANIFEST, TARGETS, fetch_targets, in_parallel
+from tlvr_cli.data.fetch import MANIFEST, TARGETS, fetch_targets
 from tlvr_cli.data.hub import HfHubClient, LocalHubClient
+from tlvr_cli.data.threads import in_parallel
 from tlvr_cli.errors import TlvrError
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(64))

@@ -24,7 +24,8 @@ next to where they lie, and write ``<dest>/tlvr-manifest.json``. Layout under th
 An archive is extracted into the directory holding it, through a temp dir, and then marked done with
 ``.extracted-<archive name>``; without the marker it is extracted again from scratch. When a repo wraps everything
 in one top folder (MLVU's ``MLVU/``), its entries are linked into the destination so the layout above holds.
-The hub clients live in ``hub.py``, the extraction in ``archive.py``; this module holds the targets and the run.
+The hub clients live in ``hub.py``, the extraction in ``archive.py``, the worker threads in ``threads.py``; this
+module holds the targets and the run.
 """
 
 from __future__ import annotations
@@ -33,12 +34,10 @@ import difflib
 import fnmatch
 import json
 import os
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -48,6 +47,7 @@ from ..errors import TlvrError, first_line
 from ..files import write_json_atomic
 from .archive import extract_archive, extraction_marker, is_archive, now_utc
 from .hub import HfHubClient, HubClient, RemoteFile, local_digest
+from .threads import in_parallel
 
 MANIFEST = "tlvr-manifest.json"
 DOWNLOAD_WORKERS = 8  # files in flight at once: a repo of a thousand videos is a thousand round trips
@@ -293,56 +293,6 @@ def fetch_targets(targets: list[str], root: Path, *, client: HubClient | None = 
             console.print(f"[yellow]warning:[/] {line}")
         results.append(result)
     return results
-
-
-T, R = TypeVar("T"), TypeVar("R")
-
-
-def in_parallel(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[tuple[T, R]]:
-    """``(item, fn(item))`` for each item, in the order they finish, ``fn`` running on up to ``workers``
-    threads (downloads and hashing release the GIL). The first exception is raised here once the items in
-    flight have finished, the queued ones dropped; Ctrl-C is raised at once: the threads are daemons, so
-    the process exits without waiting for a download in flight (which the next fetch resumes)."""
-    queued: queue.SimpleQueue = queue.SimpleQueue()
-    finished: queue.SimpleQueue = queue.SimpleQueue()
-    for item in items:
-        queued.put(item)
-    stop = threading.Event()
-
-    def work() -> None:
-        while not stop.is_set():
-            try:
-                item = queued.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                finished.put((item, fn(item), None))
-            except BaseException as exc:  # handed to the caller's thread, KeyboardInterrupt included
-                finished.put((item, None, exc))
-
-    threads = [threading.Thread(target=work, daemon=True, name=f"tlvr-fetch-{i}")
-               for i in range(max(1, min(workers, len(items))))]
-    for thread in threads:
-        thread.start()
-    try:
-        for _ in items:
-            while True:
-                try:  # a timeout, so that Ctrl-C reaches this thread while it waits
-                    item, value, exc = finished.get(timeout=0.2)
-                    break
-                except queue.Empty:
-                    continue
-            if exc is not None:
-                raise exc
-            yield item, value
-    except KeyboardInterrupt:
-        stop.set()
-        raise
-    except BaseException:
-        stop.set()
-        for thread in threads:
-            thread.join()
-        raise
 
 
 def _download(target: Target, result: FetchResult, client: HubClient, console: Console, workers: int) -> None:
