@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--agreement", type=int, default=0,
                     help="Also decode this many tokens greedily with the engine and HF generate and report agreement.")
     ap.add_argument("--rows-sweep", default="", help="Also time the engine at these row counts, e.g. '1,8,128'.")
+    ap.add_argument("--attention", action="store_true",
+                    help="Also time one layer's decode attention, plain split-KV against cascade, at a few lengths.")
     ap.add_argument("--tensor-parallel", action="store_true",
                     help="Under torchrun: tensor-parallel decoding vs one GPU vs data parallel at the same total rows.")
     ap.add_argument("--no-compile", action="store_true",
@@ -199,6 +201,33 @@ def greedy_agreement(lm, prompts, args, device) -> tuple[float, float]:
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n)
         prefixes.append(k / n)
     return sum(p == 1.0 for p in prefixes) / len(prefixes), sum(prefixes) / len(prefixes)
+
+
+def attention_sweep(cfg, args, device: torch.device, dtype: torch.dtype) -> None:
+    """One layer's decode attention for ``--batch`` x ``--samples`` rows under a CUDA graph: the plain step's
+    split-KV kernels (every row's prompt and new tokens) against the cascade's (each prompt once per block),
+    a quarter, half and all of ``--new-tokens`` into the completions. Each is replayed on the same cache, so
+    keys that fit the L2 cache (the cascade's, at these sizes) are read from it: latency, not bytes, is
+    what this compares."""
+    from triton.testing import do_bench_cudagraph
+
+    from tlvr_cli.engine.split_kv import cascade_attention, split_kv_attention
+
+    rows, kv_heads = args.batch * args.samples, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    seq = args.prompt_len + args.new_tokens
+    q = torch.randn(rows, kv_heads, cfg.num_attention_heads // kv_heads, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(rows, kv_heads, seq, head_dim, device=device, dtype=dtype) for _ in range(2))
+    prompt_lens = torch.full((args.batch,), args.prompt_len, device=device)
+    prefix = -(-args.prompt_len // 64) * 64
+    print(f"{'new tokens':>10}{'plain us':>10}{'cascade us':>12}  (one layer, {rows} rows, prompt {args.prompt_len})")
+    for new in (args.new_tokens // 4, args.new_tokens // 2, args.new_tokens):
+        lengths = torch.full((rows,), args.prompt_len + new, device=device)
+        own_start = torch.full((rows,), seq - new, device=device)
+        plain = do_bench_cudagraph(lambda: split_kv_attention(q, k, v, lengths, seq, head_dim ** -0.5)) * 1e3
+        cascade = do_bench_cudagraph(lambda: cascade_attention(q, k, v, prompt_lens, prefix, own_start,
+                                                               -(-new // 32) * 32, head_dim ** -0.5)) * 1e3
+        print(f"{new:>10}{plain:>10.1f}{cascade:>12.1f}")
 
 
 def main_tensor_parallel(args: argparse.Namespace) -> dict:
@@ -374,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["agreement"] = {"rows_identical": same, "prefix": prefix}
         print(f"greedy agreement with HF generate over {args.agreement} tokens, {len(prompts)} prompts: "
               f"{same:.0%} of rows identical, {prefix:.1%} of tokens before the first difference")
+    if args.attention and cuda:
+        attention_sweep(cfg, args, device, dtype)
     if args.rows_sweep:
         print(f"{'rows':>6}{'tokens/s':>12}{'ms/step':>10}{'floor ms':>10}{'of floor':>10}")
         for rows_n in (int(r) for r in args.rows_sweep.split(",")):

@@ -84,11 +84,16 @@ class EngineConfig:
     split_kv_attention: bool = option(True, "GPU only, with cuda_graphs: decode attention in tlvr's split-KV Triton "
                                       "kernels (each row's keys in ranges across the SMs, merged exactly); off: "
                                       "PyTorch's SDPA.")
+    cascade: bool = option(True, "GRPO rollouts: a prompt's G completions decode in one block of slots that holds "
+                           "its keys/values once (cascade attention: the prompt read once per group per step, not "
+                           "once per row; on an H200 3.66 against 3.82 ms per step at 8 prompts x G 8); off: each "
+                           "row decodes with its own copy of the prompt. Evaluation and inference decode one row "
+                           "per prompt either way.")
 
     def engine_kwargs(self) -> dict:
         """These keys as ``Engine``'s keyword arguments (one mapping for every job that builds an engine)."""
         return dict(max_batch=self.max_batch, cuda_graphs=self.cuda_graphs, compile=self.compile,
-                    fuse_weights=self.fused_weights, split_kv=self.split_kv_attention)
+                    fuse_weights=self.fused_weights, split_kv=self.split_kv_attention, cascade=self.cascade)
 
 
 # ----------------------------------------------------------------------------- training sections
