@@ -56,6 +56,7 @@ def attend_range(q_ptr, k_ptr, v_ptr, bound_ptr, o_ptr, lse_ptr, blk, tile, kvh,
     tl.store(o_ptr + row[:, None] * sob + head[:, None] * soh + at * sos + d[None, :], out, mask=valid[:, None])
     tl.store(lse_ptr + row * slb + head * slh + at, lse, mask=valid)
 
+
 @triton.jit
 def partial_kernel(q_ptr, k_ptr, v_ptr, hi_ptr, o_ptr, lse_ptr, kv_len, scale,
                    sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh,
@@ -65,6 +66,7 @@ def partial_kernel(q_ptr, k_ptr, v_ptr, hi_ptr, o_ptr, lse_ptr, kv_len, scale,
     attend_range(q_ptr, k_ptr, v_ptr, hi_ptr, o_ptr, lse_ptr, tl.program_id(0), 0, tl.program_id(1),
                  tl.program_id(2), 0, kv_len, 0, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                  slb, slh, ROWS=1, REP=REP, TILE=TILE, D=D, SPLITS=SPLITS, BLOCK=BLOCK, LOWER=False)
+
 
 @triton.jit
 def cascade_kernel(q_ptr, k_ptr, v_ptr, prompt_ptr, own_ptr, o_ptr, lse_ptr, prefix_programs, prefix_len,
@@ -87,6 +89,7 @@ def cascade_kernel(q_ptr, k_ptr, v_ptr, prompt_ptr, own_ptr, o_ptr, lse_ptr, pre
                      own % OWN_SPLITS, suffix_start, suffix_len, PREFIX_SPLITS, scale, sqb, sqh, skb, skh, sks,
                      svb, svh, svs, sob, soh, sos, slb, slh, ROWS=1, REP=REP, TILE=OWN_TILE, D=D,
                      SPLITS=OWN_SPLITS, BLOCK=BLOCK, LOWER=True)
+
 
 @triton.jit
 def merge_kernel(o_ptr, lse_ptr, out_ptr, sob, soh, sos, slb, slh, sxb, sxh,
