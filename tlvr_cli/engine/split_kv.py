@@ -38,6 +38,8 @@ MAX_QUERY_TILE = 64  # a cascade block's rows x heads above this run as several 
 # blocks per SM the split count aims at, and the partial kernel's launch: the fastest of a sweep on an
 # H200 (BLOCK_N 32/64/128 x warps 2/4/8 x stages 2/3/4 x waves 2/4/8; 8, 64 and 256 rows, 704 and
 # 1,152 keys), within 3 % of each shape's best
+# (the one-launch cascade re-swept at 64 rows x 512 tokens, whole rollouts: waves 1/2/4, BLOCK_N 32/64,
+# stages 2/3/4 span 3.59-3.72 ms per step, these 3.60-3.62)
 WAVES = 2
 WARPS, STAGES = 4, 3
 # the merge kernel's warps: one warp per (row, head) program (64 rows x 512 tokens on an H200, cascade:
