@@ -212,6 +212,7 @@ def attention_sweep(cfg, args, device: torch.device, dtype: torch.dtype) -> None
     from triton.testing import do_bench_cudagraph
 
     from tlvr_cli.engine.split_kv import cascade_attention, split_kv_attention
+    from tlvr_cli.engine.steps import KV_LEN_BUCKET, NEW_KEYS_BUCKET, _bucket
 
     rows, kv_heads = args.batch * args.samples, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -219,14 +220,14 @@ def attention_sweep(cfg, args, device: torch.device, dtype: torch.dtype) -> None
     q = torch.randn(rows, kv_heads, cfg.num_attention_heads // kv_heads, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(rows, kv_heads, seq, head_dim, device=device, dtype=dtype) for _ in range(2))
     prompt_lens = torch.full((args.batch,), args.prompt_len, device=device)
-    prefix = -(-args.prompt_len // 64) * 64
+    prefix = _bucket(args.prompt_len, KV_LEN_BUCKET)  # the prompt keys a cascade step reads (``steps.py``)
     print(f"{'new tokens':>10}{'plain us':>10}{'cascade us':>12}  (one layer, {rows} rows, prompt {args.prompt_len})")
     for new in (args.new_tokens // 4, args.new_tokens // 2, args.new_tokens):
         lengths = torch.full((rows,), args.prompt_len + new, device=device)
         own_start = torch.full((rows,), seq - new, device=device)
         plain = do_bench_cudagraph(lambda: split_kv_attention(q, k, v, lengths, seq, head_dim ** -0.5)) * 1e3
         cascade = do_bench_cudagraph(lambda: cascade_attention(q, k, v, prompt_lens, prefix, own_start,
-                                                               -(-new // 32) * 32, head_dim ** -0.5)) * 1e3
+                                                               _bucket(new, NEW_KEYS_BUCKET), head_dim ** -0.5)) * 1e3
         print(f"{new:>10}{plain:>10.1f}{cascade:>12.1f}")
 
 

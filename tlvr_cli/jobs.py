@@ -86,7 +86,7 @@ class EngineConfig:
                                       "PyTorch's SDPA.")
     cascade: bool = option(True, "GRPO rollouts: a prompt's G completions decode in one block of slots that holds "
                            "its keys/values once (cascade attention: the prompt read once per group per step, not "
-                           "once per row; on an H200 3.66 against 3.82 ms per step at 8 prompts x G 8); off: each "
+                           "once per row; on an H200 3.60 against 3.77 ms per step at 8 prompts x G 8); off: each "
                            "row decodes with its own copy of the prompt. Evaluation and inference decode one row "
                            "per prompt either way.")
 

@@ -49,9 +49,10 @@ MERGE_WARPS = 1
 
 @functools.cache
 def _kernels():
-    from . import split_kv_kernels as kernels
+    """``split_kv_kernels``, imported on first use (it imports Triton)."""
+    from . import split_kv_kernels
 
-    return kernels.partial_kernel, kernels.cascade_kernel, kernels.merge_kernel
+    return split_kv_kernels
 
 
 def split_count(rows: int, kv_heads: int, kv_len: int, sms: int) -> int:
@@ -96,8 +97,7 @@ class _Ranges:
     def merge(self, dtype: torch.dtype) -> torch.Tensor:
         b, heads, _, d = self.o.shape
         out = torch.empty(b, heads, d, device=self.o.device, dtype=dtype)
-        merge_kernel = _kernels()[2]
-        merge_kernel[(b, heads)](self.o, self.lse, out, *self.o.stride()[:3], *self.lse.stride()[:2],
+        _kernels().merge_kernel[(b, heads)](self.o, self.lse, out, *self.o.stride()[:3], *self.lse.stride()[:2],
                                  *out.stride()[:2], D=d, PARTS=self.parts, PARTS_POW2=_pow2(self.parts),
                                  num_warps=MERGE_WARPS)
         return out.view(b, heads // self.rep, self.rep, d)
@@ -113,7 +113,7 @@ def split_kv_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     splits = split_count(b, kv_heads, kv_len, _sm_count(q.device.index or 0))
     ranges = _Ranges(q, splits)
     tile, _ = query_tiles(rep)
-    _kernels()[0][(b, kv_heads, splits)](
+    _kernels().partial_kernel[(b, kv_heads, splits)](
         ranges.q, k_cache, v_cache, lengths, ranges.o, ranges.lse, kv_len, scale, *ranges.strides(k_cache, v_cache),
         REP=rep, TILE=tile, D=d, SPLITS=splits, BLOCK=BLOCK_N, num_warps=WARPS, num_stages=STAGES)
     return ranges.merge(q.dtype)
@@ -141,7 +141,7 @@ def cascade_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     ranges = _Ranges(q, prefix_splits + own_splits)
     prefix_programs = blocks * tiles * prefix_splits
     # one launch: the prompt ranges' programs, then the own tokens' (``cascade_kernel``)
-    _kernels()[1][(prefix_programs + b * own_splits, kv_heads)](
+    _kernels().cascade_kernel[(prefix_programs + b * own_splits, kv_heads)](
         ranges.q, k_cache, v_cache, prompt_lens, own_start, ranges.o, ranges.lse, prefix_programs, prefix_len,
         k_cache.shape[2] - suffix_len, suffix_len, scale, *ranges.strides(k_cache, v_cache), WIDTH=width, REP=rep,
         TILE=tile, TILES=tiles, OWN_TILE=query_tiles(rep)[0], D=d, PREFIX_SPLITS=prefix_splits,
