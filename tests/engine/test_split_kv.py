@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from transformers import Qwen2ForCausalLM
 
 from tlvr_cli.engine.generate import Engine
+from tlvr_cli.engine.layers import decode_options
 from tlvr_cli.engine.sampling import SamplingParams
 from tlvr_cli.engine.split_kv import (
     BLOCK_N,
     WAVES,
     cascade_attention,
+    launch_keywords,
     query_tiles,
     split_count,
     split_kv_attention,
@@ -46,6 +48,18 @@ def test_available_only_on_cuda_in_16_bits():
     assert not split_kv_available(torch.device("cpu"), torch.bfloat16, 128)
     assert not split_kv_available(torch.device("cuda"), torch.float32, 128)
     assert not split_kv_available(torch.device("cuda"), torch.bfloat16, 96)  # not a power of two
+
+
+def test_dependent_launches_only_on_cuda():
+    # the interpreter and older GPUs launch plainly (the kernels compile their PDL branch out)
+    assert launch_keywords(torch.device("cpu")) == {"PDL": False}
+
+
+def test_decode_options_are_inductor_options():
+    import torch._inductor.config as inductor
+
+    with inductor.patch(decode_options()):  # an unknown option would raise here
+        pass
 
 
 def test_query_tiles_cover_a_block_in_tiles_of_16_to_64():

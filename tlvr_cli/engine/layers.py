@@ -171,6 +171,15 @@ def cascade_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: t
     return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer)
 
 
+def decode_options() -> dict:
+    """Inductor's options for the decode step: its kernels as programmatic dependent launches where the
+    GPU has them (inductor checks: Hopper and later), as tlvr's own kernels launch
+    (``split_kv.launch_keywords``); none with a torch whose inductor lacks the option."""
+    import torch._inductor.config as inductor
+
+    return {"triton.enable_pdl": True} if hasattr(inductor.triton, "enable_pdl") else {}
+
+
 @functools.cache
 def compiled_decode() -> tuple[Callable, Callable]:
     """The compiled decoder layer and sampler, shared by every engine (compiled code is cached per
@@ -179,14 +188,14 @@ def compiled_decode() -> tuple[Callable, Callable]:
     use_compile_cache()
     # not fullgraph: should a long-lived process exhaust dynamo's recompile limit, the layer runs eager
     # instead of failing
-    return torch.compile(decode_layer), torch.compile(sample_keyed)
+    return torch.compile(decode_layer, options=decode_options()), torch.compile(sample_keyed, options=decode_options())
 
 
 @functools.cache
 def compiled_cascade() -> Callable:
     """The compiled ``cascade_layer``, shared by every engine like ``compiled_decode``."""
     use_compile_cache()
-    return torch.compile(cascade_layer)
+    return torch.compile(cascade_layer, options=decode_options())
 
 
 @functools.cache

@@ -6,6 +6,14 @@ the rows' own ranges in one launch) and ``merge_kernel``."""
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (``split_kv.launch_keywords``), in the Triton releases that have it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:  # the kernels compile their ``PDL`` branch only when it is set
+    gdc_launch_dependents = gdc_wait = None
+    HAS_PDL = False
+
 
 @triton.jit
 def attend_range(q_ptr, k_ptr, v_ptr, bound_ptr, o_ptr, lse_ptr, blk, tile, kvh, part, window, window_len,
@@ -61,8 +69,11 @@ def attend_range(q_ptr, k_ptr, v_ptr, bound_ptr, o_ptr, lse_ptr, blk, tile, kvh,
 def partial_kernel(q_ptr, k_ptr, v_ptr, hi_ptr, o_ptr, lse_ptr, kv_len, scale,
                    sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh,
                    REP: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, PDL: tl.constexpr):
     # program (row, kv head, range): the row's keys [0, min(hi[row], kv_len)) in SPLITS ranges
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     attend_range(q_ptr, k_ptr, v_ptr, hi_ptr, o_ptr, lse_ptr, tl.program_id(0), 0, tl.program_id(1),
                  tl.program_id(2), 0, kv_len, 0, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                  slb, slh, ROWS=1, REP=REP, TILE=TILE, D=D, SPLITS=SPLITS, BLOCK=BLOCK, LOWER=False)
@@ -73,9 +84,12 @@ def cascade_kernel(q_ptr, k_ptr, v_ptr, prompt_ptr, own_ptr, o_ptr, lse_ptr, pre
                    suffix_start, suffix_len, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh,
                    WIDTH: tl.constexpr, REP: tl.constexpr, TILE: tl.constexpr, TILES: tl.constexpr,
                    OWN_TILE: tl.constexpr, D: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
-                   OWN_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+                   OWN_SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # programs [0, prefix_programs): (block x query tile, range) over the block's prompt keys, all its
     # WIDTH rows x query heads in tiles of TILE; then (row, range) over each row's own keys
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid, kvh = tl.program_id(0), tl.program_id(1)
     if pid < prefix_programs:
         blk_tile, part = pid // PREFIX_SPLITS, pid % PREFIX_SPLITS
@@ -93,7 +107,10 @@ def cascade_kernel(q_ptr, k_ptr, v_ptr, prompt_ptr, own_ptr, o_ptr, lse_ptr, pre
 
 @triton.jit
 def merge_kernel(o_ptr, lse_ptr, out_ptr, sob, soh, sos, slb, slh, sxb, sxh,
-                 D: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr):
+                 D: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b, h = tl.program_id(0), tl.program_id(1)
     parts = tl.arange(0, PARTS_POW2)
     used = parts < PARTS
