@@ -188,7 +188,8 @@ def compiled_decode() -> tuple[Callable, Callable]:
     use_compile_cache()
     # not fullgraph: should a long-lived process exhaust dynamo's recompile limit, the layer runs eager
     # instead of failing
-    return torch.compile(decode_layer, options=decode_options()), torch.compile(sample_keyed, options=decode_options())
+    options = decode_options()
+    return torch.compile(decode_layer, options=options), torch.compile(sample_keyed, options=options)
 
 
 @functools.cache

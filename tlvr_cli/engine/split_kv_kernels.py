@@ -16,6 +16,15 @@ except ImportError:  # the kernels compile their ``PDL`` branch only when it is 
 
 
 @triton.jit
+def after_predecessor(PDL: tl.constexpr):
+    # under a programmatic dependent launch: wait for the kernel before to finish (nothing is read
+    # before), then let the next one launch
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def attend_range(q_ptr, k_ptr, v_ptr, bound_ptr, o_ptr, lse_ptr, blk, tile, kvh, part, window, window_len,
                  offset, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos, slb, slh,
                  ROWS: tl.constexpr, REP: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr,
@@ -71,9 +80,7 @@ def partial_kernel(q_ptr, k_ptr, v_ptr, hi_ptr, o_ptr, lse_ptr, kv_len, scale,
                    REP: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                    BLOCK: tl.constexpr, PDL: tl.constexpr):
     # program (row, kv head, range): the row's keys [0, min(hi[row], kv_len)) in SPLITS ranges
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    after_predecessor(PDL)
     attend_range(q_ptr, k_ptr, v_ptr, hi_ptr, o_ptr, lse_ptr, tl.program_id(0), 0, tl.program_id(1),
                  tl.program_id(2), 0, kv_len, 0, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                  slb, slh, ROWS=1, REP=REP, TILE=TILE, D=D, SPLITS=SPLITS, BLOCK=BLOCK, LOWER=False)
@@ -87,9 +94,7 @@ def cascade_kernel(q_ptr, k_ptr, v_ptr, prompt_ptr, own_ptr, o_ptr, lse_ptr, pre
                    OWN_SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # programs [0, prefix_programs): (block x query tile, range) over the block's prompt keys, all its
     # WIDTH rows x query heads in tiles of TILE; then (row, range) over each row's own keys
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    after_predecessor(PDL)
     pid, kvh = tl.program_id(0), tl.program_id(1)
     if pid < prefix_programs:
         blk_tile, part = pid // PREFIX_SPLITS, pid % PREFIX_SPLITS
@@ -108,9 +113,7 @@ def cascade_kernel(q_ptr, k_ptr, v_ptr, prompt_ptr, own_ptr, o_ptr, lse_ptr, pre
 @triton.jit
 def merge_kernel(o_ptr, lse_ptr, out_ptr, sob, soh, sos, slb, slh, sxb, sxh,
                  D: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    after_predecessor(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     parts = tl.arange(0, PARTS_POW2)
     used = parts < PARTS
