@@ -17,7 +17,8 @@ With ``--samples`` > 1 the engine also runs as ``Engine(cascade=True)`` decodes 
 prompt's keys/values once per block of its ``--samples`` rows (cascade attention) instead of a copy
 per row; the plain engine rows are ``cascade=False`` (the default). Each engine row has its own floor: the cascade
 reads every prompt once per group plus each row's own new tokens, the plain engine every row's
-prompt and new tokens.
+prompt and new tokens. The ``SDPA`` and ``cuBLAS`` rows are the compiled engine with PyTorch's
+attention instead of the split-KV kernels and with cuBLAS's GEMMs instead of the split-K partials.
 
 With ``--tensor-parallel`` (under torchrun, N processes) the same rows are decoded three ways: on one
 GPU, data-parallel (each GPU decodes 1/N of the rows with all the weights) and tensor-parallel (every
@@ -92,12 +93,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_engine(lm, prompts, params, args, device, cuda_graphs: bool, compile: bool = False, tp_group=None,
-                out: list | None = None, cascade: bool = False, split_kv: bool = True) -> float:
+                out: list | None = None, cascade: bool = False, split_kv: bool = True, split_k: bool = True) -> float:
     """Seconds of the second of two identical engine calls (the first allocates, compiles, captures);
     ``out`` receives the tokens of the timed call."""
     rows = len(prompts) * args.samples
     engine = Engine(lm, max_batch=rows, max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=cuda_graphs,
-                    compile=compile, tp_group=tp_group, cascade=cascade, split_kv=split_kv)
+                    compile=compile, tp_group=tp_group, cascade=cascade, split_kv=split_kv, split_k=split_k)
 
     def run() -> None:
         outs = engine.generate(prompts, params, args.new_tokens, 0, num_samples=args.samples, ignore_eos=True)
@@ -332,12 +333,17 @@ def main(argv: list[str] | None = None) -> dict:
             # the same engine with SDPA's attention instead of the split-KV kernels
             seconds["engine + graphs + compile, SDPA"] = time_engine(lm, prompts, params, args, device,
                                                                      split_kv=False, **fast)
+            # ... and with cuBLAS's GEMMs instead of the split-K partials
+            seconds["engine + graphs + compile, cuBLAS"] = time_engine(lm, prompts, params, args, device,
+                                                                       split_k=False, **fast)
         if args.samples > 1:  # the same rows, each prompt's keys/values once per group
             if cuda:
                 seconds["cascade + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True,
                                                                cascade=True)
                 seconds["cascade + graphs + compile"] = time_engine(lm, prompts, params, args, device, cascade=True,
                                                                     out=cascade_tokens, **fast)
+                seconds["cascade + graphs + compile, cuBLAS"] = time_engine(lm, prompts, params, args, device,
+                                                                            cascade=True, split_k=False, **fast)
             else:
                 seconds["cascade"] = time_engine(lm, prompts, params, args, device, cuda_graphs=False, cascade=True,
                                                  out=cascade_tokens)
@@ -376,11 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"floor {floors['cascade floor'] * 1e3:.2f} ms/step")
     base_hf = seconds.get("hf generate (kv cache)")
     base_ref = seconds["no-cache loop (estimated)"]
-    print(f"{'method':<30}{'seconds':>10}{'ms/step':>10}{'tokens/s':>14}{'vs HF':>10}{'vs no-cache':>13}"
+    print(f"{'method':<36}{'seconds':>10}{'ms/step':>10}{'tokens/s':>14}{'vs HF':>10}{'vs no-cache':>13}"
           f"{'floor ms':>10}{'of floor':>10}")
     for name, s in seconds.items():
         vs_hf = f"{base_hf / s:9.2f}x" if base_hf else f"{'-':>10}"
-        print(f"{name:<30}{s:>10.4f}{s / args.new_tokens * 1e3:>10.2f}{tokens / s:>14.1f}{vs_hf}{base_ref / s:>12.1f}x"
+        print(f"{name:<36}{s:>10.4f}{s / args.new_tokens * 1e3:>10.2f}{tokens / s:>14.1f}{vs_hf}{base_ref / s:>12.1f}x"
               f"{floors[name] * 1e3:>10.2f}{floors[name] * args.new_tokens / s:>10.1%}")
     plain_best = min(v for k, v in seconds.items() if k.startswith("engine"))
     print(f"engine reaches {seconds['bandwidth floor'] / plain_best:.1%} of the bandwidth floor")

@@ -33,7 +33,9 @@ A decode step (forward, sampling, writing the sampled token and the next positio
 step's own input buffers, and into a token history) is one CUDA graph on GPU; the host replays it
 ``sync_every`` times, then reads the history once to handle eos, finished rows and refills. With
 ``compile=True`` (GPU) the decoder layer is one ``torch.compile``d function shared by all layers
-(norms, rotary, cache writes and residuals fused). On GPU, compiled or not, the layers read
+(norms, rotary, cache writes and residuals fused); under CUDA graphs its steps of at most 64 rows run
+q|k|v, o_proj and down_proj as split-K partial products that those fused kernels sum (``split_k.py``,
+``split_k=False``: cuBLAS). On GPU, compiled or not, the layers read
 concatenated q|k|v and gate|up weights: the model's own parameters, re-pointed into one buffer per
 part on first use (``weights.fuse_layer``: no second copy, and optimizer steps in place are seen as
 they happen). With ``copy_weights=True`` the engine decodes from its own copy of the whole model
@@ -50,8 +52,8 @@ layer, the same full logits and the same keyed draws on every rank, so the host 
 step counts) runs identically everywhere. Every rank must call ``generate`` with the same arguments.
 
 Norms, MLPs, projections and the rotary table are the HF modules' own (the layer maths are in
-``layers.py``); only attention and the cache are ours, so numerics follow HF's eager/SDPA path in
-the model's dtype. Sliding-window attention is not implemented (Qwen2.5-3B does not use it).
+``layers.py``); only attention, the cache and the split-K projections are ours, so numerics follow
+HF's eager/SDPA path in the model's dtype. Sliding-window attention is not implemented (Qwen2.5-3B does not use it).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from .layers import attn_in, attn_out, cascade_layer, compiled_cascade, compiled
 from .sampling import SamplingParams, sample_keyed
 from .schedule import Completion, Finished, HostLoop, Prefill, Request, SharedPrefix, check_prompt, row_seed
 from .sizing import auto_max_batch
+from .split_k import layer_splits, split_k_available
 from .steps import FULL_CACHE_SHARE, KV_LEN_BUCKET, SYNC_EVERY, CascadeShape, DecodeSteps
 from .tensor_parallel import TensorParallel
 from .weights import ModelWeights, WeightCopy, WeightSource, fuse_layer
@@ -98,7 +101,7 @@ class Engine(DecodeSteps):
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
                  compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False,
                  weights: WeightSource | None = None, cascade: bool = False, split_kv: bool = True,
-                 tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
+                 split_k: bool = True, tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
@@ -125,6 +128,11 @@ class Engine(DecodeSteps):
         # (``split_kv.py``) on CUDA under CUDA graphs, SDPA elsewhere; decided when the cache is allocated
         self.split_kv = split_kv
         self._split_kv = False
+        # split_k: compiled, under CUDA graphs, without tensor parallelism, steps of at most
+        # ``split_k.MAX_ROWS`` rows run q|k|v, o_proj and down_proj as Triton split-K partials summed
+        # in the kernels that consume them (``split_k.py``); decided per call
+        self.split_k = split_k
+        self._splits = None
         # on GPU: concatenated q|k|v and gate|up weights (the model's parameters moved into one buffer
         # per part, so updates in place are seen) make each decode step 3 GEMMs shorter
         self.fuse_weights = fuse_weights
@@ -271,6 +279,10 @@ class Engine(DecodeSteps):
             self._sync_copy(device, dtype, fused=fuse)
         elif fuse:
             self._sync_fused()
+        use_split_k = (self.split_k and compiled and fuse and self.cuda_graphs and self.tp is None
+                       and split_k_available(device, dtype))
+        self._splits = (layer_splits(self.lm.config, self.n_heads, self.n_kv_heads, self.head_dim, device)
+                        if use_split_k else None)
         return device
 
     @property

@@ -19,6 +19,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from ..runtime import use_compile_cache
 from .attention import merge_partials, partial_attention
 from .sampling import sample_keyed
+from .split_k import Splits, partials, summed
 from .split_kv import cascade_attention, split_kv_attention
 
 
@@ -33,28 +34,35 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def attn_in(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-            head_dim: int, fused: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            head_dim: int, fused: tuple | None = None,
+            splits: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decoder layer up to attention: input norm, q/k/v projections (one GEMM with ``fused`` =
-    (q|k|v weight, q|k|v bias or None, ...)), rotary; returns (B, heads, N, head_dim) tensors."""
+    (q|k|v weight, q|k|v bias or None, ...); ``splits`` > 1 runs it as ``split_k`` partials, which a
+    compiled layer sums in the rotary's kernel), rotary; returns (B, heads, N, head_dim) tensors."""
     attn = layer.self_attn
     h = rms_norm(layer.input_layernorm, x)
     b, n, _ = h.shape
     if fused is not None and not torch.compiler.is_compiling():
         # eager, where a step's kernel count bounds one row: q and k rotated as one tensor (half the
         # rotary kernels); compiled, the rotary is fused into a kernel either way
-        qkv = F.linear(h, fused[0], fused[1]).view(b, n, heads + 2 * kv_heads, head_dim)
+        qkv = linear(h, fused[0], fused[1], splits).view(b, n, heads + 2 * kv_heads, head_dim)
         q, k = rotate_heads(qkv[:, :, :heads + kv_heads], cos, sin).split([heads, kv_heads], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, heads + kv_heads:].transpose(1, 2)
     if fused is None:
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
     else:
         sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-        q, k, v = F.linear(h, fused[0], fused[1]).split(sizes, dim=-1)
+        q, k, v = linear(h, fused[0], fused[1], splits).split(sizes, dim=-1)
     q = q.view(b, n, heads, head_dim).transpose(1, 2)
     k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
     v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, splits: int) -> torch.Tensor:
+    """``F.linear``, or with ``splits`` > 1 its ``split_k`` partials summed."""
+    return F.linear(x, weight, bias) if splits == 1 else summed(partials(x, weight, splits), x.dtype, bias)
 
 
 def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -80,34 +88,47 @@ Residual = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tuple | None = None,
-             group: dist.ProcessGroup | None = None, defer: bool = False) -> Residual:
+             group: dist.ProcessGroup | None = None, defer: bool = False, splits: Splits | None = None) -> Residual:
     """The rest of a decoder layer from the attention output ``o`` (B, N, heads * head_dim); with
     ``fused`` = (..., gate|up weight) the MLP's gate and up projections are one GEMM. With a
     tensor-parallel ``group`` o_proj and down_proj hold a slice of their input columns, so their
     outputs are partial sums: one all-reduce after attention and one after the MLP. ``defer``: return
-    the residual stream and the MLP's output unsummed, (x, mlp), for the next layer to add (``resume``)."""
-    x = x + sum_over_ranks(layer.self_attn.o_proj(o), group)
+    the residual stream and the MLP's output unsummed, (x, mlp), for the next layer to add (``resume``).
+    ``splits`` (with ``fused``, no ``group``): o_proj and down_proj as ``split_k`` partials, o_proj's
+    summed in the residual add (a compiled layer's norm kernel), down_proj's in ``resume`` (a deferred
+    mlp of float32 partials, (splits, B, N, D))."""
+    if splits is None:
+        x = x + sum_over_ranks(layer.self_attn.o_proj(o), group)
+    else:
+        x = x + linear(o, layer.self_attn.o_proj.weight, None, splits.o)
     h = rms_norm(layer.post_attention_layernorm, x)
     if fused is None:
         mlp = sum_over_ranks(layer.mlp(h), group)
     else:
         gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
-        mlp = sum_over_ranks(layer.mlp.down_proj(layer.mlp.act_fn(gate) * up), group)
-    return (x, mlp) if defer else x + mlp
+        act = layer.mlp.act_fn(gate) * up
+        if splits is None or splits.down == 1:
+            mlp = sum_over_ranks(layer.mlp.down_proj(act), group)
+        else:
+            mlp = partials(act, layer.mlp.down_proj.weight, splits.down)
+    return (x, mlp) if defer else resume((x, mlp))
 
 
 def resume(x: Residual) -> torch.Tensor:
     """The residual stream from a layer's output: a deferred (x, mlp) pair is summed here, where a
     compiled decode layer fuses the add into its input norm (one kernel per layer fewer than adding
-    at the end of the previous layer)."""
-    return x[0] + x[1] if isinstance(x, tuple) else x
+    at the end of the previous layer); an mlp of ``split_k`` partials is summed first."""
+    if not isinstance(x, tuple):
+        return x
+    x, mlp = x
+    return x + (summed(mlp, x.dtype) if mlp.dim() > x.dim() else mlp)
 
 
 def decode_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                  heads: int, kv_heads: int, head_dim: int, fused: tuple | None = None,
                  group: dist.ProcessGroup | None = None, split_kv: bool = False,
-                 defer: bool = False) -> Residual:
+                 defer: bool = False, splits: Splits | None = None) -> Residual:
     """One decoder layer for one new token per row ``x`` (B, 1, D), or a previous layer's deferred
     output (``attn_out``'s ``defer``; this layer's output is deferred too with ``defer``): writes row
     ``rows[j]``'s key/value at ``pos[j]`` into the layer's caches (max_batch, kv_heads, max_seq_len,
@@ -116,10 +137,11 @@ def decode_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: to
     ``fused`` = (q|k|v weight, q|k|v bias or None, gate|up weight): the same maths in two GEMMs fewer.
     With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``).
     ``split_kv``: attention in ``split_kv.split_kv_attention`` over each row's keys ``<= pos`` (the
-    mask's keys, without reading the masked ones), where ``split_kv_available``."""
+    mask's keys, without reading the masked ones), where ``split_kv_available``.
+    ``splits``: the projections as ``split_k`` partials (``attn_in``, ``attn_out``; with ``fused``)."""
     x = resume(x)
     b = x.shape[0]
-    q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
+    q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused, splits.qkv if splits else 1)
     k_cache[rows, :, pos] = k[:, :, 0]
     v_cache[rows, :, pos] = v[:, :, 0]
     # one query per row, so a kv head's query group fits in the "sequence" dim: GQA without copying keys
@@ -129,14 +151,15 @@ def decode_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: to
         o = split_kv_attention(q, k_cache, v_cache, pos + 1, kv_len, head_dim ** -0.5)
     else:
         o = F.scaled_dot_product_attention(q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask)
-    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer)
+    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer, splits)
 
 
 def cascade_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, rows: torch.Tensor, new_pos: torch.Tensor, prefix_mask: torch.Tensor,
                   suffix_mask: torch.Tensor, heads: int, kv_heads: int, head_dim: int, width: int, fp32: bool,
                   fused: tuple | None = None, group: dist.ProcessGroup | None = None,
-                  prompt_lens: torch.Tensor | None = None, defer: bool = False) -> Residual:
+                  prompt_lens: torch.Tensor | None = None, defer: bool = False,
+                  splits: Splits | None = None) -> Residual:
     """``decode_layer`` for rows in groups of ``width`` consecutive rows that share a prompt. Group g's
     prompt keys/values sit once at [0, L_g) of cache row g; row r's own tokens grow down from the end of
     cache row r (its j-th new token at index max_seq_len - 1 - j, so the window of the last N indices
@@ -146,10 +169,10 @@ def cascade_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: t
     ``suffix_mask.shape[-1]`` indices, masked by ``suffix_mask``) separately and merges them exactly.
     With ``prompt_lens`` (the blocks' prompt lengths, which ``prefix_mask`` encodes) both are attended in
     ``split_kv.cascade_attention`` instead, without reading the masked keys, where ``split_kv_available``.
-    ``x`` and ``defer`` as in ``decode_layer``."""
+    ``x``, ``defer`` and ``splits`` as in ``decode_layer``."""
     x = resume(x)
     b = x.shape[0]
-    q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused)
+    q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused, splits.qkv if splits else 1)
     at = k_cache.shape[2] - 1 - new_pos
     k_cache[rows, :, at] = k[:, :, 0]
     v_cache[rows, :, at] = v[:, :, 0]
@@ -157,7 +180,7 @@ def cascade_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: t
     if prompt_lens is not None:
         o = cascade_attention(q.reshape(b, kv_heads, rep, head_dim), k_cache, v_cache, prompt_lens,
                               prefix_mask.shape[-1], at, suffix_mask.shape[-1], scale)
-        return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer)
+        return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer, splits)
     # a group's rows are extra queries against the one copy of its prompt: (groups, kv_heads, width * rep)
     qp = q.reshape(groups, width, kv_heads, rep, head_dim).transpose(1, 2).reshape(groups, kv_heads, -1, head_dim)
     n = prefix_mask.shape[-1]
@@ -168,7 +191,7 @@ def cascade_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: t
     own = partial_attention(q.reshape(b, kv_heads, rep, head_dim), k_cache[:b, :, start:], v_cache[:b, :, start:],
                             suffix_mask, scale, fp32)
     o = merge_partials(prefix, own).to(x.dtype)
-    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer)
+    return attn_out(layer, x, o.reshape(b, 1, heads * head_dim), fused, group, defer, splits)
 
 
 def decode_options() -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from .layers import mark_dynamic, resume, rms_norm
 from .sampling import SamplingParams
+from .split_k import MAX_ROWS, Splits
 from .split_kv import split_kv_available
 from .tensor_parallel import TensorParallel, assert_same
 
@@ -70,6 +71,7 @@ class DecodeSteps:
     _fp32: bool  # cascade products in float32 (``attention.fp32_products``)
     split_kv: bool  # decode attention in the ``split_kv`` kernels where they run ...
     _split_kv: bool  # ... which the cache's device and dtype and CUDA graphs decide
+    _splits: Splits | None  # the compiled layer's projections as ``split_k`` partials, at most MAX_ROWS rows
     _k: list[torch.Tensor]  # per layer (max_batch, kv_heads, max_seq_len, head_dim)
     _v: list[torch.Tensor]
     _state: torch.Tensor | None
@@ -122,11 +124,18 @@ class DecodeSteps:
         cos, sin = model.rotary_emb(x, pos[:, None])
         return x, cos, sin
 
+    def _step_splits(self, b: int) -> Splits | None:
+        """The ``split_k`` partials of a step over ``b`` rows, or None (cuBLAS)."""
+        return self._splits if b <= MAX_ROWS else None
+
     @staticmethod
-    def _deferred(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _deferred(x: torch.Tensor, splits: Splits | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The embeddings as a deferred residual (x, 0): each layer adds the previous one's MLP output in
         its own input norm (``layers.resume``), and every layer, the first included, takes the same
-        input types, so one compiled variant serves them all."""
+        input types (a zero of down_proj's float32 partials under ``splits``), so one compiled variant
+        serves them all."""
+        if splits is not None and splits.down > 1:
+            return x, mark_dynamic(x.new_zeros(splits.down, *x.shape, dtype=torch.float32), 1)
         return x, mark_dynamic(torch.zeros_like(x), 0)
 
     def _decode_step(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -137,11 +146,12 @@ class DecodeSteps:
         for t in (x, cos, sin, rows, pos):
             mark_dynamic(t, 0)
         mark_dynamic(mask, 0, 3)
-        x = self._deferred(x)
+        splits = self._step_splits(tok.shape[0])
+        x = self._deferred(x, splits)
         for i, layer in enumerate(self._lm.model.layers):
             x = self._layer(layer, x, cos, sin, self._k[i], self._v[i], rows, pos, mask,
                             self.n_heads, self.n_kv_heads, self.head_dim, self._fused[i] if self._fused else None,
-                            self._group, self._split_kv, True)
+                            self._group, self._split_kv, True, splits)
         return self._lm.lm_head(rms_norm(self._lm.model.norm, resume(x)))[:, 0]
 
     def _cascade_step(self, tok: torch.Tensor, pos: torch.Tensor, new_pos: torch.Tensor,
@@ -162,11 +172,12 @@ class DecodeSteps:
             mark_dynamic(t, 0)
         mark_dynamic(prefix_mask, 0, 3)
         mark_dynamic(suffix_mask, 0, 3)
-        x = self._deferred(x)
+        splits = self._step_splits(tok.shape[0])
+        x = self._deferred(x, splits)
         for i, layer in enumerate(self._lm.model.layers):
             x = self._cascade(layer, x, cos, sin, self._k[i], self._v[i], rows, new_pos, prefix_mask, suffix_mask,
                               self.n_heads, self.n_kv_heads, self.head_dim, shape.width, self._fp32,
-                              self._fused[i] if self._fused else None, self._group, prompt_lens, True)
+                              self._fused[i] if self._fused else None, self._group, prompt_lens, True, splits)
         return self._lm.lm_head(rms_norm(self._lm.model.norm, resume(x)))[:, 0]
 
     def _decode_sample(self, b: int, kv_len: int | CascadeShape, params: SamplingParams) -> None:
