@@ -93,12 +93,13 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_engine(lm, prompts, params, args, device, cuda_graphs: bool, compile: bool = False, tp_group=None,
-                out: list | None = None, cascade: bool = False, split_kv: bool = True, split_k: bool = True) -> float:
+                out: list | None = None, cascade: bool = False, split_kv: bool = True,
+                triton_gemm: bool = True) -> float:
     """Seconds of the second of two identical engine calls (the first allocates, compiles, captures);
     ``out`` receives the tokens of the timed call."""
     rows = len(prompts) * args.samples
     engine = Engine(lm, max_batch=rows, max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=cuda_graphs,
-                    compile=compile, tp_group=tp_group, cascade=cascade, split_kv=split_kv, split_k=split_k)
+                    compile=compile, tp_group=tp_group, cascade=cascade, split_kv=split_kv, triton_gemm=triton_gemm)
 
     def run() -> None:
         outs = engine.generate(prompts, params, args.new_tokens, 0, num_samples=args.samples, ignore_eos=True)
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                      split_kv=False, **fast)
             # ... and with cuBLAS's GEMMs instead of the split-K partials
             seconds["engine + graphs + compile, cuBLAS"] = time_engine(lm, prompts, params, args, device,
-                                                                       split_k=False, **fast)
+                                                                       triton_gemm=False, **fast)
         if args.samples > 1:  # the same rows, each prompt's keys/values once per group
             if cuda:
                 seconds["cascade + cuda graphs"] = time_engine(lm, prompts, params, args, device, cuda_graphs=True,
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds["cascade + graphs + compile"] = time_engine(lm, prompts, params, args, device, cascade=True,
                                                                     out=cascade_tokens, **fast)
                 seconds["cascade + graphs + compile, cuBLAS"] = time_engine(lm, prompts, params, args, device,
-                                                                            cascade=True, split_k=False, **fast)
+                                                                            cascade=True, triton_gemm=False, **fast)
             else:
                 seconds["cascade"] = time_engine(lm, prompts, params, args, device, cuda_graphs=False, cascade=True,
                                                  out=cascade_tokens)

@@ -84,11 +84,11 @@ class EngineConfig:
     split_kv_attention: bool = option(True, "GPU only, with cuda_graphs: decode attention in tlvr's split-KV Triton "
                                       "kernels (each row's keys in ranges across the SMs, merged exactly); off: "
                                       "PyTorch's SDPA.")
-    split_k_gemm: bool = option(True, "GPU only, with compile and cuda_graphs, steps of at most 64 rows: q|k|v, "
-                                "o_proj and down_proj in tlvr's split-K Triton kernel (the reduced dim in ranges "
-                                "across the SMs, their float32 partials summed in the compiled kernels that read "
-                                "the projection; on an H200 3.56 -> 3.41 ms per rollout step at 64 rows); off: "
-                                "cuBLAS.")
+    triton_gemm: bool = option(True, "GPU only, with compile and cuda_graphs, steps of at most 64 rows: the "
+                               "GEMMs but the LM head's in tlvr's Triton kernels (q|k|v, o_proj and down_proj "
+                               "split along the reduced dim, their float32 partials summed in the compiled "
+                               "kernels that read them; gate|up and its SiLU in one kernel; on an H200 3.59 -> "
+                               "3.25 ms per rollout step at 64 rows); off: cuBLAS.")
     cascade: bool = option(True, "GRPO rollouts: a prompt's G completions decode in one block of slots that holds "
                            "its keys/values once (cascade attention: the prompt read once per group per step, not "
                            "once per row; on an H200 3.60 against 3.77 ms per step at 8 prompts x G 8); off: each "
@@ -98,7 +98,7 @@ class EngineConfig:
     def engine_kwargs(self) -> dict:
         """These keys as ``Engine``'s keyword arguments (one mapping for every job that builds an engine)."""
         return dict(max_batch=self.max_batch, cuda_graphs=self.cuda_graphs, compile=self.compile,
-                    fuse_weights=self.fused_weights, split_kv=self.split_kv_attention, split_k=self.split_k_gemm,
+                    fuse_weights=self.fused_weights, split_kv=self.split_kv_attention, triton_gemm=self.triton_gemm,
                     cascade=self.cascade)
 
 

@@ -1,6 +1,6 @@
-"""The split-K partial products of the decode step's narrow projections (Triton): their ranges, the
-kernel against float32 matmuls (on CUDA, and on CPU through Triton's interpreter where Triton is
-installed), and the engine decoding with them."""
+"""The decode step's Triton GEMMs: the split-K partial products of the narrow projections (their
+ranges) and the gate|up product with its SiLU; the kernels against torch's ops (on CUDA, and on CPU
+through Triton's interpreter where Triton is installed), and the engine decoding with them."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from tlvr_cli.engine.split_k import (
     split_count,
     split_k_available,
     summed,
+    swiglu,
 )
 
 HAS_CUDA = torch.cuda.is_available()
@@ -53,8 +54,10 @@ def test_qwen_3b_layer_splits(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(split_k, "_sm_count", lambda index: 132)  # an H200
-    cfg = SimpleNamespace(hidden_size=2048, intermediate_size=11008)
-    assert layer_splits(cfg, 16, 2, 128, torch.device("cuda")) == Splits(qkv=2, o=4, down=4)
+    cfg = SimpleNamespace(hidden_size=2048, intermediate_size=11008, hidden_act="silu")
+    assert layer_splits(cfg, 16, 2, 128, torch.device("cuda")) == Splits(qkv=2, o=4, down=4, swiglu=True)
+    cfg.hidden_act = "gelu"  # the fused kernel is SiLU's only
+    assert not layer_splits(cfg, 16, 2, 128, torch.device("cuda")).swiglu
 
 
 def test_available_only_on_cuda_in_16_bits():
@@ -80,6 +83,19 @@ def check_partials(device: str) -> None:
         assert (got - want).abs().max() < 1e-3, (m, n, k, splits)
         span = -(-(-(-k // splits)) // BLOCK_K) * BLOCK_K
         assert all(not got[i].any() for i in range(splits) if i * span >= k)  # empty ranges add nothing
+    # the gated MLP product, masked (columns and reduced dim not a tile's multiple) and not
+    for m, inter, k in ((5, 40, 100), (MAX_ROWS, 64, 128)):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        w = (torch.randn(2 * inter, k, generator=gen) / k ** 0.5).to(dtype)
+        gate, up = F.linear(x.float(), w.float()).to(dtype).chunk(2, dim=-1)
+        want = (F.silu(gate) * up).float()
+        if device == "cpu":
+            got = torch.empty(m, inter, dtype=dtype)
+            split_k.launch_swiglu(x, w, got)
+        else:
+            got = swiglu(x.to(device), w.to(device)).cpu()
+        assert got.shape == (m, inter) and got.dtype == dtype
+        assert (got.float() - want).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2), (m, inter, k)
 
 
 def test_range_products_sum_to_the_product():
@@ -112,7 +128,7 @@ def test_engine_decodes_with_splits_as_without(lm, prompts, monkeypatch):
     def with_splits(self):  # the fused weights too, as on a GPU (the splits need them)
         device = prepare(self)
         self._sync_fused()
-        self._splits = Splits(2, 3, 4)
+        self._splits = Splits(2, 3, 4, swiglu=True)
         return device
 
     monkeypatch.setattr(Engine, "prepare", with_splits)
@@ -120,10 +136,12 @@ def test_engine_decodes_with_splits_as_without(lm, prompts, monkeypatch):
     calls = []
     real = split_k.linear_partials
     monkeypatch.setattr(split_k, "linear_partials", lambda *a: calls.append(a[2]) or real(*a))
+    gated = split_k._swiglu
+    monkeypatch.setattr(split_k, "_swiglu", lambda *a: calls.append("swiglu") or gated(*a))
     engine = Engine(cpu, max_batch=4, max_seq_len=64, fuse_weights=True)
     got = [o.tokens for o in engine.generate(prompts[:3], SamplingParams(temperature=0.0), 8, 299, num_samples=2)]
     assert got == want
-    assert {2, 3, 4} <= set(calls)  # every projection ran as partials
+    assert {2, 3, 4, "swiglu"} <= set(calls)  # every projection ran as partials, gate|up in swiglu
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -150,7 +168,7 @@ def test_engine_decodes_with_split_k_as_with_cublas(lm, prompts):
     embeds = [p.to("cuda", torch.bfloat16) for p in prompts]
     outs = {}
     for split in (False, True):
-        engine = Engine(gpu, max_batch=8, max_seq_len=96, cuda_graphs=True, compile=True, split_k=split)
+        engine = Engine(gpu, max_batch=8, max_seq_len=96, cuda_graphs=True, compile=True, triton_gemm=split)
         outs[split] = [o.tokens for o in engine.generate(embeds, SamplingParams(temperature=0.0), 6, 299,
                                                          num_samples=2)]
         assert (engine._splits is not None) == split

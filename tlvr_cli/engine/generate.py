@@ -34,8 +34,8 @@ step's own input buffers, and into a token history) is one CUDA graph on GPU; th
 ``sync_every`` times, then reads the history once to handle eos, finished rows and refills. With
 ``compile=True`` (GPU) the decoder layer is one ``torch.compile``d function shared by all layers
 (norms, rotary, cache writes and residuals fused); under CUDA graphs its steps of at most 64 rows run
-q|k|v, o_proj and down_proj as split-K partial products that those fused kernels sum (``split_k.py``,
-``split_k=False``: cuBLAS). On GPU, compiled or not, the layers read
+q|k|v, o_proj and down_proj as split-K partial products that those fused kernels sum, and gate|up with
+its SiLU in one kernel (``split_k.py``; ``triton_gemm=False``: cuBLAS). On GPU, compiled or not, the layers read
 concatenated q|k|v and gate|up weights: the model's own parameters, re-pointed into one buffer per
 part on first use (``weights.fuse_layer``: no second copy, and optimizer steps in place are seen as
 they happen). With ``copy_weights=True`` the engine decodes from its own copy of the whole model
@@ -101,7 +101,7 @@ class Engine(DecodeSteps):
     def __init__(self, lm: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 4096, cuda_graphs: bool = False,
                  compile: bool = False, fuse_weights: bool = True, copy_weights: bool = False,
                  weights: WeightSource | None = None, cascade: bool = False, split_kv: bool = True,
-                 split_k: bool = True, tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
+                 triton_gemm: bool = True, tp_group: dist.ProcessGroup | None = None, check_agreement: bool = True):
         cfg = lm.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
@@ -128,10 +128,11 @@ class Engine(DecodeSteps):
         # (``split_kv.py``) on CUDA under CUDA graphs, SDPA elsewhere; decided when the cache is allocated
         self.split_kv = split_kv
         self._split_kv = False
-        # split_k: compiled, under CUDA graphs, without tensor parallelism, steps of at most
+        # triton_gemm: compiled, under CUDA graphs, without tensor parallelism, steps of at most
         # ``split_k.MAX_ROWS`` rows run q|k|v, o_proj and down_proj as Triton split-K partials summed
-        # in the kernels that consume them (``split_k.py``); decided per call
-        self.split_k = split_k
+        # in the kernels that consume them, and gate|up with its SiLU in one kernel (``split_k.py``);
+        # decided per call
+        self.triton_gemm = triton_gemm
         self._splits = None
         # on GPU: concatenated q|k|v and gate|up weights (the model's parameters moved into one buffer
         # per part, so updates in place are seen) make each decode step 3 GEMMs shorter
@@ -279,7 +280,7 @@ class Engine(DecodeSteps):
             self._sync_copy(device, dtype, fused=fuse)
         elif fuse:
             self._sync_fused()
-        use_split_k = (self.split_k and compiled and fuse and self.cuda_graphs and self.tp is None
+        use_split_k = (self.triton_gemm and compiled and fuse and self.cuda_graphs and self.tp is None
                        and split_k_available(device, dtype))
         self._splits = (layer_splits(self.lm.config, self.n_heads, self.n_kv_heads, self.head_dim, device)
                         if use_split_k else None)

@@ -19,7 +19,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from ..runtime import use_compile_cache
 from .attention import merge_partials, partial_attention
 from .sampling import sample_keyed
-from .split_k import Splits, partials, summed
+from .split_k import Splits, partials, summed, swiglu
 from .split_kv import cascade_attention, split_kv_attention
 
 
@@ -96,7 +96,7 @@ def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tu
     the residual stream and the MLP's output unsummed, (x, mlp), for the next layer to add (``resume``).
     ``splits`` (with ``fused``, no ``group``): o_proj and down_proj as ``split_k`` partials, o_proj's
     summed in the residual add (a compiled layer's norm kernel), down_proj's in ``resume`` (a deferred
-    mlp of float32 partials, (splits, B, N, D))."""
+    mlp of float32 partials, (splits, B, N, D)); gate|up and its SiLU in ``split_k.swiglu``."""
     if splits is None:
         x = x + sum_over_ranks(layer.self_attn.o_proj(o), group)
     else:
@@ -105,8 +105,11 @@ def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tu
     if fused is None:
         mlp = sum_over_ranks(layer.mlp(h), group)
     else:
-        gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
-        act = layer.mlp.act_fn(gate) * up
+        if splits is not None and splits.swiglu:
+            act = swiglu(h, fused[2])
+        else:
+            gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
+            act = layer.mlp.act_fn(gate) * up
         if splits is None or splits.down == 1:
             mlp = sum_over_ranks(layer.mlp.down_proj(act), group)
         else:
