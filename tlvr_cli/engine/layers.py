@@ -141,7 +141,7 @@ def decode_layer(layer: torch.nn.Module, x: Residual, cos: torch.Tensor, sin: to
     With a tensor-parallel ``group``, ``heads`` and ``kv_heads`` are this rank's (see ``attn_out``).
     ``split_kv``: attention in ``split_kv.split_kv_attention`` over each row's keys ``<= pos`` (the
     mask's keys, without reading the masked ones), where ``split_kv_available``.
-    ``splits``: the projections as ``split_k`` partials (``attn_in``, ``attn_out``; with ``fused``)."""
+    ``splits``: the GEMMs in ``split_k``'s Triton kernels (``attn_in``, ``attn_out``; with ``fused``)."""
     x = resume(x)
     b = x.shape[0]
     q, k, v = attn_in(layer, x, cos, sin, heads, kv_heads, head_dim, fused, splits.qkv if splits else 1)

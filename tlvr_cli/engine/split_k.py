@@ -1,5 +1,5 @@
-"""The decode step's narrow projections as split-K partial products in Triton (``linear_partials``),
-summed where they are consumed.
+"""The decode step's GEMMs in Triton: the narrow projections as split-K partial products
+(``linear_partials``), summed where they are consumed, and the MLP's gate|up with its SiLU (``swiglu``).
 
 A decode step multiplies a few rows (at most ``MAX_ROWS``) by each weight, so a GEMM is one pass over
 the weight; cuBLAS tiles the output columns, and a weight with few columns (Qwen2.5-3B's q|k|v: 2,560,
@@ -92,17 +92,21 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch
     if x.device.type != "cuda":
         return range_products(x, weight, splits)
     out = torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    launch(x, weight, out)
+    launch_partials(x, weight, out)
     return out
 
 
-def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """The kernel over x (M, K) and weight (N, K) into ``out`` (splits, M, N), contiguous float32."""
+def _row_tile(rows: int) -> int:
+    return max(MIN_ROWS, 1 << (rows - 1).bit_length())
+
+
+def launch_partials(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """``partials_kernel`` over x (M, K) and weight (N, K) into ``out`` (splits, M, N), contiguous float32."""
     (m, k), n, splits = x.shape, weight.shape[0], out.shape[0]
     _kernels().partials_kernel[(-(-n // BLOCK_N), splits)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
-        BM=max(MIN_ROWS, 1 << (m - 1).bit_length()), BN=BLOCK_N, BK=BLOCK_K, SPLITS=splits,
-        num_warps=WARPS, num_stages=STAGES, **launch_keywords(x.device))
+        BM=_row_tile(m), BN=BLOCK_N, BK=BLOCK_K, SPLITS=splits, num_warps=WARPS, num_stages=STAGES,
+        **launch_keywords(x.device))
 
 
 def range_products(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
@@ -139,12 +143,10 @@ def summed(p: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None
 
 @torch.library.custom_op("tlvr::swiglu", mutates_args=())
 def _swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    m, k = x.shape
-    inter = weight.shape[0] // 2
     if x.device.type != "cuda":
         gate, up = F.linear(x, weight).chunk(2, dim=-1)
         return F.silu(gate) * up
-    out = torch.empty(m, inter, device=x.device, dtype=x.dtype)
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, device=x.device, dtype=x.dtype)
     launch_swiglu(x, weight, out)
     return out
 
@@ -154,7 +156,7 @@ def launch_swiglu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> N
     (m, k), inter = x.shape, out.shape[1]
     _kernels().swiglu_kernel[(-(-inter // SWIGLU_BLOCK_N),)](
         x, weight, out, m, inter, k, x.stride(0), weight.stride(0), out.stride(0),
-        BM=max(MIN_ROWS, 1 << (m - 1).bit_length()), BN=SWIGLU_BLOCK_N, BK=SWIGLU_BLOCK_K,
+        BM=_row_tile(m), BN=SWIGLU_BLOCK_N, BK=SWIGLU_BLOCK_K,
         EVEN=inter % SWIGLU_BLOCK_N == 0 and k % SWIGLU_BLOCK_K == 0, num_warps=SWIGLU_WARPS,
         num_stages=SWIGLU_STAGES, **launch_keywords(x.device))
 
@@ -172,6 +174,6 @@ def swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def split_k_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernel runs here: CUDA, 16-bit weights, Triton."""
+    """Whether the kernels run here: CUDA, 16-bit weights, Triton."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             and importlib.util.find_spec("triton") is not None)
