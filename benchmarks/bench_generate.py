@@ -18,7 +18,7 @@ prompt's keys/values once per block of its ``--samples`` rows (cascade attention
 per row; the plain engine rows are ``cascade=False`` (the default). Each engine row has its own floor: the cascade
 reads every prompt once per group plus each row's own new tokens, the plain engine every row's
 prompt and new tokens. The ``SDPA`` and ``cuBLAS`` rows are the compiled engine with PyTorch's
-attention instead of the split-KV kernels and with cuBLAS's GEMMs instead of the split-K partials.
+attention instead of the split-KV kernels and with cuBLAS's GEMMs instead of tlvr's Triton ones.
 
 With ``--tensor-parallel`` (under torchrun, N processes) the same rows are decoded three ways: on one
 GPU, data-parallel (each GPU decodes 1/N of the rows with all the weights) and tensor-parallel (every
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
             # the same engine with SDPA's attention instead of the split-KV kernels
             seconds["engine + graphs + compile, SDPA"] = time_engine(lm, prompts, params, args, device,
                                                                      split_kv=False, **fast)
-            # ... and with cuBLAS's GEMMs instead of the split-K partials
+            # ... and with cuBLAS's GEMMs instead of tlvr's Triton ones (``engine.triton_gemm``)
             seconds["engine + graphs + compile, cuBLAS"] = time_engine(lm, prompts, params, args, device,
                                                                        triton_gemm=False, **fast)
         if args.samples > 1:  # the same rows, each prompt's keys/values once per group

@@ -27,6 +27,7 @@ from tlvr_cli.engine.split_k import (
     layer_splits,
     linear_partials,
     range_products,
+    range_span,
     split_count,
     split_k_available,
     summed,
@@ -82,7 +83,8 @@ def check_partials(device: str) -> None:
             got = linear_partials(x.to(device), w.to(device), splits).cpu()
         assert got.shape == (splits, m, n) and got.dtype == torch.float32
         assert (got - want).abs().max() < 1e-3, (m, n, k, splits)
-        span = -(-(-(-k // splits)) // BLOCK_K) * BLOCK_K
+        span = range_span(k, splits)
+        assert span % BLOCK_K == 0 and span * splits >= k
         assert all(not got[i].any() for i in range(splits) if i * span >= k)  # empty ranges add nothing
     # the gated MLP product, masked (columns and reduced dim not a tile's multiple) and not
     for m, inter, k in ((5, 40, 100), (MAX_ROWS, 64, 128)):

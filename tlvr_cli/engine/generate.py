@@ -52,8 +52,8 @@ layer, the same full logits and the same keyed draws on every rank, so the host 
 step counts) runs identically everywhere. Every rank must call ``generate`` with the same arguments.
 
 Norms, MLPs, projections and the rotary table are the HF modules' own (the layer maths are in
-``layers.py``); only attention, the cache and the split-K projections are ours, so numerics follow
-HF's eager/SDPA path in the model's dtype. Sliding-window attention is not implemented (Qwen2.5-3B does not use it).
+``layers.py``); only attention, the cache and the Triton GEMMs are ours, so numerics follow HF's
+eager/SDPA path in the model's dtype. Sliding-window attention is not implemented (Qwen2.5-3B does not use it).
 """
 
 from __future__ import annotations

@@ -110,10 +110,10 @@ def attn_out(layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor, fused: tu
         else:
             gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
             act = layer.mlp.act_fn(gate) * up
-        if splits is None or splits.down == 1:
-            mlp = sum_over_ranks(layer.mlp.down_proj(act), group)
-        else:
+        if splits is not None and splits.down_partials:
             mlp = partials(act, layer.mlp.down_proj.weight, splits.down)
+        else:
+            mlp = sum_over_ranks(layer.mlp.down_proj(act), group)
     return (x, mlp) if defer else resume((x, mlp))
 
 

@@ -61,6 +61,11 @@ class Splits(NamedTuple):
     down: int
     swiglu: bool = False
 
+    @property
+    def down_partials(self) -> bool:
+        """Whether down_proj's output is its float32 partials, which the deferred residual carries."""
+        return self.down > 1
+
 
 def split_count(columns: int, reduced: int, sms: int) -> int:
     """Ranges of the ``reduced`` dim per column tile: the most (a power of two, at most ``MAX_SPLITS``,
@@ -109,11 +114,15 @@ def launch_partials(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) ->
         **launch_keywords(x.device))
 
 
+def range_span(reduced: int, splits: int) -> int:
+    """The length of each of the kernel's ``splits`` ranges of the reduced dim: a whole number of
+    ``BLOCK_K``, so that the last range is short or empty."""
+    return -(-(-(-reduced // splits)) // BLOCK_K) * BLOCK_K
+
+
 def range_products(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
-    """The kernel's ranges of K (each a whole number of ``BLOCK_K``, the last one short or empty) as
-    float32 matmuls: (splits, M, N)."""
-    k = x.shape[1]
-    span = -(-(-(-k // splits)) // BLOCK_K) * BLOCK_K
+    """The kernel's ranges of K (``range_span``) as float32 matmuls: (splits, M, N)."""
+    span = range_span(x.shape[1], splits)
     return torch.stack([x[:, i * span:(i + 1) * span].float() @ weight[:, i * span:(i + 1) * span].float().T
                         for i in range(splits)])
 

@@ -71,7 +71,7 @@ class DecodeSteps:
     _fp32: bool  # cascade products in float32 (``attention.fp32_products``)
     split_kv: bool  # decode attention in the ``split_kv`` kernels where they run ...
     _split_kv: bool  # ... which the cache's device and dtype and CUDA graphs decide
-    _splits: Splits | None  # the compiled layer's projections as ``split_k`` partials, at most MAX_ROWS rows
+    _splits: Splits | None  # the compiled layer's GEMMs in ``split_k``'s Triton kernels, at most MAX_ROWS rows
     _k: list[torch.Tensor]  # per layer (max_batch, kv_heads, max_seq_len, head_dim)
     _v: list[torch.Tensor]
     _state: torch.Tensor | None
@@ -125,7 +125,7 @@ class DecodeSteps:
         return x, cos, sin
 
     def _step_splits(self, b: int) -> Splits | None:
-        """The ``split_k`` partials of a step over ``b`` rows, or None (cuBLAS)."""
+        """The ``split_k`` GEMMs of a step over ``b`` rows, or None (cuBLAS)."""
         return self._splits if b <= MAX_ROWS else None
 
     @staticmethod
@@ -134,7 +134,7 @@ class DecodeSteps:
         its own input norm (``layers.resume``), and every layer, the first included, takes the same
         input types (a zero of down_proj's float32 partials under ``splits``), so one compiled variant
         serves them all."""
-        if splits is not None and splits.down > 1:
+        if splits is not None and splits.down_partials:
             return x, mark_dynamic(x.new_zeros(splits.down, *x.shape, dtype=torch.float32), 1)
         return x, mark_dynamic(torch.zeros_like(x), 0)
 
