@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rows-sweep", default="", help="Also time the engine at these row counts, e.g. '1,8,128'.")
     ap.add_argument("--attention", action="store_true",
                     help="Also time one layer's decode attention, plain split-KV against cascade, at a few lengths.")
+    ap.add_argument("--top-k", action="store_true",
+                    help="Also time the sampler's top-k over the vocabulary, tlvr's kernels against torch.topk.")
     ap.add_argument("--tensor-parallel", action="store_true",
                     help="Under torchrun: tensor-parallel decoding vs one GPU vs data parallel at the same total rows.")
     ap.add_argument("--no-compile", action="store_true",
@@ -231,6 +233,28 @@ def attention_sweep(cfg, args, device: torch.device, dtype: torch.dtype) -> None
         cascade = do_bench_cudagraph(lambda: cascade_attention(q, k, v, prompt_lens, prefix, own_start,
                                                                _bucket(new, NEW_KEYS_BUCKET), head_dim ** -0.5)) * 1e3
         print(f"{new:>10}{plain:>10.1f}{cascade:>12.1f}")
+
+
+def top_k_sweep(cfg, args, device: torch.device, dtype: torch.dtype) -> None:
+    """The sampler's top-k (top-k 50 and its tie margin) over the vocabulary under a CUDA graph at a few
+    row counts: tlvr's kernels against ``torch.topk``, beside one read of the logits at ``--bandwidth``.
+    The logits are random normals times 3 in ``--dtype`` (ties included, as 16-bit logits have)."""
+    from triton.testing import do_bench_cudagraph
+
+    from tlvr_cli.engine.sampling import TIE_MARGIN
+    from tlvr_cli.engine.top_k import top_k
+
+    k = 50 + TIE_MARGIN
+    print(f"{'rows':>6}{'tlvr us':>10}{'torch us':>10}{'ratio':>8}{'read us':>9}  (top-{k} of {cfg.vocab_size} logits)")
+    for rows in (1, 8, args.batch * args.samples):
+        x = (torch.randn(rows, cfg.vocab_size, device=device) * 3).to(dtype)
+        ours, want = top_k(x, k), torch.topk(x, k)
+        if not torch.equal(ours[0], want[0]):
+            raise SystemExit("tlvr's top-k values differ from torch.topk's")
+        t_ours = do_bench_cudagraph(lambda: top_k(x, k)) * 1e3
+        t_torch = do_bench_cudagraph(lambda: torch.topk(x, k)) * 1e3
+        read = x.numel() * x.element_size() / args.bandwidth * 1e6
+        print(f"{rows:>6}{t_ours:>10.1f}{t_torch:>10.1f}{t_torch / t_ours:>7.1f}x{read:>9.1f}")
 
 
 def main_tensor_parallel(args: argparse.Namespace) -> dict:
@@ -413,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{same:.0%} of rows identical, {prefix:.1%} of tokens before the first difference")
     if args.attention and cuda:
         attention_sweep(cfg, args, device, dtype)
+    if args.top_k and cuda:
+        top_k_sweep(cfg, args, device, dtype)
     if args.rows_sweep:
         print(f"{'rows':>6}{'tokens/s':>12}{'ms/step':>10}{'floor ms':>10}{'of floor':>10}")
         for rows_n in (int(r) for r in args.rows_sweep.split(",")):
