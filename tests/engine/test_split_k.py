@@ -4,16 +4,10 @@ through Triton's interpreter where Triton is installed), and the engine decoding
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_qwen import agree
+from tiny_qwen import agree, in_interpreter, needs_triton
 from transformers import Qwen2ForCausalLM
 
 from tlvr_cli.engine import split_k
@@ -35,7 +29,6 @@ from tlvr_cli.engine.split_k import (
 )
 
 HAS_CUDA = torch.cuda.is_available()
-HERE = Path(__file__).resolve().parent
 
 
 def test_split_count_fills_one_wave_in_powers_of_two():
@@ -147,14 +140,9 @@ def test_engine_decodes_with_splits_as_without(lm, prompts, monkeypatch):
     assert {2, 3, 4, "swiglu"} <= set(calls)  # every projection ran as partials, gate|up in swiglu
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="needs Triton (pip install 'tlvr[triton]'; its interpreter runs on CPU)")
+@needs_triton
 def test_kernel_matches_range_products_in_the_interpreter():
-    # the interpreter is chosen when Triton is imported, so in a process of its own
-    code = "import test_split_k as t; t.check_partials('cpu')"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    in_interpreter("import test_split_k as t; t.check_partials('cpu')")
 
 
 @pytest.mark.gpu

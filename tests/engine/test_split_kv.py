@@ -3,16 +3,10 @@ on CPU through Triton's interpreter where Triton is installed), and the engine d
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_qwen import agree
+from tiny_qwen import agree, in_interpreter, needs_triton
 
 from tlvr_cli.engine.generate import Engine
 from tlvr_cli.engine.layers import decode_options
@@ -29,7 +23,6 @@ from tlvr_cli.engine.split_kv import (
 )
 
 HAS_CUDA = torch.cuda.is_available()
-HERE = Path(__file__).resolve().parent
 
 
 def test_split_count_fills_the_sms_in_powers_of_two():
@@ -113,16 +106,12 @@ def check_kernels(device: str, group: int) -> None:
         assert (got.float().cpu() - want).abs().max() < tol, (bound, (got.float().cpu() - want).abs().max())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="needs Triton (pip install 'tlvr[triton]'; its interpreter runs on CPU)")
+@needs_triton
 def test_kernels_match_masked_attention_in_the_interpreter():
-    # the interpreter is chosen when Triton is imported, so in a process of its own (8 SMs pretended)
-    code = ("import test_split_kv as t; from tlvr_cli.engine import split_kv; "
-            "split_kv._sm_count = lambda index: 8; t.check_kernels('cpu', 8); t.check_kernels('cpu', 3); "
-            "t.check_cascade('cpu', 4, 8); t.check_cascade('cpu', 4, 3); t.check_cascade('cpu', 16, 8)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 8 SMs pretended
+    in_interpreter("import test_split_kv as t; from tlvr_cli.engine import split_kv; "
+                   "split_kv._sm_count = lambda index: 8; t.check_kernels('cpu', 8); t.check_kernels('cpu', 3); "
+                   "t.check_cascade('cpu', 4, 8); t.check_cascade('cpu', 4, 3); t.check_cascade('cpu', 16, 8)")
 
 
 @pytest.mark.gpu

@@ -6,20 +6,16 @@ through Triton's interpreter; and the sampler drawing through them."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_qwen import in_interpreter, needs_triton
 
 from tlvr_cli.engine import sampling, top_k
 from tlvr_cli.engine.sampling import SamplingParams, sample_keyed
 
 HAS_CUDA = torch.cuda.is_available()
-HERE = Path(__file__).resolve().parent
 
 
 def stable_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,14 +108,9 @@ def test_sampler_draws_through_the_op_where_available(monkeypatch):
     assert (logits.float().gather(1, draws[:, None])[:, 0] >= kth).all()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="needs Triton (pip install 'tlvr[triton]'; its interpreter runs on CPU)")
+@needs_triton
 def test_kernels_match_a_stable_sort_in_the_interpreter():
-    # the interpreter is chosen when Triton is imported, so in a process of its own
-    code = "import test_top_k as t; t.check_top_k('cpu')"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    in_interpreter("import test_top_k as t; t.check_top_k('cpu')")
 
 
 @pytest.mark.gpu
