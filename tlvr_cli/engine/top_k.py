@@ -65,16 +65,16 @@ def launch(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor)
     maxima = torch.empty(rows, chunks * SPANS, device=x.device, dtype=torch.int32)
     scratch = torch.empty(rows, 2, device=x.device, dtype=torch.int32)
     cands = torch.empty(rows, cap, device=x.device, dtype=torch.int64)
-    kernels, launch = _kernels(), launch_keywords(x.device)
+    kernels, keywords = _kernels(), launch_keywords(x.device)
     kernels.maxima_kernel[(chunks, rows)](bits, maxima, vocab, bits.stride(0), maxima.stride(0), SPANS=SPANS,
-                                          SPAN=SPAN, num_warps=WARPS, **launch)
+                                          SPAN=SPAN, num_warps=WARPS, **keywords)
     kernels.threshold_kernel[(rows,)](maxima, scratch, maxima.shape[1], maxima.stride(0), k,
                                       M_POW2=1 << (maxima.shape[1] - 1).bit_length(), num_warps=SORT_WARPS,
-                                      **launch)
+                                      **keywords)
     kernels.collect_kernel[(chunks, rows)](bits, scratch, cands, vocab, bits.stride(0), CAP=cap, CHUNK=CHUNK,
-                                           num_warps=WARPS, **launch)
+                                           num_warps=WARPS, **keywords)
     kernels.finish_kernel[(rows,)](bits, scratch, cands, values.view(torch.int16), indices, vocab, bits.stride(0),
-                                   k, CAP=cap, CHUNK=CHUNK, num_warps=SORT_WARPS, **launch)
+                                   k, CAP=cap, CHUNK=CHUNK, num_warps=SORT_WARPS, **keywords)
 
 
 @torch.library.custom_op("tlvr::top_k", mutates_args=())
