@@ -25,13 +25,12 @@ where they run.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .split_kv import _sm_count, launch_keywords
+from .split_kv import _pow2, _sm_count, launch_keywords, triton_16bit
 
 MAX_ROWS = 64  # one row tile: a step over more rows is a GEMM cuBLAS tiles well
 MIN_ROWS = 16  # tl.dot's smallest tile: fewer rows are padded to it (masked)
@@ -102,7 +101,7 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch
 
 
 def _row_tile(rows: int) -> int:
-    return max(MIN_ROWS, 1 << (rows - 1).bit_length())
+    return max(MIN_ROWS, _pow2(rows))
 
 
 def launch_partials(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
@@ -184,5 +183,4 @@ def swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def split_k_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernels run here: CUDA, 16-bit weights, Triton."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and importlib.util.find_spec("triton") is not None)
+    return triton_16bit(device, dtype)

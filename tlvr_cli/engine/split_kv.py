@@ -174,7 +174,12 @@ def _(q, k_cache, v_cache, prompt_lens, prefix_len, own_start, suffix_len, scale
     return torch.empty_like(q)
 
 
+def triton_16bit(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where tlvr's Triton kernels (these, ``split_k``'s and ``top_k``'s) run: CUDA, 16-bit tensors, Triton."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and importlib.util.find_spec("triton") is not None)
+
+
 def split_kv_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the kernels run here: CUDA, 16-bit caches, a power-of-two head size, Triton."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and importlib.util.find_spec("triton") is not None)
+    return triton_16bit(device, dtype) and head_dim >= 16 and head_dim & (head_dim - 1) == 0

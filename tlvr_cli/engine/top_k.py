@@ -22,11 +22,10 @@ the op (``tlvr::top_k``) is opaque to ``torch.compile`` and its launches record 
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
-from .split_kv import launch_keywords
+from .split_kv import _pow2, launch_keywords, triton_16bit
 
 # the fastest of a sweep on an H200 (spans of 256/512/1,024 logits, 4-16 per program, warps 4/8, 1-64 rows)
 SPAN = 512  # logits per span maximum
@@ -47,13 +46,12 @@ def _kernels():
 def capacity(k: int) -> int:
     """Candidate slots per row: a power of two, three times ``k`` at least (random logits gather about
     1.2 k of Qwen2.5's vocabulary)."""
-    return 1 << (3 * k - 1).bit_length()
+    return _pow2(3 * k)
 
 
 def top_k_available(x: torch.Tensor, k: int) -> bool:
     """Whether ``top_k`` runs the kernels for ``x`` (rows, vocab): CUDA, 16-bit, ``k`` at most ``MAX_K``, Triton."""
-    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 2
-            and 0 < k <= min(MAX_K, x.shape[-1]) and importlib.util.find_spec("triton") is not None)
+    return triton_16bit(x.device, x.dtype) and x.dim() == 2 and 0 < k <= min(MAX_K, x.shape[-1])
 
 
 def launch(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -69,8 +67,7 @@ def launch(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor)
     kernels.maxima_kernel[(chunks, rows)](bits, maxima, vocab, bits.stride(0), maxima.stride(0), SPANS=SPANS,
                                           SPAN=SPAN, num_warps=WARPS, **keywords)
     kernels.threshold_kernel[(rows,)](maxima, scratch, maxima.shape[1], maxima.stride(0), k,
-                                      M_POW2=1 << (maxima.shape[1] - 1).bit_length(), num_warps=SORT_WARPS,
-                                      **keywords)
+                                      M_POW2=_pow2(maxima.shape[1]), num_warps=SORT_WARPS, **keywords)
     kernels.collect_kernel[(chunks, rows)](bits, scratch, cands, vocab, bits.stride(0), CAP=cap, CHUNK=CHUNK,
                                            num_warps=WARPS, **keywords)
     kernels.finish_kernel[(rows,)](bits, scratch, cands, values.view(torch.int16), indices, vocab, bits.stride(0),
