@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tlvr_cli.config import load_config
 from tlvr_cli.data.records import GRPORow
-from tlvr_cli.engine.generate import Completion, Engine, Request
+from tlvr_cli.engine.generate import Engine
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.jobs import GRPOConfig
 from tlvr_cli.model.config import TinyLlavaConfig
@@ -146,8 +146,9 @@ def parse_lengths(spec: str, new_tokens: int) -> tuple[int, int] | None:
 class DrawnLengths:
     """The rollout engine with eos forced at drawn lengths: row ``key`` ends on eos at length L, L drawn from
     ``span`` by a generator seeded with (rollout seed, key), so every layout and rerun sees the same lengths.
-    Each row stops at its L as it would on a real eos (a budget per row, ``Request.max_new_tokens``; each
-    prompt prefilled once for its G rows, as ``Engine.generate`` does), and its last token becomes eos.
+    Each row stops at its L as it would on a real eos (a budget per row, ``Engine.generate``'s
+    ``row_max_new_tokens``: each prompt prefilled once for its G rows, a cascade engine's group in one block, as
+    the step's rollouts decode), and its last token becomes eos.
     ``stop=False``: every row decodes ``max_new_tokens`` and is cut afterwards, to the same tokens
     (``compare_stops`` times the two). Keeps the last rollout for ``compare_training``."""
 
@@ -163,17 +164,8 @@ class DrawnLengths:
             return self.last
         keys = list(row_keys) if row_keys is not None else list(range(len(prompts) * num_samples))
         lengths = [random.Random(f"{seed}:{key}").randint(*self.span) for key in keys]
-        if stop:
-            rows = [range(i * num_samples, (i + 1) * num_samples) for i in range(len(prompts))]
-            requests = [Request(p, [keys[r] for r in rs], max_new_tokens=[lengths[r] for r in rs])
-                        for p, rs in zip(prompts, rows)]
-            outs = [Completion([], False) for _ in keys]
-            for done in self.engine.generate_stream(requests, params, max_new_tokens, eos_token_id, seed=seed,
-                                                    **kwargs):
-                outs[done.row] = done.completion
-        else:
-            outs = self.engine.generate(prompts, params, max_new_tokens, eos_token_id, seed=seed, row_keys=keys,
-                                        num_samples=num_samples, **kwargs)
+        outs = self.engine.generate(prompts, params, max_new_tokens, eos_token_id, seed=seed, row_keys=keys,
+                                    num_samples=num_samples, row_max_new_tokens=lengths if stop else None, **kwargs)
         eos = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
         for o, n in zip(outs, lengths):
             o.tokens, o.finished = o.tokens[:n - 1] + [eos], True
@@ -307,7 +299,8 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
         ref.load_state_dict(model.state_dict())
         ref.requires_grad_(False).eval()
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers)
+                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers,
+                 uncheckpointed_tokens=cfg.optim.uncheckpointed_tokens)
     if cfg.algo.beta > 0 and lora:
         ref = BaseReference(model)
     # before the optimizer: fsdp2 swaps the parameters

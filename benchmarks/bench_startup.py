@@ -71,7 +71,8 @@ def child(args) -> dict:
     t = time.perf_counter()  # the models as run_grpo loads them
     model = load_model(cfg.model)
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers)
+                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers,
+                 uncheckpointed_tokens=cfg.optim.uncheckpointed_tokens)
     sync()
     out["load_policy_s"] = time.perf_counter() - t
     t = time.perf_counter()

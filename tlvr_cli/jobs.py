@@ -137,6 +137,11 @@ class OptimConfig:
     uncheckpointed_layers: int = option(
         0, "With gradient_checkpointing: the last N decoder layers keep their activations instead (no recompute): "
         "a faster backward for N layers' activations of a micro-batch more memory.", ge=0)
+    uncheckpointed_tokens: int = option(
+        0, "With gradient_checkpointing, in the flat log-prob layout (perf.shared_prompt / perf.packing): a "
+        "micro-batch of T tokens keeps the activations of its last max(uncheckpointed_layers, N // T) decoder "
+        "layers, N this value: the memory of N layer-tokens of activations whatever the completions' lengths, "
+        "so a micro-batch of short completions recomputes fewer layers (0: uncheckpointed_layers alone).", ge=0)
     kind: Literal["adamw", "adamw8bit"] = option(
         "adamw", "adamw: fp32 moments (torch's AdamW, as the reference); adamw8bit: both moments stored in 8 bits, "
         "block-wise quantised (2 instead of 8 bytes per trained parameter; each step dequantises, updates, "
@@ -331,6 +336,10 @@ class GRPOPerfConfig:
     """Memory/speed knobs of the training forward that do not change the maths."""
 
     micro_batch_size: int = option(16, "Sequences per forward/backward chunk of the loss.", ge=1)
+    frozen_micro_batch_size: int = option(
+        0, "Sequences per forward of the log-prob passes without gradients (reference, and the rollout policy's "
+        "for off-policy updates), which keep no activations, so larger ones cost little memory and fewer, "
+        "fuller passes (0: micro_batch_size).", ge=0)
     logprob_chunk_size: int = option(4096, "Vocabulary rows per chunk when computing log-probs (never full logits).",
                                      ge=1)
     force_max_new_tokens: bool = option(False, "Benchmarking only: ignore eos so every completion is max_new_tokens "

@@ -20,8 +20,9 @@ REFERENCE_PRESETS = {"grpo": ("nextqa", GRPOConfig), "demo": ("nextqa", GRPOConf
                      "coldstart": ("coldstart", ColdstartConfig)}
 # keys that say where and how fast a run went, not what it trained: left out of the recipe comparison
 NOT_RECIPE = ("job", "output.", "data.root", "data.num_workers", "data.feature_cache_gb", "data.skip_report", "engine.",
-              "perf.micro_batch_size", "perf.logprob_chunk_size", "dist.", "model.device", "model.attn_implementation",
-              "video.backend", "prepare.")
+              "perf.micro_batch_size", "perf.frozen_micro_batch_size", "perf.logprob_chunk_size",
+              "optim.uncheckpointed_", "dist.", "model.device", "model.attn_implementation", "video.backend",
+              "prepare.")
 JOB_TITLES = {"grpo": "GRPO (`tlvr grpo`)", "demo": "GRPO (`tlvr demo`)",
               "coldstart": "supervised cold start (`tlvr coldstart`)"}
 

@@ -128,6 +128,30 @@ def test_budgets_per_key_match_budgets_per_request(lm, prompts):
     assert per_key == per_row and [len(per_key[10 * i + j]) for i in range(2) for j in range(3)] == [4, 1, 6, 2, 8, 3]
 
 
+@pytest.mark.parametrize("cascade", [False, True])
+def test_row_budgets_in_generate_cut_each_row_and_keep_its_group_s_block(lm, prompts, cascade, monkeypatch):
+    # generate's budget per row: each row's tokens are the first of its unbudgeted draw, and a cascade
+    # engine still decodes a prompt's rows in one block (a GRPO rollout whose rows stop on eos early)
+    widths = []
+    init = HostLoop.__init__
+
+    def spy(self, *args):
+        init(self, *args)
+        widths.append(self.width)
+
+    monkeypatch.setattr(HostLoop, "__init__", spy)
+    engine = Engine(lm, max_batch=6, max_seq_len=64, cascade=cascade)
+    kw = dict(num_samples=3, seed=4, row_keys=[200 + r for r in range(9)])
+    full = engine.generate(prompts[:3], SAMPLED, 10, None, **kw)
+    budgets = [1, 10, 4, 7, 2, 12, 5, 9, 3]  # 12 is capped at the call's 10
+    cut = engine.generate(prompts[:3], SAMPLED, 10, None, row_max_new_tokens=budgets, **kw)
+    assert [o.tokens for o in cut] == [f.tokens[:min(b, 10)] for f, b in zip(full, budgets)]
+    assert not any(o.finished for o in cut) and len({tuple(f.tokens) for f in full}) == 9
+    assert widths == [3 if cascade else 1] * 2
+    with pytest.raises(ValueError, match="row_max_new_tokens has 2 budgets for 9 output rows"):
+        engine.generate(prompts[:3], SAMPLED, 10, None, row_max_new_tokens=[1, 2], **kw)
+
+
 @pytest.mark.parametrize("bad", [0, [3, 0], [3]])
 def test_a_request_budget_must_be_positive_and_one_per_key(lm, prompts, bad):
     engine = Engine(lm, max_batch=2, max_seq_len=64)

@@ -11,6 +11,7 @@ import torch
 from train_runs import grpo_cfg, same_weights, with_missing_videos
 
 from tlvr_cli.errors import TlvrError
+from tlvr_cli.model.checkpoint import read_state_dict
 from tlvr_cli.train import grpo as grpo_mod
 from tlvr_cli.train import rollout as rollout_mod
 from tlvr_cli.train.grpo import run_grpo
@@ -177,3 +178,24 @@ def test_off_policy_mini_batches_clip(synth_root, tiny_ckpt, tmp_path):
     run_grpo(grpo_cfg(synth_root, tmp_path / "one", tiny_ckpt, algo={**algo, "mini_batches": 1},
                       optim={"max_steps": 2, "lr": 1e-2}), show_progress=False)
     assert all(r["clip_fraction"] == 0 for r in metrics(tmp_path / "one"))
+
+
+def test_frozen_passes_take_their_own_micro_batches(synth_root, tiny_ckpt, tmp_path, monkeypatch):
+    # perf.frozen_micro_batch_size: the reference log-probs in fewer, larger forwards, the same step
+    from tlvr_cli.train import grpo_step as step_mod
+
+    calls = []
+    real_logprobs = step_mod.sequence_logprobs
+    monkeypatch.setattr(step_mod, "sequence_logprobs",  # a[6]: the rows of the pass
+                        lambda *a, **k: calls.append(len(a[6])) or real_logprobs(*a, **k))
+    runs = {}
+    for size in (0, 8):
+        calls.clear()
+        run = tmp_path / f"frozen{size}"
+        out = run_grpo(grpo_cfg(synth_root, run, tiny_ckpt, optim={"max_steps": 1},
+                                perf={"frozen_micro_batch_size": size}), show_progress=False)
+        runs[size] = (list(calls), metrics(run)[0], read_state_dict(out))
+    (small, m0, a), (large, m8, b) = runs[0], runs[8]
+    assert sum(small) == sum(large) == 8 and max(small) <= 4 and large == [8]  # micro_batch_size 3: whole groups of 4
+    assert m8["kl"] == pytest.approx(m0["kl"], rel=1e-4, abs=1e-7) and m8["reward"] == m0["reward"]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

@@ -310,6 +310,40 @@ def test_uncheckpointed_layers_are_the_last_ones(tiny_model):
         assert flags == [True] * (len(layers) - n) + [False] * n
 
 
+def test_a_token_budget_keeps_more_layers_for_short_micro_batches(tiny_model, batch, monkeypatch):
+    # optim.uncheckpointed_tokens: the last N // T layers of a T-token micro-batch are not recomputed (and
+    # never fewer than uncheckpointed_layers); the loss and every gradient are those of full recomputation
+    from tlvr_cli.train import packed
+
+    model = tiny_model.train()
+    decoder = model.language_model.model
+    n = len(decoder.layers)
+    apply_tuning(model, TuneConfig(), gradient_checkpointing=True, uncheckpointed_layers=1, uncheckpointed_tokens=100)
+    assert packed.checkpointed_layers(decoder, 1000) == [True] * (n - 1) + [False]  # 100 // 1000 = 0: the static 1
+    assert packed.checkpointed_layers(decoder, 100) == [True] * (n - 1) + [False]
+    assert packed.checkpointed_layers(decoder, 50) == [True] * (n - 2) + [False] * 2
+    assert packed.checkpointed_layers(decoder, 1) == [False] * n
+    model.eval()
+    assert packed.checkpointed_layers(decoder, 1) == [False] * n  # no backward, nothing recomputed
+    model.train()
+
+    calls = []
+    layer_fn = packed._decoder_layer
+    monkeypatch.setattr(packed, "_decoder_layer", lambda *a: calls.append(1) or layer_fn(*a))
+    layout = {"shared_prompt": True, "packing": True}
+    rows = [5, 0, 1, 2, 3, 4, 6, 7]
+    out = {}
+    for tokens in (0, 10**9):
+        apply_tuning(model, TuneConfig(), gradient_checkpointing=True, uncheckpointed_tokens=tokens)
+        calls.clear()
+        out[tokens] = _loss_and_grads(model, batch, rows, **layout)
+        out[tokens] = (*out[tokens], len(calls))
+    assert out[0][3] == 2 * n and out[10**9][3] == n  # every layer recomputed, then none
+    (logp0, loss0, grads0, _), (logp, loss, grads, _) = out[0], out[10**9]
+    assert _rel(logp, logp0) <= TOL and _rel(loss, loss0) <= TOL
+    assert all(_rel(grads[k], grads0[k]) <= TOL for k in grads0)
+
+
 def test_compiled_layers_match_eager_in_loss_and_every_gradient(tiny_model, batch, monkeypatch):
     # perf.compile_layers takes effect on GPU only; here it is let in on CPU to check its maths (fp32)
     from tlvr_cli.train import packed

@@ -189,6 +189,7 @@ class Engine(DecodeSteps):
         on_token: Callable[[int, int], None] | None = None,
         ignore_eos: bool = False,
         row_keys: Sequence[int] | None = None,
+        row_max_new_tokens: Sequence[int] | None = None,
         sync_every: int = SYNC_EVERY,
     ) -> list[Completion]:
         """Complete each prompt embedding (L_i, D) ``num_samples`` times; results are prompt-major.
@@ -196,6 +197,9 @@ class Engine(DecodeSteps):
         ``on_token(row, token)`` sees every sampled token, eos included. Output row ``r`` samples
         with ``row_seed(seed, row_keys[r])`` (default ``r``): give rows keys that do not depend on
         how work is split (e.g. dataset index) and they draw the same tokens in any split.
+        ``row_max_new_tokens``: a budget per output row (capped by ``max_new_tokens``), each row stopping
+        at its own as at an eos (``Completion.finished`` False), its tokens the first of those it draws
+        without one; a GRPO group's rows keep their shared-prompt block.
         ``sync_every`` (at most ``SYNC_EVERY``) decode steps run between host reads of the tokens:
         fewer reads are faster, streaming (``on_token``) wants smaller chunks.
         """
@@ -207,10 +211,15 @@ class Engine(DecodeSteps):
         n_rows = len(prompts) * num_samples
         if row_keys is not None and len(row_keys) != n_rows:
             raise ValueError(f"row_keys has {len(row_keys)} keys for {n_rows} output rows")
+        if row_max_new_tokens is not None and len(row_max_new_tokens) != n_rows:
+            raise ValueError(f"row_max_new_tokens has {len(row_max_new_tokens)} budgets for {n_rows} output rows")
         if n_rows == 0 or max_new_tokens <= 0:
             return [Completion([], False) for _ in range(n_rows)]
         keys = list(range(n_rows)) if row_keys is None else list(row_keys)
-        requests = [Request(p, keys[i * num_samples:(i + 1) * num_samples]) for i, p in enumerate(prompts)]
+        budgets = None if row_max_new_tokens is None else list(row_max_new_tokens)
+        requests = [Request(p, keys[i * num_samples:(i + 1) * num_samples],
+                            max_new_tokens=None if budgets is None else budgets[i * num_samples:(i + 1) * num_samples])
+                    for i, p in enumerate(prompts)]
         # a block of slots per prompt (at most the whole engine) when its rows share its keys/values
         width = min(num_samples, self.max_batch) if self.cascade else 1
         out = [Completion([], False) for _ in range(n_rows)]

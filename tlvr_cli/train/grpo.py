@@ -66,7 +66,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
     model = load_model(replace(cfg.model, device=str(ctx.device)))
     tp_group = rollout_group(cfg, ctx, model.language_model)  # before a run directory is written
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers)
+                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers,
+                 uncheckpointed_tokens=cfg.optim.uncheckpointed_tokens)
     ref = None
     if cfg.algo.beta > 0 and lora and not cfg.ref_model:
         ref = BaseReference(model)  # the start model is the policy with its adapters off: no second LLM

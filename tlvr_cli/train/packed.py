@@ -237,10 +237,23 @@ def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: Packed
     cos, sin = decoder.rotary_emb(x, layout.positions(embeds.device))
     for t in (x, cos, sin):  # the token count changes every micro-batch: one dynamic graph for all
         mark_dynamic(t, 1)
-    for layer in decoder.layers[: cfg.num_hidden_layers]:
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+    layers = decoder.layers[: cfg.num_hidden_layers]
+    recompute = checkpointed_layers(decoder, layout.total) if torch.is_grad_enabled() else [False] * len(layers)
+    for layer, again in zip(layers, recompute):
+        if again:
             # non-reentrant, as apply_tuning asks of Hugging Face's own checkpointing
             x = checkpoint(_decoder_layer, layer, x, cos, sin, attend, halves, use_reentrant=False)
         else:
             x = _decoder_layer(layer, x, cos, sin, attend, halves)
     return rms_norm(decoder.norm, x)[0]
+
+
+def checkpointed_layers(decoder: torch.nn.Module, tokens: int) -> list[bool]:
+    """Which decoder layers a training forward over ``tokens`` flat tokens recomputes in backward: those
+    with gradient checkpointing on (``setup.apply_tuning``), less the last ``uncheckpointed_tokens //
+    tokens`` (the decoder's attribute, 0 when unset), so that the activations kept stay within that many
+    layer-tokens."""
+    layers = decoder.layers[: decoder.config.num_hidden_layers]
+    flags = [bool(getattr(layer, "gradient_checkpointing", False)) and layer.training for layer in layers]
+    keep = getattr(decoder, "uncheckpointed_tokens", 0) // max(tokens, 1)
+    return [f and i < len(flags) - keep for i, f in enumerate(flags)]

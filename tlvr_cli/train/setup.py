@@ -17,10 +17,12 @@ T = TypeVar("T")
 
 
 def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: bool,
-                 uncheckpointed_layers: int = 0) -> None:
+                 uncheckpointed_layers: int = 0, uncheckpointed_tokens: int = 0) -> None:
     """Set ``requires_grad`` per part (spec §4: tower frozen, connector and LLM trained); with ``tune.lora``
     the LLM gets adapters (``lora.add_adapters``) and only they train in it. ``gradient_checkpointing``
-    recomputes the LLM's decoder layers in backward, all but the last ``uncheckpointed_layers``."""
+    recomputes the LLM's decoder layers in backward, all but the last ``uncheckpointed_layers``; the flat
+    log-prob layout keeps more of them per micro-batch under ``uncheckpointed_tokens``
+    (``packed.checkpointed_layers``)."""
     lora = tune.lora.enabled
     if lora:
         from .lora import add_adapters, is_adapter
@@ -45,6 +47,7 @@ def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: 
         layers = lm.model.layers
         for layer in layers[max(0, len(layers) - uncheckpointed_layers):]:
             layer.gradient_checkpointing = False
+        lm.model.uncheckpointed_tokens = uncheckpointed_tokens
     model.language_model.config.use_cache = False
 
 

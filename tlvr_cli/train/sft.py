@@ -118,7 +118,8 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, force: boo
     R.seed_everything(cfg.seed)
     model = load_model(replace(cfg.model, device=str(ctx.device)))
     apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers)
+                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers,
+                 uncheckpointed_tokens=cfg.optim.uncheckpointed_tokens)
     par = Parallel(model, model, ctx, cfg.dist.strategy)
     train_model = par.module
     optimizer = build_optimizer(model, cfg.optim, cfg.tune)
