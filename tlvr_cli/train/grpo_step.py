@@ -245,8 +245,10 @@ class GRPOStep:
         # micro-batches of similar length (padding inside one costs little), whole groups together when
         # their prompt is computed once
         share = G if self.layout["shared_prompt"] else 1
-        frozen = micro_batch_order(lengths.tolist(), cfg.perf.frozen_micro_batch_size or cfg.perf.micro_batch_size,
-                                   group_size=share)
+        trained = micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size, group_size=share)
+        # the passes without gradients keep no activations: micro-batches of their own size
+        frozen = (micro_batch_order(lengths.tolist(), cfg.perf.frozen_micro_batch_size, group_size=share)
+                  if cfg.perf.frozen_micro_batch_size else trained)
         off_policy = cfg.algo.num_iterations > 1 or cfg.algo.mini_batches > 1
         ref_logp, old_logp = self._frozen_logprobs(inputs, frozen, mask.shape, off_policy, real=ro is not None)
         self._time("time/ref_logprob_s", t)
@@ -255,8 +257,7 @@ class GRPOStep:
         lr = self.optimizer.param_groups[0]["lr"]
         parts = self._mini_batches(B) if ro is not None else [[] for _ in range(cfg.algo.mini_batches)]
         stats, grad_norm = self._update(inputs, parts, lengths, loss_mask.float(), adv, ref_logp, old_logp,
-                                        micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size,
-                                                          group_size=share)[0])
+                                        trained[0])
         self._time("time/backward_s", t)
         if ro is None:
             return StepOutput({"reward": float("nan"), "completion_length": float("nan"), "kl": float("nan"),
