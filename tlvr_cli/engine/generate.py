@@ -217,9 +217,9 @@ class Engine(DecodeSteps):
             return [Completion([], False) for _ in range(n_rows)]
         keys = list(range(n_rows)) if row_keys is None else list(row_keys)
         budgets = None if row_max_new_tokens is None else list(row_max_new_tokens)
-        requests = [Request(p, keys[i * num_samples:(i + 1) * num_samples],
-                            max_new_tokens=None if budgets is None else budgets[i * num_samples:(i + 1) * num_samples])
-                    for i, p in enumerate(prompts)]
+        rows = [slice(i * num_samples, (i + 1) * num_samples) for i in range(len(prompts))]  # each prompt's
+        requests = [Request(p, keys[r], max_new_tokens=None if budgets is None else budgets[r])
+                    for p, r in zip(prompts, rows)]
         # a block of slots per prompt (at most the whole engine) when its rows share its keys/values
         width = min(num_samples, self.max_batch) if self.cascade else 1
         out = [Completion([], False) for _ in range(n_rows)]

@@ -237,9 +237,7 @@ def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: Packed
     cos, sin = decoder.rotary_emb(x, layout.positions(embeds.device))
     for t in (x, cos, sin):  # the token count changes every micro-batch: one dynamic graph for all
         mark_dynamic(t, 1)
-    layers = decoder.layers[: cfg.num_hidden_layers]
-    recompute = checkpointed_layers(decoder, layout.total) if torch.is_grad_enabled() else [False] * len(layers)
-    for layer, again in zip(layers, recompute):
+    for layer, again in zip(decoder.layers[: cfg.num_hidden_layers], checkpointed_layers(decoder, layout.total)):
         if again:
             # non-reentrant, as apply_tuning asks of Hugging Face's own checkpointing
             x = checkpoint(_decoder_layer, layer, x, cos, sin, attend, halves, use_reentrant=False)
@@ -249,11 +247,12 @@ def packed_hidden(decoder: torch.nn.Module, embeds: torch.Tensor, layout: Packed
 
 
 def checkpointed_layers(decoder: torch.nn.Module, tokens: int) -> list[bool]:
-    """Which decoder layers a training forward over ``tokens`` flat tokens recomputes in backward: those
-    with gradient checkpointing on (``setup.apply_tuning``), less the last ``uncheckpointed_tokens //
-    tokens`` (the decoder's attribute, 0 when unset), so that the activations kept stay within that many
-    layer-tokens."""
+    """Which decoder layers a forward over ``tokens`` flat tokens recomputes in backward: with gradients
+    enabled, the training layers with gradient checkpointing on (``setup.apply_tuning``), less the last
+    ``uncheckpointed_tokens // tokens`` (the decoder's attribute, 0 when unset), so that the activations
+    kept stay within that many layer-tokens."""
     layers = decoder.layers[: decoder.config.num_hidden_layers]
-    flags = [bool(getattr(layer, "gradient_checkpointing", False)) and layer.training for layer in layers]
+    grad = torch.is_grad_enabled()
+    flags = [grad and bool(getattr(layer, "gradient_checkpointing", False)) and layer.training for layer in layers]
     keep = getattr(decoder, "uncheckpointed_tokens", 0) // max(tokens, 1)
     return [f and i < len(flags) - keep for i, f in enumerate(flags)]
