@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="profile the timed eval on the host (cProfile) and print its N heaviest calls")
     ap.add_argument("--workdir", default="", help="Where the checkpoint, data and answers go (default: a temp dir).")
     args = ap.parse_args(argv)
+    from tlvr_cli.eval.benchmarks import load_eval_items
     from tlvr_cli.eval.decode_ahead import video_jobs
-    from tlvr_cli.eval.runner import load_eval_items
     from tlvr_cli.jobs import SynthConfig
     from tlvr_cli.synth import write_synthetic_dataset
 

@@ -61,7 +61,7 @@ from tlvr_cli.train.parallel import Parallel
 from tlvr_cli.train.policy import PolicyLogprobs, micro_batch_order, sequence_logprobs
 from tlvr_cli.train.rollout import PromptBatch, pad_completions, prompt_ids, tower_features
 from tlvr_cli.train.rollout_parallel import check_rollout_processes, rollout_engine, rollout_group
-from tlvr_cli.train.setup import apply_tuning
+from tlvr_cli.train.setup import apply_job_tuning
 
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                  num_attention_heads=16,
@@ -298,9 +298,7 @@ def run_steps(args: argparse.Namespace, cfg: GRPOConfig, ctx, phase: Phase) -> d
         ref = build(args.config, device, dtype)
         ref.load_state_dict(model.state_dict())
         ref.requires_grad_(False).eval()
-    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers,
-                 uncheckpointed_tokens=cfg.optim.uncheckpointed_tokens)
+    apply_job_tuning(model, cfg.tune, cfg.optim)
     if cfg.algo.beta > 0 and lora:
         ref = BaseReference(model)
     # before the optimizer: fsdp2 swaps the parameters

@@ -52,7 +52,7 @@ def child(args) -> dict:
     from tlvr_cli.train.policy import PolicyLogprobs
     from tlvr_cli.train.rollout import PromptBatch, prompt_ids
     from tlvr_cli.train.rollout_parallel import rollout_engine
-    from tlvr_cli.train.setup import apply_tuning
+    from tlvr_cli.train.setup import apply_job_tuning
 
     out: dict = {"import_s": time.perf_counter() - START}
     ctx = init_distributed(args.device)
@@ -70,9 +70,7 @@ def child(args) -> dict:
                    "compile": args.mode != "nocompile"}})
     t = time.perf_counter()  # the models as run_grpo loads them
     model = load_model(cfg.model)
-    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers,
-                 uncheckpointed_tokens=cfg.optim.uncheckpointed_tokens)
+    apply_job_tuning(model, cfg.tune, cfg.optim)
     sync()
     out["load_policy_s"] = time.perf_counter() - t
     t = time.perf_counter()

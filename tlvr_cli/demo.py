@@ -16,9 +16,8 @@ from rich.table import Table
 
 from .config import load_config
 from .errors import TlvrError
-from .files import write_json_atomic
+from .files import resolve_root, write_json_atomic
 from .jobs import ColdstartConfig, DemoConfig, EvalConfig
-from .runtime import resolve_root
 
 console = Console(stderr=True, highlight=False)
 

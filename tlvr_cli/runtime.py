@@ -18,6 +18,7 @@ import torch
 import torch.distributed as torch_dist
 
 from .errors import TlvrError
+from .files import data_root
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -69,19 +70,6 @@ def take_rows(t: torch.Tensor, rows: list[int], device: torch.device) -> torch.T
     if t.device.type == "cpu":
         return host_to_device(t[rows], device)
     return t.index_select(0, row_index(rows, t.device)).to(device)
-
-
-# ----------------------------------------------------------------------------- data root
-
-
-def data_root() -> Path:
-    """Where datasets and fetched models live: ``$TLVR_DATA``, else ``~/.cache/tlvr``."""
-    return Path(os.environ.get("TLVR_DATA") or Path.home() / ".cache" / "tlvr")
-
-
-def resolve_root(value: str | os.PathLike | None, sub: str) -> Path:
-    """A configured root (``data.root``, ``--root``, ``data_dir``) or, when empty, ``data_root()/<sub>``."""
-    return Path(value).expanduser() if value else data_root() / sub
 
 
 # ----------------------------------------------------------------------------- compile cache

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from tlvr_entry import one_line, tlvr
+from tlvr_entry import child_env, one_line, tlvr
 
 
 def _answers(path, n=3):
@@ -51,3 +53,16 @@ def test_missing_data_names_the_command_that_writes_it(tmp_path, make_video):
     train = tlvr("grpo", "--preset", "nextqa", "--set", "model.path=tiny", cwd=tmp_path,
                  TLVR_DATA=str(tmp_path / "cache"))
     assert one_line(train.stderr).endswith("(write it with `tlvr data fetch nextqa`)")
+
+
+def test_missing_data_fails_before_torch_is_imported(tmp_path):
+    # the eval, GRPO and cold-start commands check their data first: with torch unimportable, the data
+    # error (not an ImportError) comes out, in about a second instead of the ten an import of the stack takes
+    probe = "import sys\nsys.modules['torch'] = None\nfrom tlvr_cli.cli import main\nmain(sys.argv[1:])"
+    for args, want in ((("eval", "synthetic", "--model", "tiny"), "(write it with `tlvr data synth`)"),
+                       (("grpo", "--preset", "nextqa"), "(write it with `tlvr data fetch nextqa`)"),
+                       (("coldstart",), "(write it with `tlvr data fetch nextqa`)")):
+        out = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True,
+                             env=child_env(TLVR_DATA=str(tmp_path / "cache")), timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        assert one_line(out.stderr).endswith(want), args

@@ -17,8 +17,8 @@ from tlvr_cli.data.check import check_videos, load_skip_set, videos_for_target, 
 from tlvr_cli.data.records import problem_options, read_coldstart_records, read_grpo_rows, resolve_under_root
 from tlvr_cli.data.template import REASON_INSTRUCTION
 from tlvr_cli.errors import TlvrError
+from tlvr_cli.files import data_root
 from tlvr_cli.jobs import SynthConfig
-from tlvr_cli.runtime import data_root
 from tlvr_cli.synth import COLORS, write_synthetic_dataset
 
 SMALL = dict(train=12, eval=6, coldstart=4, size=32)

@@ -13,8 +13,9 @@ import torch
 from tlvr_cli.config import deep_merge, load_config
 from tlvr_cli.errors import TlvrError
 from tlvr_cli.eval import runner
+from tlvr_cli.eval.benchmarks import load_eval_items
 from tlvr_cli.eval.decode_ahead import DecodePool, decode_video, video_jobs
-from tlvr_cli.eval.runner import load_eval_items, run_eval
+from tlvr_cli.eval.runner import run_eval
 from tlvr_cli.jobs import EvalConfig, SynthConfig, VideoConfig
 from tlvr_cli.model.checkpoint import load_model, save_model
 from tlvr_cli.model.tiny import build_tiny_model

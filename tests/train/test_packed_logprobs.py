@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tlvr_cli.data.template import build_prompt, tokenize_with_image
-from tlvr_cli.jobs import TuneConfig
+from tlvr_cli.jobs import OptimConfig, TuneConfig
 from tlvr_cli.train.packed import PackedLayout, packed_hidden
 from tlvr_cli.train.policy import micro_batch_order, sequence_logprobs
-from tlvr_cli.train.setup import apply_tuning
+from tlvr_cli.train.setup import apply_job_tuning, apply_tuning
 
 FLAT = [(True, False), (True, True), (False, True)]  # (shared_prompt, packing); (False, False) is the padded path
 TOL = 1e-5
@@ -318,7 +318,8 @@ def test_a_token_budget_keeps_more_layers_for_short_micro_batches(tiny_model, ba
     model = tiny_model.train()
     decoder = model.language_model.model
     n = len(decoder.layers)
-    apply_tuning(model, TuneConfig(), gradient_checkpointing=True, uncheckpointed_layers=1, uncheckpointed_tokens=100)
+    # as a job sets it, from its optim section
+    apply_job_tuning(model, TuneConfig(), OptimConfig(uncheckpointed_layers=1, uncheckpointed_tokens=100))
     assert packed.checkpointed_layers(decoder, 1000) == [True] * (n - 1) + [False]  # 100 // 1000 = 0: the static 1
     assert packed.checkpointed_layers(decoder, 100) == [True] * (n - 1) + [False]
     assert packed.checkpointed_layers(decoder, 50) == [True] * (n - 2) + [False] * 2

@@ -33,7 +33,7 @@ def fetch(
     """Download weights and datasets from the Hugging Face hub into the data root (resumable, idempotent)."""
     from ..data.fetch import DOWNLOAD_WORKERS, fetch_targets, plan_table, targets_table
     from ..errors import TlvrError
-    from ..runtime import resolve_root
+    from ..files import resolve_root
 
     data_root = resolve_root(root, "")
     if list_targets:
@@ -59,8 +59,8 @@ def synth(
 ) -> None:
     """Write the synthetic video-QA set in the NextQA GRPO and cold-start formats."""
     from ..config import load_config
+    from ..files import resolve_root
     from ..jobs import SynthConfig
-    from ..runtime import resolve_root
     from ..synth import COLDSTART_FILE, EVAL_FILE, TRAIN_FILE, write_synthetic_dataset
 
     cfg = load_config(SynthConfig, preset, set_, extra={"root": str(root)} if root else None)

@@ -60,7 +60,7 @@ def _make_command(name: str):
         output_dir: str | None = typer.Option(None, "--output-dir", "-o", metavar="DIR",
                                               help="Where answers.jsonl and results.* go."),
     ) -> None:
-        from ..eval.distributed import run_eval_sharded
+        from ..eval.benchmarks import load_eval_items
         from ..jobs import EvalConfig
 
         extra: dict = {"benchmark": name, "model": {}, "video": {}, "engine": {}, "sampling": {}}
@@ -73,6 +73,9 @@ def _make_command(name: str):
             if value is not None:
                 (extra[section] if section else extra)[key] = value
         cfg = load_config(EvalConfig, preset, set_, extra=extra)
+        load_eval_items(cfg)  # missing or empty data fails here, in a second, before torch is imported
+        from ..eval.distributed import run_eval_sharded
+
         try:
             report = run_eval_sharded(cfg)
         except KeyboardInterrupt:

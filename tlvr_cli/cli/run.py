@@ -31,10 +31,14 @@ def coldstart(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Supervised cold start: the 16 worked reasoning examples, 1 epoch at lr 1e-5 (preset coldstart)."""
+    from ..data.records import read_coldstart_records
     from ..jobs import ColdstartConfig
-    from ..train.sft import run_coldstart
+    from ..train.setup import read_samples
 
     cfg = load_config(ColdstartConfig, preset, set_, extra={"output": {"run_dir": run_dir}} if run_dir else None)
+    read_samples(read_coldstart_records, cfg.data, "records")  # missing or empty data fails here, before torch
+    from ..train.sft import run_coldstart
+
     _done(run_coldstart(cfg, resume=resume, force=force))
 
 
@@ -55,6 +59,10 @@ def grpo(
 
         run_demo(cfg, resume=resume, force=force)
         return
+    from ..data.records import read_grpo_rows
+    from ..train.setup import read_samples
+
+    read_samples(read_grpo_rows, cfg.data, "rows")  # missing or empty data fails here, before torch is imported
     from ..train.grpo import run_grpo
 
     _done(run_grpo(cfg, resume=resume, force=force))

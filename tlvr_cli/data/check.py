@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TlvrError
-from ..files import write_json_atomic
-from ..runtime import resolve_root
+from ..files import resolve_root, write_json_atomic
 from .records import read_coldstart_records, read_grpo_rows
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..runtime import data_root
+from ..files import data_root
 from .fetch import TARGETS
 
 # the files `tlvr data synth` writes (synth.TRAIN_FILE, EVAL_FILE, COLDSTART_FILE: a test keeps them equal)

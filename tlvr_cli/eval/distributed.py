@@ -14,8 +14,9 @@ from ..files import write_json_atomic
 from ..jobs import EvalConfig
 from ..runtime import init_distributed, launch_world_size, shutdown_distributed
 from .answers import SPEED, merge_answers, merge_speeds, rank_speed_path
+from .benchmarks import load_eval_items
 from .report import Report, score_answers, write_report
-from .runner import load_eval_items, output_dir, prepare_output, run_eval
+from .runner import output_dir, prepare_output, run_eval
 
 
 def run_eval_sharded(cfg: EvalConfig, *, model=None, show_progress: bool = True) -> Report | None:

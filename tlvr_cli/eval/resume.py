@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from ..errors import TlvrError
-from ..files import write_json_atomic
+from ..files import data_root, write_json_atomic
 from ..jobs import EvalConfig
 from ..model.checkpoint import resolve_checkpoint
-from ..runtime import data_root, resolve_device, resolve_dtype
+from ..runtime import resolve_device, resolve_dtype
 from .answers import answer_files, read_answers, speed_files
 
 PROVENANCE = "provenance.json"

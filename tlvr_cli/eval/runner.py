@@ -30,12 +30,11 @@ from ..config import to_yaml
 from ..data.template import build_prompt, tokenize_with_image
 from ..engine.generate import Engine, Request, SharedPrefix
 from ..engine.sampling import SamplingParams
-from ..errors import TlvrError
 from ..files import write_json_atomic, write_text_atomic
 from ..jobs import EvalConfig
 from ..model.checkpoint import frame_size, load_model, read_weights_ahead
 from ..progress import JobProgress
-from ..runtime import host_to_device, resolve_root
+from ..runtime import host_to_device
 from ..video.preprocess import normalize_frames
 from .answer import parse_option_answer, parse_reason_answer
 from .answers import (
@@ -46,7 +45,7 @@ from .answers import (
     truncate_torn_tail,
     write_answers,
 )
-from .benchmarks import get_benchmark
+from .benchmarks import load_eval_items
 from .decode_ahead import Decoded, DecodePool, VideoJob, decode_video, usable_workers, video_jobs
 from .items import EvalItem
 from .report import Report, score_answers, write_report
@@ -65,17 +64,6 @@ def _dtype_of(model: torch.nn.Module | None) -> torch.dtype | None:
 def item_row_key(item_id: str) -> int:
     """The engine's sampling key of an item: a stable hash of its id (not of its position in a batch)."""
     return int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big") >> 2
-
-
-def load_eval_items(cfg: EvalConfig) -> list[EvalItem]:
-    """The benchmark's items in its order (the first ``cfg.limit`` when set)."""
-    data_dir = resolve_root(cfg.data_dir, cfg.benchmark)
-    items = get_benchmark(cfg.benchmark).load_items(data_dir, cfg)
-    if cfg.limit:
-        items = items[: cfg.limit]
-    if not items:
-        raise TlvrError(f"{cfg.benchmark}: no items found under {data_dir}")
-    return items
 
 
 def _parse(cfg: EvalConfig, output: str, item: EvalItem):

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from ..data.template import EOS
 from ..errors import TlvrError
-from ..runtime import data_root, resolve_device, resolve_dtype
+from ..files import data_root
+from ..runtime import resolve_device, resolve_dtype
 from .tokenizer_files import save_tokenizer
 from .upload import upload
 

@@ -39,7 +39,7 @@ from .parallel import Parallel
 from .policy import PolicyLogprobs
 from .rollout import FeatureCache, PromptDraws, PromptLoader, check_prompts_fit, prompt_ids
 from .rollout_parallel import check_rollout_processes, rollout_engine, rollout_group
-from .setup import apply_tuning, read_samples
+from .setup import apply_job_tuning, read_samples
 
 
 def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False, show_progress: bool = True) -> Path:
@@ -65,9 +65,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: str | None = None, force: bool = False,
         raise TlvrError("tune.lora trains with dist.strategy ddp or none, not fsdp2")
     model = load_model(replace(cfg.model, device=str(ctx.device)))
     tp_group = rollout_group(cfg, ctx, model.language_model)  # before a run directory is written
-    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers,
-                 uncheckpointed_tokens=cfg.optim.uncheckpointed_tokens)
+    apply_job_tuning(model, cfg.tune, cfg.optim)
     ref = None
     if cfg.algo.beta > 0 and lora and not cfg.ref_model:
         ref = BaseReference(model)  # the start model is the policy with its adapters off: no second LLM

@@ -1,17 +1,19 @@
 """Pieces shared by the training loops: which parts train, and which samples they read (less the videos
-a check report rules out)."""
+a check report rules out). Imports nothing heavy (torch only for type checking): the training commands
+check their data with ``read_samples`` before torch is imported."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import TlvrError
-from ..jobs import TuneConfig
-from ..runtime import resolve_root
+from ..files import resolve_root
+from ..jobs import OptimConfig, TuneConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 T = TypeVar("T")
 
@@ -49,6 +51,13 @@ def apply_tuning(model: nn.Module, tune: TuneConfig, *, gradient_checkpointing: 
             layer.gradient_checkpointing = False
         lm.model.uncheckpointed_tokens = uncheckpointed_tokens
     model.language_model.config.use_cache = False
+
+
+def apply_job_tuning(model: nn.Module, tune: TuneConfig, optim: OptimConfig) -> None:
+    """``apply_tuning`` with a job's checkpointing settings (``optim.gradient_checkpointing`` and the layers
+    and tokens it keeps)."""
+    apply_tuning(model, tune, gradient_checkpointing=optim.gradient_checkpointing,
+                 uncheckpointed_layers=optim.uncheckpointed_layers, uncheckpointed_tokens=optim.uncheckpointed_tokens)
 
 
 def drop_reported_videos(samples: list[T], report: str) -> tuple[list[T], int]:

@@ -33,7 +33,7 @@ from . import run_dir as R
 from .metrics import plot_run
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .parallel import Parallel
-from .setup import apply_tuning, read_samples
+from .setup import apply_job_tuning, read_samples
 
 
 @dataclass
@@ -117,9 +117,7 @@ def run_coldstart(cfg: ColdstartConfig, *, resume: str | None = None, force: boo
 
     R.seed_everything(cfg.seed)
     model = load_model(replace(cfg.model, device=str(ctx.device)))
-    apply_tuning(model, cfg.tune, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                 uncheckpointed_layers=cfg.optim.uncheckpointed_layers,
-                 uncheckpointed_tokens=cfg.optim.uncheckpointed_tokens)
+    apply_job_tuning(model, cfg.tune, cfg.optim)
     par = Parallel(model, model, ctx, cfg.dist.strategy)
     train_model = par.module
     optimizer = build_optimizer(model, cfg.optim, cfg.tune)

@@ -7,6 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import TlvrError
+from ...files import resolve_root
+from ...jobs import EvalConfig
+from ..items import EvalItem
 from . import mlvu, mmvu, mvbench, synthetic, videomme
 
 
@@ -36,4 +39,16 @@ def get_benchmark(name: str) -> Benchmark:
         raise TlvrError(f"unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})") from None
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "get_benchmark"]
+def load_eval_items(cfg: EvalConfig) -> list[EvalItem]:
+    """The benchmark's items in its order (the first ``cfg.limit`` when set); a one-line error when its data
+    is missing or holds none. Imports nothing heavy: ``tlvr eval`` checks its data with it before torch."""
+    data_dir = resolve_root(cfg.data_dir, cfg.benchmark)
+    items = get_benchmark(cfg.benchmark).load_items(data_dir, cfg)
+    if cfg.limit:
+        items = items[: cfg.limit]
+    if not items:
+        raise TlvrError(f"{cfg.benchmark}: no items found under {data_dir}")
+    return items
+
+
+__all__ = ["BENCHMARKS", "Benchmark", "get_benchmark", "load_eval_items"]
