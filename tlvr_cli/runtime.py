@@ -1,5 +1,5 @@
-"""Where a job runs: device and dtype (and copies to the device that do not stall the host), the data
-root, the compile cache, and the process group of a multi-process launch.
+"""Where a job runs: device and dtype (and copies to the device that do not stall the host), the compile
+cache (under the data root, ``files.data_root``), and the process group of a multi-process launch.
 
 Every job reads these the same way. ``torchrun`` and ``accelerate launch`` both describe a launch
 with RANK / WORLD_SIZE / LOCAL_RANK; a single process without them runs with no process group
