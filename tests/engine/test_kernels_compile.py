@@ -77,7 +77,8 @@ def decode_step_launches() -> None:
         cascade_attention(q, k, v, torch.full((ROWS // width,), PROMPT), PROMPT, torch.full((ROWS,), SEQ - NEW), NEW,
                           HEAD_DIM ** -0.5)
     h = torch.empty(ROWS, HIDDEN, dtype=bf16)
-    for n, reduced in (((16 + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, INTER)):
+    # q|k|v, o_proj, down_proj
+    for n, reduced in (((REP + 2) * KV_HEADS * HEAD_DIM, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, INTER)):
         splits = split_count(n, reduced, 132)
         launch_partials(torch.empty(ROWS, reduced, dtype=bf16), torch.empty(n, reduced, dtype=bf16),
                         torch.empty(splits, ROWS, n))

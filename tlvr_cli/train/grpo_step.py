@@ -246,9 +246,10 @@ class GRPOStep:
         # their prompt is computed once
         share = G if self.layout["shared_prompt"] else 1
         trained = micro_batch_order(lengths.tolist(), cfg.perf.micro_batch_size, group_size=share)
-        # the passes without gradients keep no activations: micro-batches of their own size
-        frozen = (micro_batch_order(lengths.tolist(), cfg.perf.frozen_micro_batch_size, group_size=share)
-                  if cfg.perf.frozen_micro_batch_size else trained)
+        # the passes without gradients keep no activations: micro-batches of their own size, where it differs
+        frozen_size = cfg.perf.frozen_micro_batch_size or cfg.perf.micro_batch_size
+        frozen = (trained if frozen_size == cfg.perf.micro_batch_size
+                  else micro_batch_order(lengths.tolist(), frozen_size, group_size=share))
         off_policy = cfg.algo.num_iterations > 1 or cfg.algo.mini_batches > 1
         ref_logp, old_logp = self._frozen_logprobs(inputs, frozen, mask.shape, off_policy, real=ro is not None)
         self._time("time/ref_logprob_s", t)
